@@ -1,0 +1,225 @@
+//! The Llama decoder as transformers' `LlamaModel` computes it: RMSNorm, RoPE with rotate_half,
+//! grouped-query attention with a causal + key-padding mask, SiLU-gated MLP.
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{activation, Bool, Int, Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+use crate::nn::{Embedding, Linear, RmsNorm};
+use crate::weights::Builder;
+
+#[derive(Module, Debug)]
+pub struct LlamaAttention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct LlamaMlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct LlamaDecoderLayer<B: Backend> {
+    pub self_attn: LlamaAttention<B>,
+    pub mlp: LlamaMlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+/// `language_model.model` in the Hub's layout.
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<LlamaDecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    pub rope_theta: f64,
+}
+
+/// `language_model` in the Hub's layout: the decoder and its head (absent when tied).
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM<B: Backend> {
+    pub model: LlamaModel<B>,
+    pub lm_head: Option<Linear<B>>,
+}
+
+/// The rotary tables for one sequence length, shared by every layer of a forward pass.
+#[derive(Clone, Debug)]
+pub struct Rope<B: Backend> {
+    /// `[1, 1, seq, head_dim]`.
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rope<B> {
+    /// `inv_freq = 1/θ^(2i/d)` in f32 and `emb = cat(freqs, freqs)`, as transformers computes it.
+    /// `positions` holds one position per token (`arange` in training).
+    pub fn new(positions: &[usize], head_dim: usize, theta: f64, device: &B::Device) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+        let seq = positions.len();
+        let mut cos = Vec::with_capacity(seq * head_dim);
+        let mut sin = Vec::with_capacity(seq * head_dim);
+        for &p in positions {
+            let freqs: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(freqs.iter().map(|f| f.cos()));
+                sin.extend(freqs.iter().map(|f| f.sin()));
+            }
+        }
+        let shape = [1, 1, seq, head_dim];
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, shape), device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+        }
+    }
+
+    /// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = cat(-x[d/2:], x[:d/2])`.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, t, d] = x.dims();
+        let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// `true` where attention is forbidden: future keys, and keys whose attention_mask is 0.
+/// `attention_mask: [batch, seq]` of 0/1 → `[batch, 1, seq, seq]`.
+pub fn causal_padding_mask<B: Backend>(attention_mask: Tensor<B, 2, Int>) -> Tensor<B, 4, Bool> {
+    let [batch, seq] = attention_mask.dims();
+    let device = attention_mask.device();
+    let future = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &device).reshape([1, 1, seq, seq]);
+    let padded_key = attention_mask.equal_elem(0).reshape([batch, 1, 1, seq]);
+    future.expand([batch, 1, seq, seq]).bool_or(padded_key.expand([batch, 1, seq, seq]))
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    pub fn new(b: &mut Builder<'_, B>, cfg: &LlamaConfig, tie_word_embeddings: bool) -> Self {
+        let mut lm = b.scope("language_model");
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let eps = cfg.rms_norm_eps;
+        let model = {
+            let mut m = lm.scope("model");
+            let embed_tokens = Embedding::new(&mut m, "embed_tokens", cfg.vocab_size, h);
+            let layers = {
+                let mut ls = m.scope("layers");
+                (0..cfg.num_hidden_layers)
+                    .map(|i| {
+                        let mut l = ls.scope(&i.to_string());
+                        let self_attn = {
+                            let mut a = l.scope("self_attn");
+                            let bias = cfg.attention_bias;
+                            LlamaAttention {
+                                q_proj: Linear::new(&mut a, "q_proj", h, nh * hd, bias),
+                                k_proj: Linear::new(&mut a, "k_proj", h, nkv * hd, bias),
+                                v_proj: Linear::new(&mut a, "v_proj", h, nkv * hd, bias),
+                                o_proj: Linear::new(&mut a, "o_proj", nh * hd, h, bias),
+                                num_heads: nh,
+                                num_kv_heads: nkv,
+                                head_dim: hd,
+                            }
+                        };
+                        let mlp = {
+                            let mut p = l.scope("mlp");
+                            let (i_size, bias) = (cfg.intermediate_size, cfg.mlp_bias);
+                            LlamaMlp {
+                                gate_proj: Linear::new(&mut p, "gate_proj", h, i_size, bias),
+                                up_proj: Linear::new(&mut p, "up_proj", h, i_size, bias),
+                                down_proj: Linear::new(&mut p, "down_proj", i_size, h, bias),
+                            }
+                        };
+                        LlamaDecoderLayer {
+                            self_attn,
+                            mlp,
+                            input_layernorm: RmsNorm::new(&mut l, "input_layernorm", h, eps),
+                            post_attention_layernorm: RmsNorm::new(&mut l, "post_attention_layernorm", h, eps),
+                        }
+                    })
+                    .collect()
+            };
+            let norm = RmsNorm::new(&mut m, "norm", h, eps);
+            LlamaModel { embed_tokens, layers, norm, rope_theta: cfg.rope_theta() }
+        };
+        let lm_head = (!tie_word_embeddings).then(|| Linear::new(&mut lm, "lm_head", h, cfg.vocab_size, false));
+        Self { model, lm_head }
+    }
+
+    /// Decoder over `inputs_embeds: [batch, seq, hidden]` → final hidden states (after `norm`).
+    pub fn decode(&self, inputs_embeds: Tensor<B, 3>, attention_mask: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [_, seq, _] = inputs_embeds.dims();
+        let device = inputs_embeds.device();
+        let head_dim = self.model.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
+        let positions: Vec<usize> = (0..seq).collect();
+        let rope = Rope::new(&positions, head_dim, self.model.rope_theta, &device);
+        let mask = causal_padding_mask(attention_mask);
+        let mut x = inputs_embeds;
+        for layer in &self.model.layers {
+            x = layer.forward(x, &rope, mask.clone());
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Hidden states → logits `[batch, seq, vocab]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, t, h] = hidden.dims();
+                let w = self.model.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])
+            }
+        }
+    }
+}
+
+impl<B: Backend> LlamaDecoderLayer<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
+        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask);
+        let x = x + h;
+        let n = self.post_attention_layernorm.forward(x.clone());
+        let mlp = &self.mlp;
+        let gated = activation::silu(mlp.gate_proj.forward(n.clone())) * mlp.up_proj.forward(n);
+        x + mlp.down_proj.forward(gated)
+    }
+}
+
+impl<B: Backend> LlamaAttention<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, nh, hd]).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+        let q = rope.apply(q);
+        let k = repeat_kv(rope.apply(k), nh / nkv);
+        let v = repeat_kv(v, nh / nkv);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
+        // transformers adds finfo.min at masked positions; filling with it gives the same softmax.
+        let scores = scores.mask_fill(mask.expand([b, nh, t, t]), f32::MIN);
+        let probs = activation::softmax(scores, 3);
+        let ctx = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
+        self.o_proj.forward(ctx)
+    }
+}
+
+/// `[b, kv, t, d]` → `[b, kv·n_rep, t, d]`, each kv head repeated for its group of query heads.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kv, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, kv, n_rep, t, d]).reshape([b, kv * n_rep, t, d])
+}

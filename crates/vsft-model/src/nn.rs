@@ -1,0 +1,170 @@
+//! Layers with Hugging Face parameter names and layouts (`weight` is `[out, in]` as PyTorch
+//! stores it), so a module path in Burn is the tensor name in the checkpoint and loading needs
+//! no transposes or renames.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+use crate::weights::{Builder, Init};
+
+/// Activations named as transformers' `ACT2FN` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)` (CLIP).
+    QuickGelu,
+    /// Exact erf GELU (`nn.functional.gelu`).
+    Gelu,
+    /// tanh approximation.
+    GeluTanh,
+    Silu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "quick_gelu" => Some(Self::QuickGelu),
+            "gelu" => Some(Self::Gelu),
+            "gelu_pytorch_tanh" | "gelu_new" => Some(Self::GeluTanh),
+            "silu" | "swish" => Some(Self::Silu),
+            _ => None,
+        }
+    }
+
+    pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
+            Self::Gelu => activation::gelu(x),
+            Self::GeluTanh => activation::gelu_approximate(x),
+            Self::Silu => activation::silu(x),
+        }
+    }
+}
+
+/// A low-rank adapter on a [`Linear`]: `scale · B(A(dropout(x)))`, PEFT's LoRA.
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// `[r, in]`, PEFT's `lora_A.weight`.
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// `[out, r]`, PEFT's `lora_B.weight`.
+    pub lora_b: Param<Tensor<B, 2>>,
+    pub scale: f64,
+    pub dropout: burn::nn::Dropout,
+}
+
+/// `y = x Wᵀ + b`, plus an optional LoRA branch whose base weight stays frozen.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[out, in]`.
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<LoraAdapter<B>>,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn new(b: &mut Builder<'_, B>, name: &str, d_in: usize, d_out: usize, bias: bool) -> Self {
+        let mut s = b.scope(name);
+        let weight = s.param([d_out, d_in], "weight", Init::Normal(0.02));
+        let bias = bias.then(|| s.param([d_out], "bias", Init::Zeros));
+        Self { weight, bias, lora: None }
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.weight.val().dims()[1]
+    }
+    pub fn d_out(&self) -> usize {
+        self.weight.val().dims()[0]
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mut dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows: usize = dims[..D - 1].iter().product();
+        let x2: Tensor<B, 2> = x.reshape([rows, d_in]);
+        let mut y = x2.clone().matmul(self.weight.val().transpose());
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().unsqueeze_dim(0);
+        }
+        if let Some(lora) = &self.lora {
+            // Low-rank path: never materialise B·A, so backward stays rank-sized.
+            let h = lora.dropout.forward(x2).matmul(lora.lora_a.val().transpose());
+            y = y + h.matmul(lora.lora_b.val().transpose()) * lora.scale;
+        }
+        dims[D - 1] = y.dims()[1];
+        y.reshape(dims)
+    }
+
+    /// `W + scale · B·A` (PEFT's `merge_and_unload`), for export.
+    pub fn merged_weight(&self) -> Tensor<B, 2> {
+        match &self.lora {
+            Some(l) => self.weight.val() + l.lora_b.val().matmul(l.lora_a.val()) * l.scale,
+            None => self.weight.val(),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn new(b: &mut Builder<'_, B>, name: &str, dim: usize, eps: f64) -> Self {
+        let mut s = b.scope(name);
+        Self { weight: s.param([dim], "weight", Init::Ones), bias: s.param([dim], "bias", Init::Zeros), eps }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mean = x.clone().mean_dim(D - 1);
+        let centered = x - mean;
+        let var = centered.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = centered / (var + self.eps).sqrt();
+        normed * self.weight.val().unsqueeze() + self.bias.val().unsqueeze()
+    }
+}
+
+/// Llama's RMSNorm: `weight * (x / sqrt(mean(x²) + eps))`, the weight applied after the
+/// normalisation (computed in f32 as transformers does).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn new(b: &mut Builder<'_, B>, name: &str, dim: usize, eps: f64) -> Self {
+        let mut s = b.scope(name);
+        Self { weight: s.param([dim], "weight", Init::Ones), eps }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let ms = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = x * (ms + self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    /// `[vocab, dim]`.
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Embedding<B> {
+    pub fn new(b: &mut Builder<'_, B>, name: &str, vocab: usize, dim: usize) -> Self {
+        let mut s = b.scope(name);
+        Self { weight: s.param([vocab, dim], "weight", Init::Normal(0.02)) }
+    }
+
+    /// `ids: [batch, seq]` → `[batch, seq, dim]`.
+    pub fn forward(&self, ids: Tensor<B, 2, burn::tensor::Int>) -> Tensor<B, 3> {
+        let [batch, seq] = ids.dims();
+        let flat = ids.reshape([batch * seq]);
+        let rows = self.weight.val().select(0, flat);
+        let dim = rows.dims()[1];
+        rows.reshape([batch, seq, dim])
+    }
+}

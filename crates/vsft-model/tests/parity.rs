@@ -1,0 +1,222 @@
+//! Parity with transformers on the fixtures written by scripts/make_model_fixtures.py:
+//! logits (max abs diff ≤ 1e-4), loss (relative ≤ 1e-5), projector gradients (relative ≤ 1e-4),
+//! for every key layout, plus the save → load round trip and the loader's error reports.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use vsft_model::llava::vision_features_no_grad;
+use vsft_model::loss::causal_lm_loss;
+use vsft_model::weights::{read_tensor_file, RawTensor};
+use vsft_model::{LlavaModel, StoredDtype};
+
+type Cpu = Flex;
+type Train = Autodiff<Flex>;
+
+const CONFIGS: [&str; 2] = ["tiny-llava-mha", "tiny-llava-gqa"];
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/model").join(name)
+}
+
+fn reference(name: &str) -> BTreeMap<String, RawTensor> {
+    read_tensor_file(&fixture_dir(name).join("reference.safetensors")).expect("fixture (run scripts/make_model_fixtures.py)")
+}
+
+struct Inputs<B: Backend> {
+    input_ids: Tensor<B, 2, Int>,
+    attention_mask: Tensor<B, 2, Int>,
+    labels: Tensor<B, 2, Int>,
+    pixel_values: Tensor<B, 4>,
+}
+
+fn inputs<B: Backend>(r: &BTreeMap<String, RawTensor>) -> Inputs<B> {
+    let dev = Default::default();
+    let int = |k: &str| {
+        let t = &r[k];
+        Tensor::<B, 2, Int>::from_data(TensorData::new(t.to_i64().unwrap(), [t.shape[0], t.shape[1]]), &dev)
+    };
+    let p = &r["pixel_values"];
+    let shape: [usize; 4] = p.shape.clone().try_into().unwrap();
+    Inputs {
+        input_ids: int("input_ids"),
+        attention_mask: int("attention_mask"),
+        labels: int("labels"),
+        pixel_values: Tensor::from_data(TensorData::new(p.to_f32().unwrap(), shape), &dev),
+    }
+}
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "sizes differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    max_abs_diff(a, b) / scale.max(1e-12)
+}
+
+fn logits_of(model: &LlavaModel<Cpu>, x: &Inputs<Cpu>) -> Vec<f32> {
+    let logits = model
+        .forward(x.input_ids.clone(), x.attention_mask.clone(), Some(x.pixel_values.clone()))
+        .unwrap();
+    values(logits)
+}
+
+#[test]
+fn logits_match_transformers_in_every_key_layout() {
+    for name in CONFIGS {
+        let r = reference(name);
+        let x = inputs::<Cpu>(&r);
+        let want = r["logits"].to_f32().unwrap();
+        for layout in ["legacy", "v452", "v5"] {
+            let model = LlavaModel::<Cpu>::load(&fixture_dir(name).join(layout), &Default::default()).unwrap();
+            let diff = max_abs_diff(&logits_of(&model, &x), &want);
+            println!("{name}/{layout}: logits max abs diff {diff:.3e}");
+            assert!(diff <= 1e-4, "{name}/{layout}: logits differ by {diff}");
+        }
+    }
+}
+
+#[test]
+fn bf16_shards_with_a_total_size_index_load_and_match() {
+    for name in CONFIGS {
+        let r = reference(name);
+        let x = inputs::<Cpu>(&r);
+        let want = read_tensor_file(&fixture_dir(name).join("reference_sharded_bf16.safetensors")).unwrap()["logits"]
+            .to_f32()
+            .unwrap();
+        let model = LlavaModel::<Cpu>::load(&fixture_dir(name).join("sharded"), &Default::default()).unwrap();
+        let diff = max_abs_diff(&logits_of(&model, &x), &want);
+        println!("{name}/sharded bf16: logits max abs diff {diff:.3e}");
+        assert!(diff <= 1e-4, "{name}: sharded bf16 logits differ by {diff}");
+    }
+}
+
+#[test]
+fn loss_matches_transformers_mean_and_sum() {
+    for name in CONFIGS {
+        let r = reference(name);
+        let x = inputs::<Cpu>(&r);
+        let model = LlavaModel::<Cpu>::load(&fixture_dir(name).join("legacy"), &Default::default()).unwrap();
+        let logits = model.forward(x.input_ids, x.attention_mask, Some(x.pixel_values)).unwrap();
+        let loss = causal_lm_loss(logits, x.labels);
+        assert_eq!(loss.label_tokens as i64, r["label_tokens"].to_i64().unwrap()[0]);
+        let mean = values(loss.mean())[0];
+        let want = r["loss"].to_f32().unwrap()[0];
+        let rel = ((mean - want) / want).abs();
+        let sum_rel = ((values(loss.sum.clone())[0] - r["loss_sum"].to_f32().unwrap()[0]) / r["loss_sum"].to_f32().unwrap()[0]).abs();
+        println!("{name}: loss {mean} vs {want}: relative diff {rel:.3e}; summed form {sum_rel:.3e}");
+        assert!(rel <= 1e-5, "{name}: loss relative diff {rel}");
+        assert!(sum_rel <= 1e-5, "{name}: summed loss relative diff {sum_rel}");
+    }
+}
+
+#[test]
+fn projector_gradients_match_torch_autograd() {
+    for name in CONFIGS {
+        let r = reference(name);
+        let x = inputs::<Train>(&r);
+        let model = LlavaModel::<Train>::load(&fixture_dir(name).join("legacy"), &Default::default()).unwrap();
+        let features = vision_features_no_grad(&model, x.pixel_values);
+        let projected = model.multi_modal_projector.forward(features);
+        let logits = model.forward_with_features(x.input_ids, x.attention_mask, Some(projected)).unwrap();
+        let grads = causal_lm_loss(logits, x.labels).mean().backward();
+        let p = &model.multi_modal_projector;
+        let got = [
+            ("linear_1.weight", values(p.linear_1.weight.val().grad(&grads).unwrap())),
+            ("linear_1.bias", values(p.linear_1.bias.as_ref().unwrap().val().grad(&grads).unwrap())),
+            ("linear_2.weight", values(p.linear_2.weight.val().grad(&grads).unwrap())),
+            ("linear_2.bias", values(p.linear_2.bias.as_ref().unwrap().val().grad(&grads).unwrap())),
+        ];
+        for (param, g) in got {
+            let want = r[&format!("grad.multi_modal_projector.{param}")].to_f32().unwrap();
+            let rel = rel_diff(&g, &want);
+            println!("{name}: grad {param} relative diff {rel:.3e}");
+            assert!(rel <= 1e-4, "{name}: gradient of {param} differs: {rel}");
+        }
+        // The frozen vision tower built no graph: it has no gradient.
+        let patch = model.vision_tower.vision_model.embeddings.patch_embedding.weight.val();
+        assert!(patch.grad(&grads).is_none(), "the vision tower must not be in the autodiff graph");
+    }
+}
+
+#[test]
+fn save_then_load_gives_identical_tensors_in_sharded_legacy_layout() {
+    for name in CONFIGS {
+        let dev = Default::default();
+        let model = LlavaModel::<Cpu>::load(&fixture_dir(name).join("v5"), &dev).unwrap();
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("roundtrip-{name}"));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).unwrap();
+        model.save(&out, StoredDtype::F32, 60_000).unwrap();
+        assert!(out.join("model.safetensors.index.json").exists(), "60 kB shards must give an index");
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+        let names: Vec<&String> = index["weight_map"].as_object().unwrap().keys().collect();
+        assert!(names.iter().all(|n| n.starts_with("language_model.")
+            || n.starts_with("vision_tower.vision_model.")
+            || n.starts_with("multi_modal_projector.")), "legacy layout only: {names:?}");
+        let again = LlavaModel::<Cpu>::load(&out, &dev).unwrap();
+        let a = model.named_tensors();
+        let b = again.named_tensors();
+        assert_eq!(a.len(), b.len());
+        for ((na, _, ta), (nb, _, tb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            assert_eq!(values(ta.flat.clone()), values(tb.flat.clone()), "{na} changed in the round trip");
+        }
+        println!("{name}: saved to {} ({} tensors)", out.display(), a.len());
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn mismatched_checkpoints_report_every_problem_at_once() {
+    let src = fixture_dir("tiny-llava-mha").join("legacy");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mismatch");
+    copy_dir(&src, &dir);
+    // Two more layers than the checkpoint has, and a wider intermediate size.
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["text_config"]["num_hidden_layers"] = 3.into();
+    cfg["text_config"]["intermediate_size"] = 144.into();
+    cfg["vision_config"]["num_hidden_layers"] = 2.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let err = LlavaModel::<Cpu>::load(&dir, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("missing tensor language_model.model.layers.2.self_attn.q_proj.weight"), "{err}");
+    assert!(err.contains("tensor language_model.model.layers.0.mlp.up_proj.weight has shape [128, 64] in the checkpoint but the config gives [144, 64]"), "{err}");
+    assert!(err.contains("unexpected tensor vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"), "{err}");
+}
+
+#[test]
+fn unsupported_config_and_image_token_mismatch_are_clear_errors() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("unsupported");
+    copy_dir(&fixture_dir("tiny-llava-mha").join("legacy"), &dir);
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["vision_config"]["hidden_act"] = "relu6".into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let err = LlavaModel::<Cpu>::load(&dir, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("relu6") && err.contains("quick_gelu"), "{err}");
+
+    let r = reference("tiny-llava-mha");
+    let x = inputs::<Cpu>(&r);
+    let model = LlavaModel::<Cpu>::load(&fixture_dir("tiny-llava-mha").join("legacy"), &Default::default()).unwrap();
+    // One image for two rows that each hold an image's tokens.
+    let one = x.pixel_values.slice([0..1, 0..3, 0..32, 0..32]);
+    let err = model.forward(x.input_ids, x.attention_mask, Some(one)).unwrap_err().to_string();
+    assert!(err.contains("image tokens (32) and image features (16)"), "{err}");
+}
