@@ -302,9 +302,24 @@ impl CheckpointReader {
             .get(canonical)
             .ok_or_else(|| ModelError::Input(format!("{}: no tensor {canonical}", self.dir.display())))?;
         let (path, file) = &self.files[e.file];
-        let mut bytes = vec![0u8; (e.end - e.start) as usize];
-        file.read_exact_at(&mut bytes, e.start).map_err(|err| ModelError::io(path, err))?;
-        Ok((e.shape.clone(), decode_f32(&bytes, e.dtype)))
+        let n: usize = e.shape.iter().product();
+        let values = match e.dtype {
+            // f32 is read straight into the buffer the tensor keeps: no second copy.
+            StoredDtype::F32 => {
+                let mut values = vec![0f32; n];
+                // SAFETY: an f32 buffer viewed as bytes (any bit pattern is a valid f32);
+                // safetensors stores little-endian, as every platform vsft targets is.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, n * 4) };
+                file.read_exact_at(bytes, e.start).map_err(|err| ModelError::io(path, err))?;
+                values
+            }
+            dtype => {
+                let mut bytes = vec![0u8; (e.end - e.start) as usize];
+                file.read_exact_at(&mut bytes, e.start).map_err(|err| ModelError::io(path, err))?;
+                decode_f32(&bytes, dtype)
+            }
+        };
+        Ok((e.shape.clone(), values))
     }
 
     /// After the model is built: one error listing every missing, unexpected or mis-shaped tensor.
