@@ -1,0 +1,688 @@
+//! Datasets: parquet in the llava-instruct-mix-vsft schema and the original LLaVA JSON
+//! format, read lazily by row index, with a seeded shuffle and a small resumable cursor.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Int64Type;
+use arrow_array::{Array, ArrayRef, RecordBatch, StructArray};
+use arrow_schema::DataType;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BadRowKind, DataError, Result};
+use crate::template::{Content, Message, KNOWN_ROLES};
+
+/// Where an image's bytes come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    Bytes(Arc<Vec<u8>>),
+    Path(PathBuf),
+}
+
+impl ImageSource {
+    pub fn load(&self) -> std::io::Result<Arc<Vec<u8>>> {
+        match self {
+            ImageSource::Bytes(b) => Ok(b.clone()),
+            ImageSource::Path(p) => std::fs::read(p).map(Arc::new),
+        }
+    }
+}
+
+/// One dataset row, converted to the common message structure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Index in the split (before shuffling).
+    pub index: usize,
+    pub file: PathBuf,
+    /// Row within `file`.
+    pub file_row: usize,
+    pub messages: Vec<Message>,
+    pub images: Vec<ImageSource>,
+}
+
+/// What to do with a bad row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadRow {
+    #[default]
+    Error,
+    Skip,
+}
+
+impl std::str::FromStr for OnBadRow {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "error" => Ok(OnBadRow::Error),
+            "skip" => Ok(OnBadRow::Skip),
+            o => Err(format!("on_bad_row must be \"error\" or \"skip\", not {o:?}")),
+        }
+    }
+}
+
+/// Counts of skipped rows by reason, with the first few messages of each.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SkipStats {
+    pub counts: BTreeMap<BadRowKind, usize>,
+    pub examples: BTreeMap<BadRowKind, Vec<String>>,
+}
+
+impl SkipStats {
+    pub fn record(&mut self, e: &DataError) {
+        let kind = e.bad_row_kind().unwrap_or(BadRowKind::Template);
+        *self.counts.entry(kind).or_default() += 1;
+        let ex = self.examples.entry(kind).or_default();
+        if ex.len() < 3 {
+            ex.push(e.to_string());
+        }
+    }
+    pub fn total(&self) -> usize {
+        self.counts.values().sum()
+    }
+    pub fn merge(&mut self, o: &SkipStats) {
+        for (k, v) in &o.counts {
+            *self.counts.entry(*k).or_default() += v;
+        }
+        for (k, v) in &o.examples {
+            let ex = self.examples.entry(*k).or_default();
+            for m in v {
+                if ex.len() < 3 {
+                    ex.push(m.clone());
+                }
+            }
+        }
+    }
+    /// One line per reason, e.g. `corrupt image: 3`.
+    pub fn report(&self) -> String {
+        if self.counts.is_empty() {
+            return "no rows skipped".into();
+        }
+        self.counts.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Random access to the rows of a split.
+pub trait RowSource: Send {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Reads row `index` (0-based over the split).
+    fn get(&mut self, index: usize) -> Result<Row>;
+    /// Contiguous ranges of rows that are cheap to read together (parquet row groups).
+    fn groups(&self) -> Vec<(usize, usize)>;
+    fn describe(&self) -> String;
+}
+
+/// Checks the common structure of a row: non-empty, known roles, content types, and that
+/// the number of image blocks equals the number of images.
+pub fn validate_row(row: &Row) -> Result<()> {
+    let bad = |field: String, kind: BadRowKind, msg: String| DataError::bad_row(&row.file, row.file_row, field, kind, msg);
+    if row.messages.is_empty() {
+        return Err(bad("messages".into(), BadRowKind::EmptyConversation, "the conversation has no messages".into()));
+    }
+    let mut n_img = 0;
+    for (i, m) in row.messages.iter().enumerate() {
+        if !KNOWN_ROLES.contains(&m.role.as_str()) {
+            return Err(bad(
+                format!("messages[{i}].role"),
+                BadRowKind::UnknownRole,
+                format!("unknown role {:?} (expected one of {:?})", m.role, KNOWN_ROLES),
+            ));
+        }
+        for (j, c) in m.content.iter().enumerate() {
+            match c.kind.as_str() {
+                "image" => n_img += 1,
+                "text" => {
+                    if c.text.is_none() {
+                        return Err(bad(format!("messages[{i}].content[{j}].text"), BadRowKind::WrongType, "text block with null text".into()));
+                    }
+                }
+                o => {
+                    return Err(bad(format!("messages[{i}].content[{j}].type"), BadRowKind::WrongType, format!("unknown content type {o:?}")));
+                }
+            }
+        }
+    }
+    if n_img != row.images.len() {
+        return Err(bad(
+            "images".into(),
+            BadRowKind::ImageCountMismatch,
+            format!("{n_img} image blocks (<image>) in the messages but {} images", row.images.len()),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Parquet
+
+/// Files of a dataset: a file, a directory of shards (hub layout `data/{split}-*.parquet`) or
+/// a glob. With `split`, only files whose name starts with `{split}-`/`{split}.`/`{split}_`
+/// (or that sit in a directory named `split`) are kept.
+pub fn resolve_parquet_files(path: &str, split: Option<&str>) -> Result<Vec<PathBuf>> {
+    let p = Path::new(path);
+    let mut files: Vec<PathBuf> = if p.is_file() {
+        return Ok(vec![p.to_path_buf()]);
+    } else if p.is_dir() {
+        let mut out = Vec::new();
+        walk(p, &mut out, 0).map_err(|e| DataError::io(p, e))?;
+        out
+    } else if path.contains(['*', '?', '[']) {
+        glob::glob(path)
+            .map_err(|e| DataError::Other(format!("bad glob {path:?}: {e}")))?
+            .filter_map(|r| r.ok())
+            .filter(|f| f.is_file())
+            .collect()
+    } else {
+        return Err(DataError::NoData(path.to_string()));
+    };
+    files.retain(|f| f.extension().is_some_and(|e| e == "parquet"));
+    if let Some(s) = split {
+        files.retain(|f| {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let in_dir = f.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()) == Some(s);
+            in_dir || [format!("{s}-"), format!("{s}."), format!("{s}_")].iter().any(|pre| name.starts_with(pre.as_str()))
+        });
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(DataError::NoData(format!("{path}{}", split.map(|s| format!(" (split {s})")).unwrap_or_default())));
+    }
+    Ok(files)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> std::io::Result<()> {
+    if depth > 4 {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            walk(&p, out, depth + 1)?;
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+struct ParquetFile {
+    path: PathBuf,
+    meta: ArrowReaderMetadata,
+    /// Global index of the file's first row.
+    start: usize,
+    /// (global start, rows) per row group.
+    groups: Vec<(usize, usize)>,
+    /// Schema problem, reported for each row of the file.
+    schema_error: Option<(String, BadRowKind, String)>,
+}
+
+/// Lazily read parquet shards in the llava-instruct-mix-vsft schema.
+pub struct ParquetSource {
+    files: Vec<ParquetFile>,
+    total: usize,
+    /// (file index, row group) -> decoded batch; a few most recent.
+    cache: VecDeque<((usize, usize), RecordBatch)>,
+    cache_cap: usize,
+}
+
+fn check_schema(schema: &arrow_schema::Schema) -> Option<(String, BadRowKind, String)> {
+    for col in ["messages", "images"] {
+        let Ok(f) = schema.field_with_name(col) else {
+            return Some((col.into(), BadRowKind::MissingColumn, format!("column `{col}` is missing")));
+        };
+        let ok = match f.data_type() {
+            DataType::List(c) | DataType::LargeList(c) => matches!(c.data_type(), DataType::Struct(_)),
+            _ => false,
+        };
+        if !ok {
+            let want = if col == "messages" { "list<struct<content, role>>" } else { "list<struct<bytes, path>>" };
+            return Some((col.into(), BadRowKind::WrongType, format!("expected {want}, found {}", f.data_type())));
+        }
+    }
+    None
+}
+
+impl ParquetSource {
+    pub fn open(files: Vec<PathBuf>) -> Result<Self> {
+        let mut out = Vec::new();
+        let mut total = 0;
+        for path in files {
+            let f = File::open(&path).map_err(|e| DataError::io(&path, e))?;
+            let meta = ArrowReaderMetadata::load(&f, ArrowReaderOptions::new())
+                .map_err(|e| DataError::Parquet { path: path.clone(), msg: e.to_string() })?;
+            let schema_error = check_schema(meta.schema());
+            let start = total;
+            let mut groups = Vec::new();
+            for rg in meta.metadata().row_groups() {
+                let n = rg.num_rows() as usize;
+                groups.push((total, n));
+                total += n;
+            }
+            out.push(ParquetFile { path, meta, start, groups, schema_error });
+        }
+        Ok(ParquetSource { files: out, total, cache: VecDeque::new(), cache_cap: 4 })
+    }
+
+    /// Number of decoded row groups kept (at least 1).
+    pub fn set_cache_capacity(&mut self, n: usize) {
+        self.cache_cap = n.max(1);
+    }
+
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|f| f.path.clone()).collect()
+    }
+
+    fn locate(&self, index: usize) -> (usize, usize, usize) {
+        let fi = self.files.partition_point(|f| f.start <= index) - 1;
+        let f = &self.files[fi];
+        let gi = f.groups.partition_point(|&(s, _)| s <= index) - 1;
+        (fi, gi, index - f.groups[gi].0)
+    }
+
+    fn batch(&mut self, fi: usize, gi: usize) -> Result<RecordBatch> {
+        if let Some(pos) = self.cache.iter().position(|(k, _)| *k == (fi, gi)) {
+            let e = self.cache.remove(pos).unwrap();
+            let b = e.1.clone();
+            self.cache.push_front(e);
+            return Ok(b);
+        }
+        let f = &self.files[fi];
+        let perr = |e: parquet::errors::ParquetError| DataError::Parquet { path: f.path.clone(), msg: e.to_string() };
+        let file = File::open(&f.path).map_err(|e| DataError::io(&f.path, e))?;
+        let n = f.groups[gi].1.max(1);
+        let mut mask = Vec::new();
+        for col in ["messages", "images"] {
+            if let Some(idx) = f.meta.schema().index_of(col).ok() {
+                mask.push(idx);
+            }
+        }
+        let pmask = parquet::arrow::ProjectionMask::roots(f.meta.metadata().file_metadata().schema_descr(), mask);
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, f.meta.clone())
+            .with_row_groups(vec![gi])
+            .with_projection(pmask)
+            .with_batch_size(n)
+            .build()
+            .map_err(perr)?;
+        let mut batches = Vec::new();
+        for b in reader {
+            batches.push(b.map_err(|e| DataError::Parquet { path: f.path.clone(), msg: e.to_string() })?);
+        }
+        let batch = if batches.len() == 1 {
+            batches.pop().unwrap()
+        } else {
+            let schema = batches[0].schema();
+            arrow_select_concat(&schema, &batches).map_err(|m| DataError::Parquet { path: f.path.clone(), msg: m })?
+        };
+        self.cache.push_front(((fi, gi), batch.clone()));
+        while self.cache.len() > self.cache_cap {
+            self.cache.pop_back();
+        }
+        Ok(batch)
+    }
+}
+
+fn arrow_select_concat(schema: &arrow_schema::SchemaRef, batches: &[RecordBatch]) -> std::result::Result<RecordBatch, String> {
+    // Row groups are read with batch_size = rows, so this is only reached for empty groups.
+    if batches.is_empty() {
+        return Ok(RecordBatch::new_empty(schema.clone()));
+    }
+    Err(format!("row group decoded into {} batches", batches.len()))
+}
+
+/// The values of list element `row` of a List/LargeList array.
+fn list_at(arr: &dyn Array, row: usize) -> Option<ArrayRef> {
+    if arr.is_null(row) {
+        return None;
+    }
+    if let Some(l) = arr.as_list_opt::<i32>() {
+        return Some(l.value(row));
+    }
+    arr.as_list_opt::<i64>().map(|l| l.value(row))
+}
+
+fn str_at(arr: &dyn Array, i: usize) -> std::result::Result<Option<String>, String> {
+    if arr.is_null(i) {
+        return Ok(None);
+    }
+    if let Some(a) = arr.as_string_opt::<i32>() {
+        return Ok(Some(a.value(i).to_string()));
+    }
+    if let Some(a) = arr.as_string_opt::<i64>() {
+        return Ok(Some(a.value(i).to_string()));
+    }
+    if let Some(a) = arr.as_string_view_opt() {
+        return Ok(Some(a.value(i).to_string()));
+    }
+    Err(format!("expected string, found {}", arr.data_type()))
+}
+
+fn bytes_at(arr: &dyn Array, i: usize) -> std::result::Result<Option<Vec<u8>>, String> {
+    if arr.is_null(i) {
+        return Ok(None);
+    }
+    if let Some(a) = arr.as_binary_opt::<i32>() {
+        return Ok(Some(a.value(i).to_vec()));
+    }
+    if let Some(a) = arr.as_binary_opt::<i64>() {
+        return Ok(Some(a.value(i).to_vec()));
+    }
+    if let Some(a) = arr.as_binary_view_opt() {
+        return Ok(Some(a.value(i).to_vec()));
+    }
+    Err(format!("expected binary, found {}", arr.data_type()))
+}
+
+fn int_at(arr: &dyn Array, i: usize) -> std::result::Result<Option<i64>, String> {
+    if arr.is_null(i) {
+        return Ok(None);
+    }
+    if let Some(a) = arr.as_primitive_opt::<Int64Type>() {
+        return Ok(Some(a.value(i)));
+    }
+    if let Some(a) = arr.as_primitive_opt::<arrow_array::types::Int32Type>() {
+        return Ok(Some(a.value(i) as i64));
+    }
+    Err(format!("expected int64, found {}", arr.data_type()))
+}
+
+fn struct_field<'a>(s: &'a StructArray, name: &str) -> Option<&'a ArrayRef> {
+    s.column_by_name(name)
+}
+
+impl RowSource for ParquetSource {
+    fn len(&self) -> usize {
+        self.total
+    }
+
+    fn groups(&self) -> Vec<(usize, usize)> {
+        self.files.iter().flat_map(|f| f.groups.iter().copied()).collect()
+    }
+
+    fn describe(&self) -> String {
+        format!("{} parquet file(s), {} rows", self.files.len(), self.total)
+    }
+
+    fn get(&mut self, index: usize) -> Result<Row> {
+        if index >= self.total {
+            return Err(DataError::Other(format!("row {index} out of range ({} rows)", self.total)));
+        }
+        let (fi, gi, r) = self.locate(index);
+        let file_row = index - self.files[fi].start;
+        let path = self.files[fi].path.clone();
+        if let Some((field, kind, msg)) = self.files[fi].schema_error.clone() {
+            return Err(DataError::bad_row(path, file_row, field, kind, msg));
+        }
+        let batch = self.batch(fi, gi)?;
+        let bad = |field: String, kind: BadRowKind, msg: String| DataError::bad_row(&path, file_row, field, kind, msg);
+        let wt = |field: String, msg: String| DataError::bad_row(&path, file_row, field, BadRowKind::WrongType, msg);
+
+        // messages
+        let mcol = batch.column_by_name("messages").unwrap();
+        let msgs = list_at(mcol.as_ref(), r).ok_or_else(|| bad("messages".into(), BadRowKind::EmptyConversation, "messages is null".into()))?;
+        let ms = msgs.as_struct_opt().ok_or_else(|| wt("messages".into(), format!("expected struct elements, found {}", msgs.data_type())))?;
+        let role_col = struct_field(ms, "role").ok_or_else(|| bad("messages.role".into(), BadRowKind::MissingColumn, "no `role` field".into()))?;
+        let content_col = struct_field(ms, "content").ok_or_else(|| bad("messages.content".into(), BadRowKind::MissingColumn, "no `content` field".into()))?;
+        let mut messages = Vec::with_capacity(ms.len());
+        for i in 0..ms.len() {
+            let role = str_at(role_col.as_ref(), i)
+                .map_err(|m| wt(format!("messages[{i}].role"), m))?
+                .ok_or_else(|| wt(format!("messages[{i}].role"), "role is null".into()))?;
+            let mut content = Vec::new();
+            if let Some(ca) = list_at(content_col.as_ref(), i) {
+                let cs = ca.as_struct_opt().ok_or_else(|| wt(format!("messages[{i}].content"), format!("expected list<struct<index, text, type>>, found {}", ca.data_type())))?;
+                let ty = struct_field(cs, "type").ok_or_else(|| bad(format!("messages[{i}].content.type"), BadRowKind::MissingColumn, "no `type` field".into()))?;
+                let tx = struct_field(cs, "text");
+                let ix = struct_field(cs, "index");
+                for j in 0..cs.len() {
+                    let kind = str_at(ty.as_ref(), j)
+                        .map_err(|m| wt(format!("messages[{i}].content[{j}].type"), m))?
+                        .ok_or_else(|| wt(format!("messages[{i}].content[{j}].type"), "type is null".into()))?;
+                    let text = match tx {
+                        Some(a) => str_at(a.as_ref(), j).map_err(|m| wt(format!("messages[{i}].content[{j}].text"), m))?,
+                        None => None,
+                    };
+                    let index = match ix {
+                        Some(a) => int_at(a.as_ref(), j).map_err(|m| wt(format!("messages[{i}].content[{j}].index"), m))?,
+                        None => None,
+                    };
+                    content.push(Content { index, text, kind });
+                }
+            }
+            messages.push(Message { role, content });
+        }
+
+        // images
+        let icol = batch.column_by_name("images").unwrap();
+        let mut images = Vec::new();
+        if let Some(ia) = list_at(icol.as_ref(), r) {
+            let is = ia.as_struct_opt().ok_or_else(|| wt("images".into(), format!("expected list<struct<bytes, path>>, found {}", ia.data_type())))?;
+            let bcol = struct_field(is, "bytes");
+            let pcol = struct_field(is, "path");
+            for k in 0..is.len() {
+                let b = match bcol {
+                    Some(a) => bytes_at(a.as_ref(), k).map_err(|m| wt(format!("images[{k}].bytes"), m))?,
+                    None => None,
+                };
+                let p = match pcol {
+                    Some(a) => str_at(a.as_ref(), k).map_err(|m| wt(format!("images[{k}].path"), m))?,
+                    None => None,
+                };
+                match (b, p) {
+                    (Some(b), _) => images.push(ImageSource::Bytes(Arc::new(b))),
+                    (None, Some(p)) => {
+                        let pp = Path::new(&p);
+                        let full = if pp.is_absolute() { pp.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).join(pp) };
+                        images.push(ImageSource::Path(full));
+                    }
+                    (None, None) => return Err(bad(format!("images[{k}]"), BadRowKind::CorruptImage, "image has neither bytes nor path".into())),
+                }
+            }
+        }
+        Ok(Row { index, file: path.clone(), file_row, messages, images })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// LLaVA JSON
+
+#[derive(Debug, Clone, Deserialize)]
+struct LlavaTurn {
+    from: serde_json::Value,
+    value: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct LlavaRecord {
+    #[serde(default)]
+    image: Option<serde_json::Value>,
+    #[serde(default)]
+    conversations: Option<serde_json::Value>,
+}
+
+/// The original LLaVA format: `[{"id", "image", "conversations": [{"from", "value"}]}]`,
+/// image paths relative to an image folder. `<image>` in a value becomes an image block
+/// (with one `\n` right after it dropped); `human`→user, `gpt`→assistant.
+pub struct LlavaJsonSource {
+    path: PathBuf,
+    image_root: PathBuf,
+    records: Vec<serde_json::Value>,
+}
+
+impl LlavaJsonSource {
+    pub fn open(path: &Path, image_root: Option<&Path>) -> Result<Self> {
+        let s = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        let v: serde_json::Value = if path.extension().is_some_and(|e| e == "jsonl") {
+            let mut arr = Vec::new();
+            for (i, line) in s.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                arr.push(serde_json::from_str(line).map_err(|e| DataError::Json { path: path.to_path_buf(), msg: format!("line {}: {e}", i + 1) })?);
+            }
+            serde_json::Value::Array(arr)
+        } else {
+            serde_json::from_str(&s).map_err(|e| DataError::Json { path: path.to_path_buf(), msg: e.to_string() })?
+        };
+        let records = match v {
+            serde_json::Value::Array(a) => a,
+            _ => return Err(DataError::Json { path: path.to_path_buf(), msg: "expected a JSON array of records".into() }),
+        };
+        let image_root = image_root.map(Path::to_path_buf).unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf());
+        Ok(LlavaJsonSource { path: path.to_path_buf(), image_root, records })
+    }
+}
+
+/// Converts LLaVA turns to messages.
+pub fn llava_to_messages(turns: &[(String, String)]) -> std::result::Result<Vec<Message>, (usize, String)> {
+    let mut out = Vec::new();
+    let mut img = 0usize;
+    for (i, (from, value)) in turns.iter().enumerate() {
+        let role = match from.as_str() {
+            "human" | "user" => "user",
+            "gpt" | "assistant" => "assistant",
+            "system" => "system",
+            o => return Err((i, o.to_string())),
+        };
+        let mut content = Vec::new();
+        let mut rest = value.as_str();
+        while let Some(pos) = rest.find("<image>") {
+            if pos > 0 {
+                content.push(Content::text(&rest[..pos]));
+            }
+            content.push(Content::image(img));
+            img += 1;
+            rest = &rest[pos + "<image>".len()..];
+            rest = rest.strip_prefix('\n').unwrap_or(rest);
+        }
+        if !rest.is_empty() {
+            content.push(Content::text(rest));
+        }
+        out.push(Message::new(role, content));
+    }
+    Ok(out)
+}
+
+impl RowSource for LlavaJsonSource {
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+    fn groups(&self) -> Vec<(usize, usize)> {
+        vec![(0, self.records.len())]
+    }
+    fn describe(&self) -> String {
+        format!("LLaVA JSON {} ({} rows)", self.path.display(), self.records.len())
+    }
+    fn get(&mut self, index: usize) -> Result<Row> {
+        let path = &self.path;
+        let bad = |field: String, kind: BadRowKind, msg: String| DataError::bad_row(path, index, field, kind, msg);
+        let rec = self.records.get(index).ok_or_else(|| DataError::Other(format!("row {index} out of range")))?;
+        let rec: LlavaRecord = serde_json::from_value(rec.clone()).map_err(|e| bad("".into(), BadRowKind::WrongType, e.to_string()))?;
+        let conv = rec.conversations.ok_or_else(|| bad("conversations".into(), BadRowKind::MissingColumn, "no `conversations`".into()))?;
+        let turns: Vec<LlavaTurn> = serde_json::from_value(conv).map_err(|e| bad("conversations".into(), BadRowKind::WrongType, e.to_string()))?;
+        let mut tv = Vec::new();
+        for (i, t) in turns.iter().enumerate() {
+            let from = t.from.as_str().ok_or_else(|| bad(format!("conversations[{i}].from"), BadRowKind::WrongType, "expected a string".into()))?;
+            let value = t.value.as_str().ok_or_else(|| bad(format!("conversations[{i}].value"), BadRowKind::WrongType, "expected a string".into()))?;
+            tv.push((from.to_string(), value.to_string()));
+        }
+        let messages = llava_to_messages(&tv).map_err(|(i, r)| {
+            bad(format!("conversations[{i}].from"), BadRowKind::UnknownRole, format!("unknown role {r:?} (expected human, gpt or system)"))
+        })?;
+        let mut images = Vec::new();
+        match rec.image {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::String(s)) => images.push(s),
+            Some(serde_json::Value::Array(a)) => {
+                for (k, v) in a.iter().enumerate() {
+                    images.push(v.as_str().ok_or_else(|| bad(format!("image[{k}]"), BadRowKind::WrongType, "expected a string".into()))?.to_string());
+                }
+            }
+            Some(o) => return Err(bad("image".into(), BadRowKind::WrongType, format!("expected a path, found {o}"))),
+        }
+        let mut srcs = Vec::new();
+        for (k, im) in images.iter().enumerate() {
+            let p = self.image_root.join(im);
+            if !p.is_file() {
+                let field = if images.len() == 1 { "image".to_string() } else { format!("image[{k}]") };
+                return Err(bad(field, BadRowKind::MissingImageFile, format!("image file {} not found", p.display())));
+            }
+            srcs.push(ImageSource::Path(p));
+        }
+        Ok(Row { index, file: self.path.clone(), file_row: index, messages, images: srcs })
+    }
+}
+
+/// Opens a dataset: `.json`/`.jsonl` is LLaVA JSON, anything else parquet.
+pub fn open_dataset(path: &str, split: Option<&str>, image_root: Option<&Path>) -> Result<Box<dyn RowSource>> {
+    let p = Path::new(path);
+    if p.is_file() && p.extension().is_some_and(|e| e == "json" || e == "jsonl") {
+        return Ok(Box::new(LlavaJsonSource::open(p, image_root)?));
+    }
+    let files = resolve_parquet_files(path, split)?;
+    Ok(Box::new(ParquetSource::open(files)?))
+}
+
+// ---------------------------------------------------------------------------------------
+// Order and cursor
+
+/// The position in the stream: small, serialisable, stored in checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Cursor {
+    pub seed: u64,
+    pub epoch: u64,
+    /// Number of rows of this epoch's order already consumed.
+    pub position: usize,
+}
+
+struct SplitMix64(u64);
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        // Lemire's multiply-shift; bias negligible for dataset sizes.
+        ((self.next() as u128 * n as u128) >> 64) as usize
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
+}
+
+/// The order of rows in an epoch: a seeded permutation of row indices. Row groups are
+/// permuted, then the rows of each window of `window` consecutive (permuted) groups are
+/// permuted together, so reading touches at most `window` row groups at a time. With
+/// `window >= number of groups` it is a uniform permutation of all rows.
+pub fn epoch_order(groups: &[(usize, usize)], seed: u64, epoch: u64, shuffle: bool, window: usize) -> Vec<usize> {
+    let total: usize = groups.iter().map(|g| g.1).sum();
+    let mut out = Vec::with_capacity(total);
+    if !shuffle {
+        for &(s, n) in groups {
+            out.extend(s..s + n);
+        }
+        return out;
+    }
+    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xA24BAED4963EE407) ^ 0x5EED);
+    let mut g: Vec<(usize, usize)> = groups.to_vec();
+    rng.shuffle(&mut g);
+    for w in g.chunks(window.max(1)) {
+        let start = out.len();
+        for &(s, n) in w {
+            out.extend(s..s + n);
+        }
+        rng.shuffle(&mut out[start..]);
+    }
+    out
+}

@@ -1,0 +1,514 @@
+//! Image decoding and CLIP preprocessing, equal to transformers' `CLIPImageProcessor`
+//! with the PIL backend: convert to RGB (alpha composited onto white exactly like
+//! `PIL.Image.alpha_composite`), resize the shortest edge with PIL's BICUBIC
+//! (`ImagingResample`, fixed-point 8-bit, horizontal pass first), centre crop, rescale,
+//! normalise, CHW `f32`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+
+/// An 8-bit RGB image, row-major HWC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl RgbImage {
+    pub fn new(width: usize, height: usize, data: Vec<u8>) -> Self {
+        assert_eq!(data.len(), width * height * 3);
+        RgbImage { width, height, data }
+    }
+}
+
+/// `size` in `preprocessor_config.json`: `{"shortest_edge": N}` or `{"height": H, "width": W}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SizeSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shortest_edge: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SizeOrInt {
+    Int(u32),
+    Spec(SizeSpec),
+}
+
+impl SizeOrInt {
+    fn spec(&self, square: bool) -> SizeSpec {
+        match self {
+            SizeOrInt::Spec(s) => s.clone(),
+            SizeOrInt::Int(n) if square => SizeSpec { shortest_edge: None, height: Some(*n), width: Some(*n) },
+            SizeOrInt::Int(n) => SizeSpec { shortest_edge: Some(*n), height: None, width: None },
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_rescale() -> f64 {
+    1.0 / 255.0
+}
+fn default_resample() -> u32 {
+    3
+}
+fn default_mean() -> Vec<f32> {
+    vec![0.48145466, 0.4578275, 0.40821073]
+}
+fn default_std() -> Vec<f32> {
+    vec![0.26862954, 0.26130258, 0.27577711]
+}
+fn default_size() -> SizeOrInt {
+    SizeOrInt::Spec(SizeSpec { shortest_edge: Some(224), height: None, width: None })
+}
+fn default_crop() -> SizeOrInt {
+    SizeOrInt::Spec(SizeSpec { shortest_edge: None, height: Some(224), width: Some(224) })
+}
+
+/// Mirrors `preprocessor_config.json` of a CLIP image processor (defaults: transformers'
+/// `CLIPImageProcessor` defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageProcessorConfig {
+    #[serde(default = "default_true")]
+    pub do_resize: bool,
+    #[serde(default = "default_size")]
+    pub size: SizeOrInt,
+    #[serde(default = "default_resample")]
+    pub resample: u32,
+    #[serde(default = "default_true")]
+    pub do_center_crop: bool,
+    #[serde(default = "default_crop")]
+    pub crop_size: SizeOrInt,
+    #[serde(default = "default_true")]
+    pub do_rescale: bool,
+    #[serde(default = "default_rescale")]
+    pub rescale_factor: f64,
+    #[serde(default = "default_true")]
+    pub do_normalize: bool,
+    #[serde(default = "default_mean")]
+    pub image_mean: Vec<f32>,
+    #[serde(default = "default_std")]
+    pub image_std: Vec<f32>,
+    #[serde(default = "default_true")]
+    pub do_convert_rgb: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_processor_type: Option<String>,
+}
+
+impl Default for ImageProcessorConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").unwrap()
+    }
+}
+
+impl ImageProcessorConfig {
+    /// Reads `preprocessor_config.json`, or else `processor_config.json`'s `image_processor` entry.
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let pre = dir.join("preprocessor_config.json");
+        if pre.exists() {
+            return Self::from_file(&pre);
+        }
+        let proc_path = dir.join("processor_config.json");
+        if proc_path.exists() {
+            let v = read_json(&proc_path)?;
+            if let Some(ip) = v.get("image_processor") {
+                return serde_json::from_value(ip.clone())
+                    .map_err(|e| DataError::Config { path: proc_path.clone(), msg: format!("image_processor: {e}") });
+            }
+        }
+        Err(DataError::Config {
+            path: dir.to_path_buf(),
+            msg: "neither preprocessor_config.json nor processor_config.json with an `image_processor` entry".into(),
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        serde_json::from_value(v).map_err(|e| DataError::Config { path: path.to_path_buf(), msg: e.to_string() })
+    }
+
+    /// (height, width) of the processed image.
+    pub fn output_hw(&self) -> Option<(usize, usize)> {
+        if self.do_center_crop {
+            let c = self.crop_size.spec(true);
+            return Some((c.height? as usize, c.width? as usize));
+        }
+        let s = self.size.spec(false);
+        match (s.height, s.width) {
+            (Some(h), Some(w)) => Some((h as usize, w as usize)),
+            _ => None,
+        }
+    }
+
+    /// Target (height, width) of the resize step for an input of (h, w), as transformers'
+    /// `get_resize_output_image_size(default_to_square=False)` computes it.
+    pub fn resize_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        let s = self.size.spec(false);
+        if let Some(se) = s.shortest_edge {
+            let se = se as usize;
+            let (short, long) = if w <= h { (w, h) } else { (h, w) };
+            let new_long = (se as f64 * long as f64 / short as f64) as usize;
+            if w <= h {
+                (new_long, se)
+            } else {
+                (se, new_long)
+            }
+        } else {
+            (s.height.unwrap_or(h as u32) as usize, s.width.unwrap_or(w as u32) as usize)
+        }
+    }
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let s = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    serde_json::from_str(&s).map_err(|e| DataError::Json { path: path.to_path_buf(), msg: e.to_string() })
+}
+
+/// Decodes JPEG/PNG/WebP/GIF (first frame) bytes to RGB; alpha is composited onto white
+/// exactly as transformers' `convert_to_rgb` (PIL `alpha_composite`) does.
+pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return Err("image has zero size".into());
+    }
+    if img.color().has_alpha() {
+        let rgba = img.to_rgba8();
+        let src = rgba.as_raw();
+        let mut out = vec![0u8; w * h * 3];
+        for (o, p) in out.chunks_exact_mut(3).zip(src.chunks_exact(4)) {
+            let c = composite_on_white([p[0], p[1], p[2]], p[3]);
+            o.copy_from_slice(&c);
+        }
+        Ok(RgbImage::new(w, h, out))
+    } else {
+        Ok(RgbImage::new(w, h, img.to_rgb8().into_raw()))
+    }
+}
+
+/// PIL's `ImagingAlphaComposite` (libImaging/AlphaComposite.c) with an opaque white `dst`.
+fn composite_on_white(rgb: [u8; 3], a: u8) -> [u8; 3] {
+    const PB: u32 = 7;
+    if a == 0 {
+        return [255, 255, 255];
+    }
+    let sa = a as u32;
+    let da = 255u32;
+    let blend = da * (255 - sa);
+    let outa255 = sa * 255 + blend;
+    let coef1 = sa * 255 * 255 * (1 << PB) / outa255;
+    let coef2 = 255 * (1 << PB) - coef1;
+    let f = |s: u8| -> u8 {
+        let tmp = s as u32 * coef1 + 255 * coef2 + (0x80 << PB);
+        let d = ((tmp >> 8) + tmp) >> 8;
+        (d >> PB) as u8
+    };
+    [f(rgb[0]), f(rgb[1]), f(rgb[2])]
+}
+
+// ---------------------------------------------------------------------------------------
+// PIL ImagingResample (libImaging/Resample.c), 8 bits per channel.
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic_filter(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+struct Coeffs {
+    ksize: usize,
+    /// (xmin, xmax-count) per output pixel.
+    bounds: Vec<(usize, usize)>,
+    /// Fixed-point coefficients, `ksize` per output pixel.
+    kk: Vec<i32>,
+}
+
+fn precompute_coeffs(in_size: usize, in0: f32, in1: f32, out_size: usize) -> Coeffs {
+    let support_base = 2.0f64; // bicubic support
+    let scale = (in1 - in0) as f64 / out_size as f64;
+    let filterscale = if scale < 1.0 { 1.0 } else { scale };
+    let support = support_base * filterscale;
+    let ksize = (support.ceil() as usize) * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut kk = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = in0 as f64 + (xx as f64 + 0.5) * scale;
+        let mut ww = 0.0;
+        let ss = 1.0 / filterscale;
+        // C casts to int truncate toward zero.
+        let mut xmin = (center - support + 0.5) as i64;
+        if xmin < 0 {
+            xmin = 0;
+        }
+        let mut xmax = (center + support + 0.5) as i64;
+        if xmax > in_size as i64 {
+            xmax = in_size as i64;
+        }
+        let xmax = (xmax - xmin).max(0) as usize;
+        let xmin = xmin as usize;
+        for x in 0..xmax {
+            let w = bicubic_filter((x as f64 + xmin as f64 - center + 0.5) * ss);
+            k[x] = w;
+            ww += w;
+        }
+        for x in 0..ksize {
+            let v = if x < xmax {
+                if ww != 0.0 {
+                    k[x] / ww
+                } else {
+                    k[x]
+                }
+            } else {
+                0.0
+            };
+            // normalize_coeffs_8bpc
+            kk[xx * ksize + x] = if v < 0.0 {
+                (-0.5 + v * (1u32 << PRECISION_BITS) as f64) as i32
+            } else {
+                (0.5 + v * (1u32 << PRECISION_BITS) as f64) as i32
+            };
+        }
+        bounds.push((xmin, xmax));
+    }
+    Coeffs { ksize, bounds, kk }
+}
+
+#[inline]
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Horizontal pass over rows `y_first..y_first+out_h` of `src`.
+fn resample_horizontal(src: &RgbImage, out_w: usize, y_first: usize, out_h: usize, c: &Coeffs) -> RgbImage {
+    let mut out = vec![0u8; out_w * out_h * 3];
+    let init = 1i32 << (PRECISION_BITS - 1);
+    for yy in 0..out_h {
+        let row = &src.data[(yy + y_first) * src.width * 3..(yy + y_first + 1) * src.width * 3];
+        let orow = &mut out[yy * out_w * 3..(yy + 1) * out_w * 3];
+        for xx in 0..out_w {
+            let (xmin, xmax) = c.bounds[xx];
+            let k = &c.kk[xx * c.ksize..xx * c.ksize + xmax];
+            let (mut s0, mut s1, mut s2) = (init, init, init);
+            let px = &row[xmin * 3..(xmin + xmax) * 3];
+            for (p, &kv) in px.chunks_exact(3).zip(k) {
+                s0 = s0.wrapping_add((p[0] as i32).wrapping_mul(kv));
+                s1 = s1.wrapping_add((p[1] as i32).wrapping_mul(kv));
+                s2 = s2.wrapping_add((p[2] as i32).wrapping_mul(kv));
+            }
+            orow[xx * 3] = clip8(s0);
+            orow[xx * 3 + 1] = clip8(s1);
+            orow[xx * 3 + 2] = clip8(s2);
+        }
+    }
+    RgbImage::new(out_w, out_h, out)
+}
+
+/// Vertical pass; `bounds` are already shifted to `src`'s first row.
+fn resample_vertical(src: &RgbImage, out_h: usize, c: &Coeffs, shift: usize) -> RgbImage {
+    let w = src.width;
+    let mut out = vec![0u8; w * out_h * 3];
+    let init = 1i32 << (PRECISION_BITS - 1);
+    let mut acc = vec![0i32; w * 3];
+    for yy in 0..out_h {
+        let (ymin, ymax) = c.bounds[yy];
+        let ymin = ymin - shift;
+        let k = &c.kk[yy * c.ksize..yy * c.ksize + ymax];
+        acc.iter_mut().for_each(|a| *a = init);
+        for (y, &kv) in k.iter().enumerate() {
+            let row = &src.data[(ymin + y) * w * 3..(ymin + y + 1) * w * 3];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a = a.wrapping_add((p as i32).wrapping_mul(kv));
+            }
+        }
+        let orow = &mut out[yy * w * 3..(yy + 1) * w * 3];
+        for (o, &a) in orow.iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+    RgbImage::new(w, out_h, out)
+}
+
+/// `PIL.Image.resize((out_w, out_h), Image.BICUBIC)` on an RGB image, bit-exact with
+/// Pillow's fixed-point implementation.
+pub fn resize_bicubic_pil(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    if out_w == src.width && out_h == src.height {
+        return src.clone();
+    }
+    let need_h = out_w != src.width;
+    let need_v = out_h != src.height;
+    let ch = precompute_coeffs(src.width, 0.0, src.width as f32, out_w);
+    let cv = precompute_coeffs(src.height, 0.0, src.height as f32, out_h);
+    let ybox_first = cv.bounds[0].0;
+    let last = cv.bounds[out_h - 1];
+    let ybox_last = last.0 + last.1;
+    let mut cur;
+    let mut shift = 0;
+    if need_h {
+        cur = resample_horizontal(src, out_w, ybox_first, ybox_last - ybox_first, &ch);
+        shift = ybox_first;
+    } else {
+        cur = src.clone();
+    }
+    if need_v {
+        cur = resample_vertical(&cur, out_h, &cv, shift);
+    }
+    cur
+}
+
+/// transformers' `center_crop` (zero-padding when the image is smaller than the crop).
+pub fn center_crop(src: &RgbImage, crop_h: usize, crop_w: usize) -> RgbImage {
+    let (h, w) = (src.height as i64, src.width as i64);
+    let (ch, cw) = (crop_h as i64, crop_w as i64);
+    let top = (h - ch).div_euclid(2);
+    let left = (w - cw).div_euclid(2);
+    if top >= 0 && top + ch <= h && left >= 0 && left + cw <= w {
+        let mut out = Vec::with_capacity(crop_h * crop_w * 3);
+        for y in top..top + ch {
+            let s = ((y * w + left) * 3) as usize;
+            out.extend_from_slice(&src.data[s..s + crop_w * 3]);
+        }
+        return RgbImage::new(crop_w, crop_h, out);
+    }
+    // Pad to at least the crop size, centred (ceil), then crop.
+    let nh = ch.max(h);
+    let nw = cw.max(w);
+    let top_pad = (nh - h + 1) / 2;
+    let left_pad = (nw - w + 1) / 2;
+    let mut padded = vec![0u8; (nh * nw * 3) as usize];
+    for y in 0..h {
+        let d = (((y + top_pad) * nw + left_pad) * 3) as usize;
+        let s = (y * w * 3) as usize;
+        padded[d..d + (w * 3) as usize].copy_from_slice(&src.data[s..s + (w * 3) as usize]);
+    }
+    let (t, l) = (top + top_pad, left + left_pad);
+    let (t0, t1) = (t.max(0), (t + ch).min(nh));
+    let (l0, l1) = (l.max(0), (l + cw).min(nw));
+    let mut out = Vec::new();
+    for y in t0..t1 {
+        let s = ((y * nw + l0) * 3) as usize;
+        out.extend_from_slice(&padded[s..s + ((l1 - l0) * 3) as usize]);
+    }
+    RgbImage::new((l1 - l0) as usize, (t1 - t0) as usize, out)
+}
+
+/// Result of preprocessing one image: CHW `f32`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PixelValues {
+    pub height: usize,
+    pub width: usize,
+    /// `3 * height * width` values, channel-major.
+    pub data: Vec<f32>,
+}
+
+impl PixelValues {
+    pub fn mean(&self) -> f64 {
+        self.data.iter().map(|&v| v as f64).sum::<f64>() / self.data.len().max(1) as f64
+    }
+    pub fn abs_mean(&self) -> f64 {
+        self.data.iter().map(|&v| v.abs() as f64).sum::<f64>() / self.data.len().max(1) as f64
+    }
+}
+
+/// The CLIP image processor.
+#[derive(Debug, Clone)]
+pub struct ImageProcessor {
+    pub config: ImageProcessorConfig,
+}
+
+impl ImageProcessor {
+    pub fn new(config: ImageProcessorConfig) -> Result<Self> {
+        if config.do_resize && config.resample != 3 {
+            return Err(DataError::Other(format!(
+                "image processor: resample={} is not supported (only 3 = BICUBIC)",
+                config.resample
+            )));
+        }
+        if config.image_mean.len() != 3 || config.image_std.len() != 3 {
+            return Err(DataError::Other("image processor: image_mean/image_std must have 3 entries".into()));
+        }
+        Ok(ImageProcessor { config })
+    }
+
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        Self::new(ImageProcessorConfig::from_model_dir(dir)?)
+    }
+
+    /// Resize + centre crop on the 8-bit image.
+    pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+        let c = &self.config;
+        let mut cur;
+        let mut owned = None;
+        if c.do_resize {
+            let (h, w) = c.resize_hw(img.height, img.width);
+            owned = Some(resize_bicubic_pil(img, w, h));
+        }
+        cur = owned.as_ref().unwrap_or(img).clone();
+        if c.do_center_crop {
+            let s = c.crop_size.spec(true);
+            let (ch, cw) = (s.height.unwrap_or(224) as usize, s.width.unwrap_or(224) as usize);
+            if !(ch == cur.height && cw == cur.width) {
+                cur = center_crop(&cur, ch, cw);
+            }
+        }
+        cur
+    }
+
+    /// Full preprocessing of a decoded RGB image to CHW floats.
+    pub fn preprocess(&self, img: &RgbImage) -> PixelValues {
+        let c = &self.config;
+        let cur = self.resize_and_crop(img);
+        let (h, w) = (cur.height, cur.width);
+        let n = h * w;
+        let mut data = vec![0f32; 3 * n];
+        let mut lut = [[0f32; 256]; 3];
+        for (ch, l) in lut.iter_mut().enumerate() {
+            for (v, o) in l.iter_mut().enumerate() {
+                let mut x = v as f32;
+                if c.do_rescale {
+                    x = (v as f64 * c.rescale_factor) as f32;
+                }
+                if c.do_normalize {
+                    x = (x - c.image_mean[ch]) / c.image_std[ch];
+                }
+                *o = x;
+            }
+        }
+        for (i, p) in cur.data.chunks_exact(3).enumerate() {
+            data[i] = lut[0][p[0] as usize];
+            data[n + i] = lut[1][p[1] as usize];
+            data[2 * n + i] = lut[2][p[2] as usize];
+        }
+        PixelValues { height: h, width: w, data }
+    }
+
+    /// Decode + preprocess.
+    pub fn process_bytes(&self, bytes: &[u8]) -> std::result::Result<PixelValues, String> {
+        let img = decode_image(bytes)?;
+        Ok(self.preprocess(&img))
+    }
+}

@@ -1,0 +1,69 @@
+//! The processor: one dataset row -> one example (images preprocessed, text tokenized),
+//! the equivalent of `LlavaProcessor` + the collator's per-row work.
+
+use std::path::Path;
+
+use crate::collator::{self, Batch, CollatorConfig, Example, LabelMask, Truncation};
+use crate::dataset::{validate_row, Row};
+use crate::error::{BadRowKind, DataError, Result};
+use crate::image_proc::{decode_image, ImageProcessor, PixelValues};
+use crate::template::{AssistantSpans, TextProcessor};
+
+/// Image processor + text processor of a model directory.
+#[derive(Debug)]
+pub struct Processor {
+    pub image: ImageProcessor,
+    pub text: TextProcessor,
+}
+
+impl Processor {
+    /// Loads everything from a model directory (`tokenizer.json`, `tokenizer_config.json`,
+    /// `preprocessor_config.json` / `processor_config.json`, chat template). `chat_template`
+    /// overrides the model's template.
+    pub fn from_model_dir(dir: &Path, chat_template: Option<&Path>) -> Result<Self> {
+        let image = ImageProcessor::from_model_dir(dir)?;
+        let text = TextProcessor::from_model_dir(dir, chat_template, image.config.output_hw())?;
+        Ok(Processor { image, text })
+    }
+
+    /// Decodes and preprocesses the images of a row; errors name the image field.
+    pub fn row_images(&self, row: &Row) -> Result<Vec<PixelValues>> {
+        let mut out = Vec::with_capacity(row.images.len());
+        for (k, src) in row.images.iter().enumerate() {
+            let bytes = src.load().map_err(|e| {
+                DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), BadRowKind::MissingImageFile, e.to_string())
+            })?;
+            let img = decode_image(&bytes).map_err(|e| {
+                DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, format!("cannot decode image: {e}"))
+            })?;
+            out.push(self.image.preprocess(&img));
+        }
+        Ok(out)
+    }
+
+    /// Validates, tokenizes and truncates a row, and preprocesses its images.
+    pub fn process_row(&self, row: &Row, cfg: &CollatorConfig) -> Result<Example> {
+        validate_row(row)?;
+        let assistant = (cfg.label_mask == LabelMask::Assistant).then_some(AssistantSpans::Auto);
+        let mut encoded = self.text.encode_row(&row.messages, row.images.len(), cfg.add_special_tokens, assistant, &row.file, row.file_row)?;
+        if collator::truncate(&mut encoded, cfg.max_length) == Truncation::CutsImage {
+            return Err(DataError::bad_row(
+                &row.file,
+                row.file_row,
+                "messages",
+                BadRowKind::ImageTruncated,
+                format!(
+                    "{} tokens; truncating to max_length {} would cut through an image's tokens",
+                    encoded.input_ids.len(),
+                    cfg.max_length.unwrap_or(0)
+                ),
+            ));
+        }
+        let pixel_values = self.row_images(row)?;
+        Ok(Example { index: row.index, encoded, pixel_values })
+    }
+
+    pub fn collate(&self, examples: &[Example], cfg: &CollatorConfig) -> Batch {
+        collator::collate(examples, cfg, self.text.pad_token_id, self.text.image_token_id)
+    }
+}
