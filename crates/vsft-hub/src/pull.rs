@@ -349,7 +349,7 @@ impl HubClient {
             attempt += 1;
             let mut have = std::fs::metadata(&inc).map(|m| m.len()).unwrap_or(0);
             if let Some(size) = meta.size {
-                if have == size {
+                if have == size && inc.exists() {
                     break Ok(());
                 }
                 if have > size {

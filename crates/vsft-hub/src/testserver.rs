@@ -116,6 +116,7 @@ struct State {
     pending_basic: HashMap<String, u64>,
     multipart: HashMap<String, Multipart>,
     log: Vec<RequestRecord>,
+    fail_paths: Vec<(String, String, usize)>,
     violations: Vec<String>,
     counter: u64,
 }
@@ -279,6 +280,12 @@ impl TestServer {
     /// Answer the next `n` requests with 503.
     pub fn fail_next(&self, n: usize) {
         self.shared.fail.store(n, Ordering::SeqCst);
+    }
+
+    /// Answer the next `n` requests with this method whose path starts with `prefix` with 503
+    /// (e.g. `("PUT", "/lfs-part/")` to fail multipart part uploads).
+    pub fn fail_next_matching(&self, method: &str, prefix: &str, n: usize) {
+        self.shared.state.lock().unwrap().fail_paths.push((method.to_string(), prefix.to_string(), n));
     }
 
     /// Cut the next `n` blob downloads (`resolve` of regular files, `/lfs-cdn/`) halfway.
@@ -477,7 +484,9 @@ fn serve_conn(stream: TcpStream, sh: &Shared) {
         let resp = if chunked {
             sh.violation(&req, "chunked transfer encoding: send Content-Length".into());
             Response::err(411, "", "Content-Length required")
-        } else if sh.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+        } else if sh.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+            || sh.take_path_failure(&req)
+        {
             Response::err(503, "", "injected failure")
         } else {
             sh.route(&req)
@@ -532,6 +541,17 @@ enum Auth {
 }
 
 impl Shared {
+    fn take_path_failure(&self, req: &Request) -> bool {
+        let mut st = self.state.lock().unwrap();
+        for (m, prefix, n) in st.fail_paths.iter_mut() {
+            if *n > 0 && *m == req.method && req.target.starts_with(prefix.as_str()) {
+                *n -= 1;
+                return true;
+            }
+        }
+        false
+    }
+
     fn violation(&self, req: &Request, msg: String) {
         self.state.lock().unwrap().violations.push(format!("{} {}: {msg}", req.method, req.target));
     }
