@@ -177,6 +177,13 @@ pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
 /// Decodes JPEG/PNG/WebP/GIF (first frame) bytes to RGB; alpha is composited onto white
 /// exactly as transformers' `convert_to_rgb` (PIL `alpha_composite`) does.
 pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    // Baseline JPEGs: our libjpeg-turbo-exact decoder (what Pillow uses); anything it does
+    // not handle (progressive, CMYK, odd sampling) goes to the `image` crate.
+    if bytes.len() > 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 {
+        if let Ok((w, h, rgb)) = crate::jpeg::decode(bytes) {
+            return Ok(RgbImage::new(w, h, rgb));
+        }
+    }
     let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
@@ -363,6 +370,17 @@ pub fn resize_bicubic_pil(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImag
     let need_v = out_h != src.height;
     let ch = precompute_coeffs(src.width, 0.0, src.width as f32, out_w);
     let cv = precompute_coeffs(src.height, 0.0, src.height as f32, out_h);
+    // Pillow 13 (python-pillow/Pillow#9549) runs the vertical pass first when the height is
+    // reduced much more than the width; the order changes the 8-bit intermediate.
+    // Rule verified against Pillow 13.0.0 on random sizes.
+    let vertical_first = out_h < src.height && (src.height as i64 - out_h as i64) > 2 * (src.width as i64 - out_w as i64);
+    if vertical_first {
+        let mut cur = resample_vertical(src, out_h, &cv, 0);
+        if need_h {
+            cur = resample_horizontal(&cur, out_w, 0, out_h, &ch);
+        }
+        return cur;
+    }
     let ybox_first = cv.bounds[0].0;
     let last = cv.bounds[out_h - 1];
     let ybox_last = last.0 + last.1;

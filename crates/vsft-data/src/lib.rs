@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod error;
 pub mod image_proc;
 pub mod inspect;
+pub mod jpeg;
 pub mod loader;
 pub mod pipeline;
 pub mod template;
