@@ -231,3 +231,56 @@ fn loader_is_deterministic_and_resumable() {
     let rest: Vec<_> = loader(2, cur2, LabelMask::Pad).map(|b| b.unwrap()).collect();
     assert_eq!(rest, inline[2..].to_vec());
 }
+
+fn u8_tensor<'a>(st: &'a safetensors::SafeTensors<'a>, name: &str) -> (Vec<usize>, &'a [u8]) {
+    let t = st.tensor(name).unwrap();
+    (t.shape().to_vec(), t.data())
+}
+
+#[test]
+fn jpeg_decoding_matches_pillow_libjpeg_turbo() {
+    let bytes = std::fs::read(fx().join("pil_uint8.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().iter().filter(|n| n.starts_with("decoded/")).map(|n| n.to_string()).collect();
+    names.sort();
+    assert!(names.len() >= 8);
+    let mut report = Vec::new();
+    for n in names {
+        let file = n.trim_start_matches("decoded/");
+        let (shape, want) = u8_tensor(&st, &n);
+        let data = std::fs::read(fx().join("jpeg").join(file)).unwrap();
+        let img = decode_image(&data).unwrap();
+        assert_eq!(vec![img.height, img.width, 3], shape, "{file}");
+        let diff: Vec<i32> = img.data.iter().zip(want).map(|(&a, &b)| (a as i32 - b as i32).abs()).collect();
+        let max = diff.iter().copied().max().unwrap();
+        let mean = diff.iter().map(|&d| d as f64).sum::<f64>() / diff.len() as f64;
+        let own = vsft_data::jpeg::decode(&data).is_ok();
+        report.push(format!("{file:<18} own_decoder={own} max={max} mean={mean:.4}"));
+        if own {
+            assert_eq!(max, 0, "{file}: the baseline decoder must be bit-exact with libjpeg-turbo");
+        } else {
+            // progressive: decoded by the `image` crate (zune-jpeg), within a few levels
+            assert!(max <= 8 && mean <= 1.0, "{file}: max {max} mean {mean}");
+        }
+    }
+    eprintln!("jpeg decoding:\n{}", report.join("\n"));
+}
+
+#[test]
+fn bicubic_resize_matches_pillow() {
+    let bytes = std::fs::read(fx().join("pil_uint8.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (shape, src) = u8_tensor(&st, "resize/src");
+    let img = vsft_data::image_proc::RgbImage::new(shape[1], shape[0], src.to_vec());
+    let mut n = 0;
+    for name in st.names() {
+        let Some(size) = name.strip_prefix("resize/").filter(|s| *s != "src") else { continue };
+        let (w, h) = size.split_once('x').unwrap();
+        let (w, h): (usize, usize) = (w.parse().unwrap(), h.parse().unwrap());
+        let (_, want) = u8_tensor(&st, name);
+        let got = vsft_data::image_proc::resize_bicubic_pil(&img, w, h);
+        assert_eq!(got.data, want, "resize {}x{} -> {w}x{h}", img.width, img.height);
+        n += 1;
+    }
+    assert!(n >= 10);
+}
