@@ -310,61 +310,81 @@ fn clip8(v: i32) -> u8 {
     }
 }
 
-/// Horizontal pass over rows `y_first..y_first+out_h` of `src`.
-fn resample_horizontal(src: &RgbImage, out_w: usize, y_first: usize, out_h: usize, c: &Coeffs) -> RgbImage {
+/// Horizontal pass: input rows `rows`, output columns `cols`; `col_shift` is the first input
+/// column present in `src` (coefficient bounds are absolute).
+fn h_pass(src: &RgbImage, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: &Coeffs, col_shift: usize) -> RgbImage {
+    let out_w = cols.len();
+    let out_h = rows.len();
     let mut out = vec![0u8; out_w * out_h * 3];
     let init = 1i32 << (PRECISION_BITS - 1);
-    for yy in 0..out_h {
-        let row = &src.data[(yy + y_first) * src.width * 3..(yy + y_first + 1) * src.width * 3];
+    for (yy, y) in rows.enumerate() {
+        let row = &src.data[y * src.width * 3..(y + 1) * src.width * 3];
         let orow = &mut out[yy * out_w * 3..(yy + 1) * out_w * 3];
-        for xx in 0..out_w {
+        for (o, xx) in orow.chunks_exact_mut(3).zip(cols.clone()) {
             let (xmin, xmax) = c.bounds[xx];
             let k = &c.kk[xx * c.ksize..xx * c.ksize + xmax];
+            let px = &row[(xmin - col_shift) * 3..(xmin - col_shift + xmax) * 3];
             let (mut s0, mut s1, mut s2) = (init, init, init);
-            let px = &row[xmin * 3..(xmin + xmax) * 3];
             for (p, &kv) in px.chunks_exact(3).zip(k) {
                 s0 = s0.wrapping_add((p[0] as i32).wrapping_mul(kv));
                 s1 = s1.wrapping_add((p[1] as i32).wrapping_mul(kv));
                 s2 = s2.wrapping_add((p[2] as i32).wrapping_mul(kv));
             }
-            orow[xx * 3] = clip8(s0);
-            orow[xx * 3 + 1] = clip8(s1);
-            orow[xx * 3 + 2] = clip8(s2);
+            o[0] = clip8(s0);
+            o[1] = clip8(s1);
+            o[2] = clip8(s2);
         }
     }
     RgbImage::new(out_w, out_h, out)
 }
 
-/// Vertical pass; `bounds` are already shifted to `src`'s first row.
-fn resample_vertical(src: &RgbImage, out_h: usize, c: &Coeffs, shift: usize) -> RgbImage {
-    let w = src.width;
+/// Vertical pass: output rows `rows`, input columns `cols` of `src`; `row_shift` is the
+/// first input row present in `src`.
+fn v_pass(src: &RgbImage, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: &Coeffs, row_shift: usize) -> RgbImage {
+    let w = cols.len();
+    let out_h = rows.len();
     let mut out = vec![0u8; w * out_h * 3];
     let init = 1i32 << (PRECISION_BITS - 1);
     let mut acc = vec![0i32; w * 3];
-    for yy in 0..out_h {
+    for (oy, yy) in rows.enumerate() {
         let (ymin, ymax) = c.bounds[yy];
-        let ymin = ymin - shift;
         let k = &c.kk[yy * c.ksize..yy * c.ksize + ymax];
         acc.iter_mut().for_each(|a| *a = init);
         for (y, &kv) in k.iter().enumerate() {
-            let row = &src.data[(ymin + y) * w * 3..(ymin + y + 1) * w * 3];
+            let r = ymin - row_shift + y;
+            let row = &src.data[(r * src.width + cols.start) * 3..(r * src.width + cols.end) * 3];
             for (a, &p) in acc.iter_mut().zip(row) {
                 *a = a.wrapping_add((p as i32).wrapping_mul(kv));
             }
         }
-        let orow = &mut out[yy * w * 3..(yy + 1) * w * 3];
-        for (o, &a) in orow.iter_mut().zip(&acc) {
+        for (o, &a) in out[oy * w * 3..(oy + 1) * w * 3].iter_mut().zip(&acc) {
             *o = clip8(a);
         }
     }
     RgbImage::new(w, out_h, out)
 }
 
+fn crop_window(src: &RgbImage, cols: std::ops::Range<usize>, rows: std::ops::Range<usize>) -> RgbImage {
+    let mut out = Vec::with_capacity(cols.len() * rows.len() * 3);
+    for y in rows.clone() {
+        out.extend_from_slice(&src.data[(y * src.width + cols.start) * 3..(y * src.width + cols.end) * 3]);
+    }
+    RgbImage::new(cols.len(), rows.len(), out)
+}
+
 /// `PIL.Image.resize((out_w, out_h), Image.BICUBIC)` on an RGB image, bit-exact with
-/// Pillow's fixed-point implementation.
+/// Pillow 13's fixed-point implementation.
 pub fn resize_bicubic_pil(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    resize_bicubic_pil_window(src, out_w, out_h, 0..out_w, 0..out_h)
+}
+
+/// The window `cols` x `rows` of `resize_bicubic_pil(src, out_w, out_h)`, computing only
+/// what that window needs (every output pixel depends only on its own coefficients, so a
+/// centre crop of the resized image can be produced directly).
+pub fn resize_bicubic_pil_window(src: &RgbImage, out_w: usize, out_h: usize, cols: std::ops::Range<usize>, rows: std::ops::Range<usize>) -> RgbImage {
+    assert!(cols.end <= out_w && rows.end <= out_h && !cols.is_empty() && !rows.is_empty());
     if out_w == src.width && out_h == src.height {
-        return src.clone();
+        return crop_window(src, cols, rows);
     }
     let need_h = out_w != src.width;
     let need_v = out_h != src.height;
@@ -374,28 +394,33 @@ pub fn resize_bicubic_pil(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImag
     // reduced much more than the width; the order changes the 8-bit intermediate.
     // Rule verified against Pillow 13.0.0 on random sizes.
     let vertical_first = out_h < src.height && (src.height as i64 - out_h as i64) > 2 * (src.width as i64 - out_w as i64);
+    let span = |c: &Coeffs, r: &std::ops::Range<usize>| {
+        let last = c.bounds[r.end - 1];
+        c.bounds[r.start].0..last.0 + last.1
+    };
     if vertical_first {
-        let mut cur = resample_vertical(src, out_h, &cv, 0);
+        let in_cols = if need_h { span(&ch, &cols) } else { cols.clone() };
+        let shift = in_cols.start;
+        let tmp = v_pass(src, rows, in_cols, &cv, 0);
         if need_h {
-            cur = resample_horizontal(&cur, out_w, 0, out_h, &ch);
+            let n = tmp.height;
+            h_pass(&tmp, 0..n, cols, &ch, shift)
+        } else {
+            tmp
         }
-        return cur;
-    }
-    let ybox_first = cv.bounds[0].0;
-    let last = cv.bounds[out_h - 1];
-    let ybox_last = last.0 + last.1;
-    let mut cur;
-    let mut shift = 0;
-    if need_h {
-        cur = resample_horizontal(src, out_w, ybox_first, ybox_last - ybox_first, &ch);
-        shift = ybox_first;
+    } else if need_h {
+        let in_rows = if need_v { span(&cv, &rows) } else { rows.clone() };
+        let shift = in_rows.start;
+        let tmp = h_pass(src, in_rows, cols.clone(), &ch, 0);
+        if need_v {
+            let w = tmp.width;
+            v_pass(&tmp, rows, 0..w, &cv, shift)
+        } else {
+            tmp
+        }
     } else {
-        cur = src.clone();
+        v_pass(src, rows, cols, &cv, 0)
     }
-    if need_v {
-        cur = resample_vertical(&cur, out_h, &cv, shift);
-    }
-    cur
 }
 
 /// transformers' `center_crop` (zero-padding when the image is smaller than the crop).
@@ -476,24 +501,31 @@ impl ImageProcessor {
         Self::new(ImageProcessorConfig::from_model_dir(dir)?)
     }
 
-    /// Resize + centre crop on the 8-bit image.
+    /// Resize + centre crop on the 8-bit image (only the cropped window is resampled).
     pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
         let c = &self.config;
-        let mut cur;
-        let mut owned = None;
-        if c.do_resize {
-            let (h, w) = c.resize_hw(img.height, img.width);
-            owned = Some(resize_bicubic_pil(img, w, h));
-        }
-        cur = owned.as_ref().unwrap_or(img).clone();
-        if c.do_center_crop {
+        let crop = if c.do_center_crop {
             let s = c.crop_size.spec(true);
-            let (ch, cw) = (s.height.unwrap_or(224) as usize, s.width.unwrap_or(224) as usize);
-            if !(ch == cur.height && cw == cur.width) {
-                cur = center_crop(&cur, ch, cw);
-            }
+            Some((s.height.unwrap_or(224) as usize, s.width.unwrap_or(224) as usize))
+        } else {
+            None
+        };
+        if !c.do_resize {
+            return match crop {
+                Some((ch, cw)) if (ch, cw) != (img.height, img.width) => center_crop(img, ch, cw),
+                _ => img.clone(),
+            };
         }
-        cur
+        let (h, w) = c.resize_hw(img.height, img.width);
+        match crop {
+            Some((ch, cw)) if ch <= h && cw <= w => {
+                let top = (h - ch) / 2;
+                let left = (w - cw) / 2;
+                resize_bicubic_pil_window(img, w, h, left..left + cw, top..top + ch)
+            }
+            Some((ch, cw)) => center_crop(&resize_bicubic_pil(img, w, h), ch, cw),
+            None => resize_bicubic_pil(img, w, h),
+        }
     }
 
     /// Full preprocessing of a decoded RGB image to CHW floats.
@@ -528,5 +560,41 @@ impl ImageProcessor {
     pub fn process_bytes(&self, bytes: &[u8]) -> std::result::Result<PixelValues, String> {
         let img = decode_image(bytes)?;
         Ok(self.preprocess(&img))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(w: usize, h: usize, seed: u32) -> RgbImage {
+        let mut x = seed.wrapping_mul(2654435761).max(1);
+        let data = (0..w * h * 3)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 24) as u8
+            })
+            .collect();
+        RgbImage::new(w, h, data)
+    }
+
+    #[test]
+    fn window_equals_crop_of_full_resize() {
+        for (i, &(w, h, ow, oh)) in [(50, 40, 30, 20), (40, 90, 20, 36), (30, 20, 70, 50), (64, 64, 64, 30), (64, 64, 30, 64), (21, 77, 9, 33)].iter().enumerate() {
+            let src = noise(w, h, i as u32 + 1);
+            let full = resize_bicubic_pil(&src, ow, oh);
+            for (x0, x1, y0, y1) in [(0, ow, 0, oh), (1, ow - 1, 2, oh - 1), (ow / 3, ow / 2 + 1, oh / 4, oh / 2 + 1)] {
+                let win = resize_bicubic_pil_window(&src, ow, oh, x0..x1, y0..y1);
+                assert_eq!(win, crop_window(&full, x0..x1, y0..y1), "{w}x{h}->{ow}x{oh} window {x0}..{x1} {y0}..{y1}");
+            }
+        }
+    }
+
+    #[test]
+    fn alpha_composite_matches_pil_extremes() {
+        assert_eq!(composite_on_white([10, 20, 30], 255), [10, 20, 30]);
+        assert_eq!(composite_on_white([10, 20, 30], 0), [255, 255, 255]);
     }
 }

@@ -1,0 +1,56 @@
+//! Per-stage timings of vsft-data on a dataset (debugging aid for the benchmark).
+use std::time::Instant;
+use vsft_data::dataset::open_dataset;
+use vsft_data::image_proc::decode_image;
+use vsft_data::{CollatorConfig, Processor};
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let p = Processor::from_model_dir(std::path::Path::new(&a[1]), None).unwrap();
+    let mut src = open_dataset(&a[2], None, None).unwrap();
+    let reps: usize = a.get(3).map(|s| s.parse().unwrap()).unwrap_or(20);
+    let rows: Vec<_> = (0..src.len()).map(|i| src.get(i).unwrap()).collect();
+    let imgs: Vec<Vec<u8>> = rows.iter().flat_map(|r| r.images.iter().map(|s| s.load().unwrap().to_vec())).collect();
+    let t = Instant::now();
+    let mut dec = Vec::new();
+    for _ in 0..reps {
+        dec = imgs.iter().map(|b| decode_image(b).unwrap()).collect();
+    }
+    let n = (reps * imgs.len()) as f64;
+    println!("decode      {:8.3} ms/image", t.elapsed().as_secs_f64() * 1e3 / n);
+    let t = Instant::now();
+    let mut rc = Vec::new();
+    for _ in 0..reps {
+        rc = dec.iter().map(|d| p.image.resize_and_crop(d)).collect();
+    }
+    println!("resize+crop {:8.3} ms/image", t.elapsed().as_secs_f64() * 1e3 / n);
+    let t = Instant::now();
+    for _ in 0..reps {
+        for d in &rc {
+            std::hint::black_box(p.image.preprocess(d));
+        }
+    }
+    println!("normalize   {:8.3} ms/image (incl. no-op resize)", t.elapsed().as_secs_f64() * 1e3 / n);
+    let t = Instant::now();
+    let cfg = CollatorConfig::default();
+    for _ in 0..reps {
+        for r in &rows {
+            std::hint::black_box(p.text.encode(&r.messages, r.images.len(), cfg.add_special_tokens, None).unwrap());
+        }
+    }
+    println!("text        {:8.3} ms/row", t.elapsed().as_secs_f64() * 1e3 / (reps * rows.len()) as f64);
+    let t = Instant::now();
+    for _ in 0..reps {
+        for r in &rows {
+            std::hint::black_box(p.text.render(&r.messages, false).unwrap());
+        }
+    }
+    println!("  render    {:8.3} ms/row", t.elapsed().as_secs_f64() * 1e3 / (reps * rows.len()) as f64);
+    let t = Instant::now();
+    for _ in 0..reps {
+        for r in &rows {
+            std::hint::black_box(p.process_row(r, &cfg).unwrap());
+        }
+    }
+    println!("process_row {:8.3} ms/row", t.elapsed().as_secs_f64() * 1e3 / (reps * rows.len()) as f64);
+}

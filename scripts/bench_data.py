@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""rows -> batches benchmark: vsft-data vs LlavaProcessor + TRL 1.16's collator, same rows.
+
+Both sides start from the same parquet rows (image bytes) and end with padded batches
+(input_ids, attention_mask, labels, pixel_values): image decode, CLIP preprocessing
+(336 px, as llava-1.5), chat template, tokenization, <image> expansion to 576 tokens,
+collation. Python uses torch with 2 threads (the machine has 2 cores); vsft-data uses
+its loader with N worker threads.
+
+    python3 scripts/bench_data.py [--samples 256] [--batch 8]
+"""
+import argparse, io, json, os, shutil, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FX = os.path.join(ROOT, "tests", "fixtures", "data")
+
+
+def bench_model_dir():
+    d = os.path.join(tempfile.gettempdir(), "vsft_bench_model")
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(os.path.join(FX, "model"), d)
+    for f in ["preprocessor_config.json", "processor_config.json"]:
+        p = os.path.join(d, f)
+        j = json.load(open(p))
+        ip = j["image_processor"] if "image_processor" in j else j
+        ip["size"] = {"shortest_edge": 336}
+        ip["crop_size"] = {"height": 336, "width": 336}
+        json.dump(j, open(p, "w"), indent=2)
+    return d
+
+
+def bench_python(model, files, n, bs):
+    import torch
+    torch.set_num_threads(2)
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from transformers import LlavaProcessor
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+    proc = LlavaProcessor.from_pretrained(model)
+    assert type(proc.image_processor).__name__.endswith("Pil")
+    rows = []
+    for f in files:
+        rows += pq.read_table(f).to_pylist()
+    coll = DataCollatorForVisionLanguageModeling(processor=proc)
+
+    def run(count):
+        done = toks = 0
+        while done < count:
+            exs = []
+            for i in range(done, min(done + bs, count)):
+                r = rows[i % len(rows)]
+                exs.append({"messages": r["messages"], "images": [Image.open(io.BytesIO(im["bytes"])) for im in r["images"]]})
+            out = coll(exs)
+            done += len(exs)
+            toks += out["input_ids"].numel()
+        return toks
+
+    run(2 * bs)  # warm-up
+    t0 = time.perf_counter()
+    toks = run(n)
+    dt = time.perf_counter() - t0
+    return {"impl": "transformers+trl", "samples": n, "seconds": round(dt, 4), "samples_per_s": round(n / dt, 2), "tokens": toks}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args()
+    model = bench_model_dir()
+    data_dir = os.path.join(FX, "llava_instruct_mix", "data")
+    files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.startswith("train-"))
+    py = bench_python(model, files, a.samples, a.batch)
+    print(json.dumps(py))
+    subprocess.run(["cargo", "build", "-q", "--profile", "test", "-p", "vsft-data", "--example", "bench_data"], cwd=ROOT, check=True)
+    exe = os.path.join(ROOT, "target", "debug", "examples", "bench_data")
+    results = []
+    for w in sorted({0, a.workers}):
+        out = subprocess.run([exe, model, os.path.join(data_dir, "train-*.parquet"), str(a.samples), str(a.batch), str(w)],
+                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        print(json.dumps(r))
+        results.append(r)
+    best = max(results, key=lambda r: r["samples_per_s"])
+    assert best["tokens"] == py["tokens"], (best["tokens"], py["tokens"])
+    print(json.dumps({"ratio": round(best["samples_per_s"] / py["samples_per_s"], 2),
+                      "vsft_samples_per_s": best["samples_per_s"], "hf_samples_per_s": py["samples_per_s"],
+                      "cores": os.cpu_count()}))
+
+
+if __name__ == "__main__":
+    main()
