@@ -114,9 +114,9 @@ impl HubConfig {
     /// - token: `HF_TOKEN` → `HUGGING_FACE_HUB_TOKEN` → file `$HF_TOKEN_PATH` or `$HF_HOME/token`;
     /// - `HF_HOME` (default `$XDG_CACHE_HOME/huggingface` or `~/.cache/huggingface`);
     /// - cache: `HF_HUB_CACHE` → `HUGGINGFACE_HUB_CACHE` → `$HF_HOME/hub`;
-    /// - `HF_HUB_OFFLINE`, `HF_HUB_DISABLE_PROGRESS_BARS`.
+    /// - `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`), `HF_HUB_DISABLE_PROGRESS_BARS`.
     pub fn from_env() -> Self {
-        Self::from_lookup(|k| env_nonempty(k), |k| env_true(k))
+        Self::from_lookup(env_nonempty, env_true)
     }
 
     fn from_lookup(get: impl Fn(&str) -> Option<String>, is_true: impl Fn(&str) -> bool) -> Self {
@@ -136,7 +136,7 @@ impl HubConfig {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token,
             cache_dir,
-            offline: is_true("HF_HUB_OFFLINE"),
+            offline: is_true("HF_HUB_OFFLINE") || is_true("TRANSFORMERS_OFFLINE"),
             progress: !is_true("HF_HUB_DISABLE_PROGRESS_BARS"),
             ..HubConfig::default()
         }

@@ -120,7 +120,7 @@ pub fn in_split(path: &str, split: &str) -> bool {
     }
     let mut comps: Vec<&str> = path.split('/').collect();
     let name = comps.pop().unwrap_or("");
-    comps.iter().any(|d| *d == split) || ["-", ".", "_"].iter().any(|sep| name.starts_with(&format!("{split}{sep}")))
+    comps.contains(&split) || ["-", ".", "_"].iter().any(|sep| name.starts_with(&format!("{split}{sep}")))
 }
 
 fn io<T>(p: &Path, r: std::io::Result<T>) -> Result<T> {

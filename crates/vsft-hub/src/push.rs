@@ -191,6 +191,12 @@ impl HubClient {
             Err(HubError::Http { status: 409, .. }) => {
                 Ok(format!("{}/{}{}", self.cfg.endpoint, repo_type.url_prefix(), repo_id))
             }
+            // A token that may write to an existing repo but not create repos (fine-grained
+            // tokens, org repos): fine when the repo is there.
+            Err(e @ HubError::Auth { status: 403, .. }) => match self.repo_info(repo_id, repo_type, "main") {
+                Ok(_) => Ok(format!("{}/{}{}", self.cfg.endpoint, repo_type.url_prefix(), repo_id)),
+                Err(_) => Err(e),
+            },
             Err(e) => Err(e),
         }
     }
@@ -275,10 +281,13 @@ impl HubClient {
         // LFS uploads.
         let mut oids: HashMap<&str, String> = HashMap::new();
         if !lfs.is_empty() {
+            let total: u64 = lfs.iter().map(|f| f.size).sum();
+            let hbar = self.bar(total, format!("Hashing {} LFS file(s)", lfs.len()));
             for f in &lfs {
                 oids.insert(&f.rel, sha256_file(&f.path)?);
+                hbar.inc(f.size);
             }
-            let total: u64 = lfs.iter().map(|f| f.size).sum();
+            hbar.finish_and_clear();
             let bar = self.bar(total, format!("Uploading {} LFS file(s)", lfs.len()));
             let res = self.upload_lfs(repo_id, rt, &rev, &lfs, &oids, &bar);
             bar.finish_and_clear();

@@ -419,3 +419,68 @@ fn resolve_paths_local_or_hub() {
     assert!(err.to_string().contains("not a Hub id"), "{err}");
     assert_eq!(server.violations(), Vec::<String>::new());
 }
+
+/// The server's checks catch what a broken client would send.
+#[test]
+fn test_server_flags_protocol_violations() {
+    let server = TestServer::start(server_cfg());
+    let base = server.endpoint();
+    let auth = format!("Bearer {}", server.token());
+    let post = |path: &str, ctype: &str, body: &str, with_auth: bool| {
+        let mut r = ureq::post(&format!("{base}{path}")).set("content-type", ctype);
+        if with_auth {
+            r = r.set("authorization", &auth);
+        }
+        match r.send_string(body) {
+            Ok(resp) => (resp.status(), resp.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let lfs = "application/vnd.git-lfs+json";
+    assert_eq!(post("/api/repos/create", "application/json", r#"{"name":"x","organization":"me"}"#, true).0, 200);
+    // Preupload: sample must be the first min(512, size) bytes.
+    let (st, _) = post(
+        "/api/models/me/x/preupload/main",
+        "application/json",
+        r#"{"files":[{"path":"a.bin","sample":"AAEC","size":10}]}"#,
+        true,
+    );
+    assert_eq!(st, 400);
+    // Commit: the header line must come first; unknown LFS objects are refused.
+    let (st, _) = post(
+        "/api/models/me/x/commit/main",
+        "application/x-ndjson",
+        "{\"key\":\"file\",\"value\":{\"path\":\"a\",\"content\":\"YQ==\",\"encoding\":\"base64\"}}\n",
+        true,
+    );
+    assert_eq!(st, 400);
+    let oid = "a".repeat(64);
+    let body = format!(
+        "{{\"key\":\"header\",\"value\":{{\"summary\":\"s\"}}}}\n{{\"key\":\"lfsFile\",\"value\":{{\"path\":\"m\",\"algo\":\"sha256\",\"oid\":\"{oid}\",\"size\":3}}}}\n"
+    );
+    assert_eq!(post("/api/models/me/x/commit/main", "application/x-ndjson", &body, true).0, 400);
+    // Multipart: announce 100_000 bytes (7 parts), complete with 2 parts listed.
+    let batch = format!(
+        r#"{{"operation":"upload","transfers":["basic","multipart"],"objects":[{{"oid":"{oid}","size":100000}}],"hash_algo":"sha256","ref":{{"name":"main"}}}}"#
+    );
+    let r = ureq::post(&format!("{base}/me/x.git/info/lfs/objects/batch"))
+        .set("accept", lfs)
+        .set("content-type", lfs)
+        .set("authorization", &auth)
+        .send_string(&batch)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    let header = &v["objects"][0]["actions"]["upload"]["header"];
+    assert_eq!(header["chunk_size"], "16384");
+    assert_eq!(header.as_object().unwrap().len(), 1 + 7);
+    let complete = format!(r#"{{"oid":"{oid}","parts":[{{"partNumber":1,"etag":"x"}},{{"partNumber":2,"etag":"y"}}]}}"#);
+    assert_eq!(post(&format!("/lfs-complete/{oid}"), lfs, &complete, false).0, 400);
+    // Presigned upload URLs must not get the token.
+    assert_eq!(post(&format!("/lfs-complete/{oid}"), lfs, &complete, true).0, 400);
+    // Writes need the token.
+    assert_eq!(post("/api/repos/create", "application/json", r#"{"name":"y","organization":"me"}"#, false).0, 401);
+    let v = server.violations();
+    assert_eq!(v.len(), 5, "{v:#?}");
+    assert!(v[3].contains("expected ceil(100000/16384) = 7"), "{}", v[3]);
+}
