@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod llama;
 pub mod llava;
+pub mod lora;
 pub mod loss;
 pub mod nn;
 pub mod weights;

@@ -1,1 +1,13 @@
+//! vsft-train: LLaVA's two-stage recipe over Burn autodiff.
+//!
+//! Data path: recipe ([`recipe`]) → batches (vsft-data) → [`trainer`] (forward, token-weighted
+//! loss, backward, clipping, [`optim`] AdamW) → [`checkpoint`] (safetensors, atomic, exact resume).
 
+pub mod error;
+pub mod optim;
+pub mod recipe;
+pub mod trainer;
+
+pub use error::TrainError;
+pub use recipe::{Recipe, Stage};
+pub use trainer::Trainer;

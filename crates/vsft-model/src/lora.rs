@@ -1,0 +1,358 @@
+//! LoRA on the language model, as PEFT computes, initialises, names and stores it.
+//!
+//! - `y = W x + b + scale · B(A(dropout(x)))`, `scale = alpha / r` (or `alpha / √r` with rsLoRA).
+//! - A is Kaiming-uniform with a = √5 (`U(±1/√in)`), B is zero, so training starts at the base model.
+//! - Only the language model's linear layers can be targeted: the vision tower never gets adapters
+//!   (PEFT's suffix lists and `all-linear` would silently hit CLIP's `q_proj`… too).
+//! - Adapter files use PEFT's names in the current transformers layout:
+//!   `base_model.model.model.language_model.layers.N.self_attn.q_proj.lora_A.weight`, and the
+//!   projector (PEFT `modules_to_save`) as `base_model.model.model.multi_modal_projector.*`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+use crate::llava::LlavaModel;
+use crate::nn::{Linear, LoraAdapter};
+use crate::weights::{self, read_tensor_file, PendingTensor, RandomInit, StoredDtype, TensorRef};
+
+/// The decoder's linear layers, by the names PEFT matches.
+pub const LANGUAGE_MODEL_LINEARS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Which modules get adapters: name suffixes (PEFT's list form) or one regex matched against the
+/// whole module name (PEFT's string form, `re.fullmatch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    Suffixes(Vec<String>),
+    Regex(String),
+}
+
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::Suffixes(LANGUAGE_MODEL_LINEARS.iter().map(|s| s.to_string()).collect())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+    pub rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self { r: 8, alpha: 16.0, dropout: 0.05, target_modules: TargetModules::default(), rslora: false }
+    }
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// A matcher over module names in the current transformers layout
+    /// (`model.language_model.layers.N.self_attn.q_proj`).
+    pub fn matcher(&self) -> Result<Box<dyn Fn(&str) -> bool>, ModelError> {
+        match &self.target_modules {
+            TargetModules::Suffixes(s) => {
+                let s = s.clone();
+                Ok(Box::new(move |name: &str| s.iter().any(|suf| name == suf || name.ends_with(&format!(".{suf}")))))
+            }
+            TargetModules::Regex(r) => {
+                let re = regex::Regex::new(&format!("^(?:{r})$"))
+                    .map_err(|e| ModelError::Input(format!("lora.target_modules: invalid regex {r:?}: {e}")))?;
+                Ok(Box::new(move |name: &str| re.is_match(name)))
+            }
+        }
+    }
+
+    /// The regex written to `adapter_config.json`, limited to the language model.
+    pub fn peft_target_regex(&self, targeted: &[String]) -> String {
+        let mut suffixes: Vec<&str> = targeted.iter().filter_map(|n| n.rsplit('.').next()).collect();
+        suffixes.sort();
+        suffixes.dedup();
+        format!(r".*language_model.*\.({})", suffixes.join("|"))
+    }
+}
+
+/// PEFT's module name for decoder layer `i`'s linear `which` (e.g. `self_attn.q_proj`).
+fn module_name(i: usize, which: &str) -> String {
+    format!("model.language_model.layers.{i}.{which}")
+}
+
+impl<B: Backend> LlavaModel<B> {
+    /// Every decoder linear with its PEFT module name.
+    pub fn language_model_linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.language_model.model.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            out.push((module_name(i, "self_attn.q_proj"), &mut a.q_proj));
+            out.push((module_name(i, "self_attn.k_proj"), &mut a.k_proj));
+            out.push((module_name(i, "self_attn.v_proj"), &mut a.v_proj));
+            out.push((module_name(i, "self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut layer.mlp;
+            out.push((module_name(i, "mlp.gate_proj"), &mut m.gate_proj));
+            out.push((module_name(i, "mlp.up_proj"), &mut m.up_proj));
+            out.push((module_name(i, "mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+
+    pub fn language_model_linears(&self) -> Vec<(String, &Linear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.language_model.model.layers.iter().enumerate() {
+            let a = &layer.self_attn;
+            let m = &layer.mlp;
+            for (which, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((module_name(i, which), lin));
+            }
+        }
+        out
+    }
+
+    /// Adds fresh adapters (PEFT's initialisation, seeded) to the targeted decoder linears and
+    /// returns their module names. Targeting nothing is an error.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Vec<String>, ModelError> {
+        let matcher = cfg.matcher()?;
+        let mut rng = RandomInit::new(seed);
+        let device = self.language_model.model.norm.weight.val().device();
+        let mut targeted = Vec::new();
+        for (name, linear) in self.language_model_linears_mut() {
+            if !matcher(&name) {
+                continue;
+            }
+            let (d_in, d_out) = (linear.d_in(), linear.d_out());
+            let bound = 1.0 / (d_in as f64).sqrt();
+            let a = rng.fill(cfg.r * d_in, weights::Init::Uniform(bound));
+            linear.lora = Some(LoraAdapter {
+                lora_a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [cfg.r, d_in]), &device)),
+                lora_b: Param::from_tensor(Tensor::zeros([d_out, cfg.r], &device)),
+                scale: cfg.scale(),
+                dropout: burn::nn::DropoutConfig::new(cfg.dropout).init(),
+            });
+            targeted.push(name);
+        }
+        if targeted.is_empty() {
+            return Err(ModelError::Input(format!(
+                "lora.target_modules {:?} matches no language-model linear (names look like model.language_model.layers.0.self_attn.q_proj)",
+                cfg.target_modules
+            )));
+        }
+        Ok(targeted)
+    }
+
+    /// The adapter and projector tensors under PEFT's names (what `adapter_model.safetensors` holds).
+    pub fn adapter_tensors(&self) -> Vec<(String, TensorRef<B>)> {
+        let mut out = Vec::new();
+        let flat = |t: Tensor<B, 2>| {
+            let shape = t.dims().to_vec();
+            TensorRef { shape: shape.clone(), flat: t.reshape([shape[0] * shape[1]]) }
+        };
+        for (name, linear) in self.language_model_linears() {
+            if let Some(l) = &linear.lora {
+                out.push((format!("base_model.model.{name}.lora_A.weight"), flat(l.lora_a.val())));
+                out.push((format!("base_model.model.{name}.lora_B.weight"), flat(l.lora_b.val())));
+            }
+        }
+        out.extend(self.projector_tensors());
+        out
+    }
+
+    /// The projector under PEFT's `modules_to_save` names.
+    pub fn projector_tensors(&self) -> Vec<(String, TensorRef<B>)> {
+        weights::NamedParams::collect(&self.multi_modal_projector)
+            .into_iter()
+            .map(|(n, _, t)| (format!("base_model.model.model.multi_modal_projector.{n}"), t))
+            .collect()
+    }
+
+    /// Writes `adapter_model.safetensors` (f32) into `dir`.
+    pub fn save_adapter_weights(&self, dir: &Path) -> Result<(), ModelError> {
+        let tensors = self.adapter_tensors();
+        let pending = tensors.iter().map(|(n, t)| PendingTensor::from_tensor(n.clone(), t)).collect();
+        weights::write_safetensors(&dir.join("adapter_model.safetensors"), pending, StoredDtype::F32)
+    }
+
+    /// Loads a PEFT LoRA adapter directory (vsft's exports and PEFT's own): `adapter_config.json`
+    /// and `adapter_model.safetensors`, legacy or current key layout. The projector is replaced when
+    /// the adapter carries it. Returns the adapter's config.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig, ModelError> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let peft: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config { path: cfg_path.clone(), message: e.to_string() })?;
+        let lora_cfg = LoraConfig::from_peft_json(&peft)
+            .map_err(|message| ModelError::Config { path: cfg_path.clone(), message })?;
+        let weights_path = dir.join("adapter_model.safetensors");
+        let tensors = read_tensor_file(&weights_path)?;
+        let device = self.language_model.model.norm.weight.val().device();
+        // Normalise keys: drop `base_model.model.` and PEFT's adapter name, map layouts to legacy.
+        let mut by_module: BTreeMap<String, (Option<Vec<f32>>, Option<Vec<f32>>, Vec<usize>, Vec<usize>)> = BTreeMap::new();
+        let mut projector = BTreeMap::new();
+        for (key, raw) in &tensors {
+            let k = key.strip_prefix("base_model.model.").unwrap_or(key).replace(".default.", ".");
+            let k = k.replace(".modules_to_save.", ".");
+            let canonical = weights::canonical_name(&k);
+            if let Some(rest) = canonical.strip_prefix("multi_modal_projector.") {
+                projector.insert(rest.to_string(), raw.clone());
+                continue;
+            }
+            let (module, which) = if let Some(m) = canonical.strip_suffix(".lora_A.weight") {
+                (m, 'A')
+            } else if let Some(m) = canonical.strip_suffix(".lora_B.weight") {
+                (m, 'B')
+            } else {
+                return Err(ModelError::Input(format!("{}: unsupported tensor {key}", weights_path.display())));
+            };
+            // Back to PEFT's module naming (current layout).
+            let module = module.replacen("language_model.model.", "model.language_model.", 1);
+            let e = by_module.entry(module).or_default();
+            let values = raw.to_f32()?;
+            if which == 'A' {
+                e.0 = Some(values);
+                e.2 = raw.shape.clone();
+            } else {
+                e.1 = Some(values);
+                e.3 = raw.shape.clone();
+            }
+        }
+        let scale = lora_cfg.scale();
+        let mut linears: BTreeMap<String, &mut Linear<B>> = self.language_model_linears_mut().into_iter().collect();
+        for (module, (a, b, a_shape, b_shape)) in by_module {
+            let linear = linears.get_mut(&module).ok_or_else(|| {
+                ModelError::Input(format!("{}: adapter targets {module}, which this model does not have", weights_path.display()))
+            })?;
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(ModelError::Input(format!("{}: {module} needs both lora_A and lora_B", weights_path.display())));
+            };
+            if a_shape != [lora_cfg.r, linear.d_in()] || b_shape != [linear.d_out(), lora_cfg.r] {
+                return Err(ModelError::Input(format!(
+                    "{}: {module}: lora_A {a_shape:?} / lora_B {b_shape:?} do not fit r={} and the layer's [{}, {}]",
+                    weights_path.display(),
+                    lora_cfg.r,
+                    linear.d_out(),
+                    linear.d_in()
+                )));
+            }
+            linear.lora = Some(LoraAdapter {
+                lora_a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [a_shape[0], a_shape[1]]), &device)),
+                lora_b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [b_shape[0], b_shape[1]]), &device)),
+                scale,
+                dropout: burn::nn::DropoutConfig::new(lora_cfg.dropout).init(),
+            });
+        }
+        if !projector.is_empty() {
+            self.set_projector(&projector, &weights_path)?;
+        }
+        Ok(lora_cfg)
+    }
+
+    /// Replaces the projector's weights (`linear_1.weight`, … → raw tensors).
+    pub fn set_projector(&mut self, tensors: &BTreeMap<String, weights::RawTensor>, source: &Path) -> Result<(), ModelError> {
+        let device = self.language_model.model.norm.weight.val().device();
+        let p = &mut self.multi_modal_projector;
+        for (name, linear) in [("linear_1", &mut p.linear_1), ("linear_2", &mut p.linear_2)] {
+            let w = tensors
+                .get(&format!("{name}.weight"))
+                .ok_or_else(|| ModelError::Input(format!("{}: no multi_modal_projector.{name}.weight", source.display())))?;
+            if w.shape != [linear.d_out(), linear.d_in()] {
+                return Err(ModelError::Input(format!(
+                    "{}: multi_modal_projector.{name}.weight has shape {:?}, the model needs [{}, {}]",
+                    source.display(),
+                    w.shape,
+                    linear.d_out(),
+                    linear.d_in()
+                )));
+            }
+            linear.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w.to_f32()?, [w.shape[0], w.shape[1]]), &device));
+            if let Some(bias) = linear.bias.as_mut() {
+                let b = tensors
+                    .get(&format!("{name}.bias"))
+                    .ok_or_else(|| ModelError::Input(format!("{}: no multi_modal_projector.{name}.bias", source.display())))?;
+                *bias = Param::from_tensor(Tensor::from_data(TensorData::new(b.to_f32()?, [b.shape[0]]), &device));
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds every adapter into its base weight (`W + scale·B·A`) and removes the adapters.
+    pub fn merge_lora(&mut self) {
+        for (_, linear) in self.language_model_linears_mut() {
+            if linear.lora.is_some() {
+                let merged = linear.merged_weight();
+                linear.weight = Param::from_tensor(merged);
+                linear.lora = None;
+            }
+        }
+    }
+}
+
+impl LoraConfig {
+    /// Reads PEFT's `adapter_config.json` fields.
+    pub fn from_peft_json(v: &serde_json::Value) -> Result<Self, String> {
+        if v.get("peft_type").and_then(|t| t.as_str()).unwrap_or("LORA") != "LORA" {
+            return Err(format!("peft_type {} is not supported (vsft reads LORA adapters)", v["peft_type"]));
+        }
+        let r = v.get("r").and_then(|x| x.as_u64()).ok_or("no integer \"r\"")? as usize;
+        let alpha = v.get("lora_alpha").and_then(|x| x.as_f64()).unwrap_or(8.0);
+        let dropout = v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0);
+        let rslora = v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false);
+        if v.get("use_dora").and_then(|x| x.as_bool()).unwrap_or(false) {
+            return Err("use_dora adapters are not supported".into());
+        }
+        let target_modules = match v.get("target_modules") {
+            Some(serde_json::Value::String(s)) => TargetModules::Regex(s.clone()),
+            Some(serde_json::Value::Array(a)) => {
+                TargetModules::Suffixes(a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            }
+            _ => TargetModules::default(),
+        };
+        Ok(Self { r, alpha, dropout, target_modules, rslora })
+    }
+
+    /// `adapter_config.json` as PEFT writes it (the fields PEFT 0.21 needs, plus the usual ones).
+    pub fn to_peft_json(&self, targeted: &[String], base_model: &str) -> serde_json::Value {
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.rslora,
+            "use_dora": false,
+            "target_modules": self.peft_target_regex(targeted),
+            "modules_to_save": ["multi_modal_projector"],
+            "base_model_name_or_path": base_model,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null,
+        })
+    }
+}

@@ -1,0 +1,309 @@
+//! One optimizer step of LLaVA training over Burn autodiff: forward (vision tower without a
+//! graph), token-weighted loss over the micro-batches of the step, backward, global-norm
+//! clipping, AdamW on the trainable parameters only.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use vsft_data::Batch;
+use vsft_model::llava::vision_features_no_grad;
+use vsft_model::loss::{causal_lm_loss, IGNORE_INDEX};
+use vsft_model::LlavaModel;
+
+use crate::error::TrainError;
+use crate::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GroupSettings};
+use crate::recipe::Stage;
+
+/// The optimisation settings of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimSettings {
+    pub lr: f64,
+    pub projector_lr: Option<f64>,
+    pub weight_decay: f64,
+    pub adam: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+}
+
+/// A named parameter group and whether it trains (what the log shows at start).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupReport {
+    pub name: &'static str,
+    pub trains: bool,
+    pub params: usize,
+    pub lr: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the step's label tokens.
+    pub loss: f64,
+    /// Gradient norm before clipping (what transformers logs).
+    pub grad_norm: f64,
+    pub label_tokens: usize,
+    /// Non-pad tokens processed.
+    pub tokens: usize,
+    pub samples: usize,
+}
+
+/// Model + optimizer + which parameters train.
+pub struct Trainer<B: AutodiffBackend> {
+    pub model: LlavaModel<B>,
+    pub optimizer: AdamW<B::InnerBackend>,
+    /// Trainable parameter (module path) → its group settings.
+    pub trainable: BTreeMap<String, GroupSettings>,
+    pub settings: OptimSettings,
+    pub stage: Stage,
+}
+
+/// Label tokens that count for the loss: `labels[:, 1:] != -100`, as transformers counts
+/// `num_items_in_batch`.
+pub fn shifted_label_tokens(batch: &Batch) -> usize {
+    (0..batch.batch_size).map(|b| batch.row_labels(b)[1..].iter().filter(|&&l| l != IGNORE_INDEX).count()).sum()
+}
+
+fn is_no_decay(name: &str) -> bool {
+    name.ends_with(".bias") || name.contains("norm")
+}
+
+/// Which module paths train in a stage.
+pub fn is_trainable(stage: Stage, path: &str) -> bool {
+    path.starts_with("multi_modal_projector.") || (stage == Stage::Instruct && path.contains(".lora."))
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Freezes everything that does not train in `stage` (LoRA adapters must already be added
+    /// for `instruct`) and sets up AdamW with HF's no-decay rule (biases and norms).
+    pub fn new(model: LlavaModel<B>, stage: Stage, settings: OptimSettings) -> Result<Self, TrainError> {
+        let mut freezer = Freezer { path: Vec::new(), stage, trainable: BTreeMap::new() };
+        let model = model.map(&mut freezer);
+        let mut trainable = BTreeMap::new();
+        for name in freezer.trainable.keys() {
+            let lr = if name.starts_with("multi_modal_projector.") && stage == Stage::Instruct {
+                settings.projector_lr.unwrap_or(settings.lr)
+            } else {
+                settings.lr
+            };
+            let weight_decay = if is_no_decay(name) { 0.0 } else { settings.weight_decay };
+            trainable.insert(name.clone(), GroupSettings { lr_scale: lr / settings.lr, weight_decay });
+        }
+        if stage == Stage::Instruct && !trainable.keys().any(|k| k.contains(".lora.")) {
+            return Err(TrainError::Other("stage instruct needs LoRA adapters on the language model".into()));
+        }
+        Ok(Self { model, optimizer: AdamW::new(settings.adam), trainable, settings, stage })
+    }
+
+    /// Parameter counts per group, for the start-of-run log (Prismatic's explicit stage report).
+    pub fn group_report(&self) -> Vec<GroupReport> {
+        let count = |prefix: &str, lora: Option<bool>| -> usize {
+            vsft_model::weights::NamedParams::collect(&self.model)
+                .iter()
+                .filter(|(n, _, _)| n.starts_with(prefix) && lora.is_none_or(|l| n.contains(".lora.") == l))
+                .map(|(_, _, t)| t.shape.iter().product::<usize>())
+                .sum()
+        };
+        let lora_params = count("language_model.", Some(true));
+        let proj_lr = if self.stage == Stage::Instruct { self.settings.projector_lr.unwrap_or(self.settings.lr) } else { self.settings.lr };
+        let mut groups = vec![
+            GroupReport { name: "vision tower", trains: false, params: count("vision_tower.", None), lr: None },
+            GroupReport { name: "projector", trains: true, params: count("multi_modal_projector.", None), lr: Some(proj_lr) },
+            GroupReport { name: "language model (base)", trains: false, params: count("language_model.", Some(false)), lr: None },
+        ];
+        if lora_params > 0 {
+            groups.push(GroupReport { name: "LoRA adapters", trains: true, params: lora_params, lr: Some(self.settings.lr) });
+        }
+        groups
+    }
+
+    /// Forward of one batch → (summed token loss, label tokens), in the autodiff graph.
+    pub fn loss_sum(&self, batch: &Batch) -> Result<(Tensor<B, 1>, usize), TrainError> {
+        let device = self.model.language_model.model.norm.weight.val().device();
+        let (ids, mask, labels, pixels) = batch_tensors::<B>(batch, &device);
+        let feats = pixels.map(|p| self.model.multi_modal_projector.forward(vision_features_no_grad(&self.model, p)));
+        let logits = self.model.forward_with_features(ids, mask, feats)?;
+        let loss = causal_lm_loss(logits, labels);
+        Ok((loss.sum, loss.label_tokens))
+    }
+
+    /// One optimizer step over `micro_batches` (gradient accumulation), weighting each by its
+    /// label tokens: every micro-batch's summed loss is divided by the step's total label
+    /// tokens, as transformers does with `num_items_in_batch`. `global_step` seeds dropout so
+    /// that a resumed run draws the same masks.
+    pub fn step(&mut self, micro_batches: &[Batch], lr: f64, global_step: usize, skip_non_finite: bool) -> Result<Option<StepStats>, TrainError> {
+        let num_items: usize = micro_batches.iter().map(shifted_label_tokens).sum();
+        if num_items == 0 {
+            return Err(TrainError::Other(format!(
+                "step {}: every label of the step's {} batch(es) is -100: nothing to train on (check data.label_mask and max_length)",
+                global_step + 1,
+                micro_batches.len()
+            )));
+        }
+        let device = self.model.language_model.model.norm.weight.val().device();
+        let mut acc: BTreeMap<String, Tensor<B::InnerBackend, 1>> = BTreeMap::new();
+        let mut loss_total = 0.0;
+        for (i, batch) in micro_batches.iter().enumerate() {
+            B::seed(&device, self.settings.seed.wrapping_mul(1_000_003).wrapping_add((global_step * 1024 + i) as u64));
+            let (sum, _) = self.loss_sum(batch)?;
+            let loss = sum / num_items as f64;
+            loss_total += loss.clone().into_scalar().elem::<f64>();
+            let grads = loss.backward();
+            let mut collector = GradCollector::<B> { path: Vec::new(), grads: &grads, trainable: &self.trainable, out: BTreeMap::new() };
+            self.model.visit(&mut collector);
+            for (name, g) in collector.out {
+                let merged = match acc.remove(&name) {
+                    Some(prev) => prev + g,
+                    None => g,
+                };
+                acc.insert(name, merged);
+            }
+        }
+        if !loss_total.is_finite() {
+            if skip_non_finite {
+                return Ok(None);
+            }
+            return Err(TrainError::NonFinite { step: global_step + 1, loss: loss_total });
+        }
+        let grad_norm = global_norm(&acc);
+        let coef = clip_coefficient(grad_norm, self.settings.max_grad_norm);
+        let params = self.trainable_values();
+        self.optimizer.begin_step();
+        let mut updated = BTreeMap::new();
+        for (name, settings) in &self.trainable {
+            let (Some(p), Some(g)) = (params.get(name), acc.remove(name)) else { continue };
+            let g = if coef < 1.0 { g * coef } else { g };
+            let new = self.optimizer.update(name, p.clone(), g, lr * settings.lr_scale, settings.weight_decay);
+            updated.insert(name.clone(), new);
+        }
+        self.set_trainable_values(updated);
+        let tokens = micro_batches.iter().map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count()).sum();
+        let samples = micro_batches.iter().map(|b| b.batch_size).sum();
+        Ok(Some(StepStats { loss: loss_total, grad_norm, label_tokens: num_items, tokens, samples }))
+    }
+
+    /// Current values of the trainable parameters, flattened, by name.
+    pub fn trainable_values(&self) -> BTreeMap<String, Tensor<B::InnerBackend, 1>> {
+        let mut v = ValueCollector::<B> { path: Vec::new(), trainable: &self.trainable, out: BTreeMap::new() };
+        self.model.visit(&mut v);
+        v.out
+    }
+
+    /// Replaces trainable parameters by name (keeps their ids, shapes and `require_grad`).
+    pub fn set_trainable_values(&mut self, values: BTreeMap<String, Tensor<B::InnerBackend, 1>>) {
+        let mut setter = Setter::<B> { path: Vec::new(), values };
+        let model = self.model.clone();
+        self.model = model.map(&mut setter);
+    }
+}
+
+/// Batch buffers → tensors on `device`.
+pub fn batch_tensors<B: Backend>(
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Int>, Option<Tensor<B, 4>>) {
+    let shape = [batch.batch_size, batch.seq_len];
+    let int = |v: &Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), shape), device);
+    let pixels = (batch.n_images > 0).then(|| {
+        let (h, w) = batch.image_hw;
+        Tensor::<B, 4>::from_data(TensorData::new(batch.pixel_values.clone(), [batch.n_images, 3, h, w]), device)
+    });
+    (int(&batch.input_ids), int(&batch.attention_mask), int(&batch.labels), pixels)
+}
+
+struct Freezer {
+    path: Vec<String>,
+    stage: Stage,
+    trainable: BTreeMap<String, ()>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Freezer {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let name = self.path.join(".");
+        let trains = is_trainable(self.stage, &name);
+        if trains {
+            self.trainable.insert(name, ());
+        }
+        param.set_require_grad(trains)
+    }
+}
+
+struct GradCollector<'a, B: AutodiffBackend> {
+    path: Vec<String>,
+    grads: &'a B::Gradients,
+    trainable: &'a BTreeMap<String, GroupSettings>,
+    out: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let name = self.path.join(".");
+        if self.trainable.contains_key(&name) {
+            if let Some(g) = param.val().grad(self.grads) {
+                let n = g.shape().num_elements();
+                self.out.insert(name, g.reshape([n]));
+            }
+        }
+    }
+}
+
+struct ValueCollector<'a, B: AutodiffBackend> {
+    path: Vec<String>,
+    trainable: &'a BTreeMap<String, GroupSettings>,
+    out: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for ValueCollector<'_, B> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let name = self.path.join(".");
+        if self.trainable.contains_key(&name) {
+            let v = param.val().inner();
+            let n = v.shape().num_elements();
+            self.out.insert(name, v.reshape([n]));
+        }
+    }
+}
+
+struct Setter<B: AutodiffBackend> {
+    path: Vec<String>,
+    values: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Setter<B> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let name = self.path.join(".");
+        match self.values.remove(&name) {
+            Some(v) => {
+                let (id, old, mapper) = param.consume();
+                let dims = old.dims();
+                let new = Tensor::<B, D>::from_inner(v.reshape(dims)).require_grad();
+                Param::from_mapped_value(id, new, mapper)
+            }
+            None => param,
+        }
+    }
+}
