@@ -334,6 +334,9 @@ pub fn decode(data: &[u8]) -> R<(usize, usize, Vec<u8>)> {
     let (mut hmax, mut vmax) = (1, 1);
     let (mut mcux, mut mcuy) = (0, 0);
     let mut scans = 0;
+    let mut progressive = false;
+    // progressive: coefficients per component (natural order, 64 per block, padded grid)
+    let mut coefs: Vec<Vec<i32>> = Vec::new();
     loop {
         // find marker
         while pos < data.len() && data[pos] != 0xFF {
@@ -427,7 +430,8 @@ pub fn decode(data: &[u8]) -> R<(usize, usize, Vec<u8>)> {
                     adobe_transform = Some(seg[11]);
                 }
             }
-            0xC0 | 0xC1 => {
+            0xC0..=0xC2 => {
+                progressive = m == 0xC2;
                 if frame_seen {
                     return corrupt("two frames");
                 }
@@ -472,11 +476,14 @@ pub fn decode(data: &[u8]) -> R<(usize, usize, Vec<u8>)> {
                     c.stride = mcux * c.h * 8;
                     c.rows = mcuy * c.v * 8;
                     c.data = vec![0u8; c.stride * c.rows];
+                    if progressive {
+                        coefs.push(vec![0i32; (c.stride / 8) * (c.rows / 8) * 64]);
+                    }
                     c.dw = (width * c.h).div_ceil(hmax);
                     c.dh = (height * c.v).div_ceil(vmax);
                 }
             }
-            0xC2 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => {
+            0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => {
                 return Err(JpegError::Unsupported(format!("SOF{}", m - 0xC0)));
             }
             0xDA => {
@@ -502,7 +509,17 @@ pub fn decode(data: &[u8]) -> R<(usize, usize, Vec<u8>)> {
                 for c in comps.iter_mut() {
                     c.dc_pred = 0;
                 }
-                pos = decode_scan(data, pos, &sc, &mut comps, &qt, &dc_tables, &ac_tables, restart_interval, mcux, mcuy, hmax, vmax)?;
+                if progressive {
+                    let t = &seg[1 + 2 * ns..];
+                    let (ss, se, ah, al) = (t[0] as usize, t[1] as usize, (t[2] >> 4) as u32, (t[2] & 15) as u32);
+                    if se > 63 || ss > se || (ss == 0 && se != 0) || (ss > 0 && ns != 1) || al > 13 {
+                        return corrupt("bad progressive scan parameters");
+                    }
+                    let prm = ProgScan { ss, se, ah, al };
+                    pos = decode_scan_progressive(data, pos, &sc, &mut comps, &mut coefs, &dc_tables, &ac_tables, restart_interval, mcux, mcuy, &prm)?;
+                } else {
+                    pos = decode_scan(data, pos, &sc, &mut comps, &qt, &dc_tables, &ac_tables, restart_interval, mcux, mcuy, hmax, vmax)?;
+                }
                 scans += 1;
             }
             _ => {}
@@ -510,6 +527,20 @@ pub fn decode(data: &[u8]) -> R<(usize, usize, Vec<u8>)> {
     }
     if !frame_seen || scans == 0 {
         return corrupt("no image data");
+    }
+    if progressive {
+        for (c, cf) in comps.iter_mut().zip(&coefs) {
+            let bw = c.stride / 8;
+            let q = &qt[c.tq];
+            let mut blk = [0i32; 64];
+            for (b, block) in cf.chunks_exact(64).enumerate() {
+                let (bx, by) = (b % bw, b / bw);
+                blk.copy_from_slice(block);
+                let off = by * 8 * c.stride + bx * 8;
+                let stride = c.stride;
+                idct_islow(&blk, q, &mut c.data[off..], stride);
+            }
+        }
     }
     if comps.len() == 1 {
         let c = &comps[0];
@@ -771,4 +802,174 @@ fn decode_scan(
         p += 1;
     }
     Ok(p)
+}
+
+struct ProgScan {
+    ss: usize,
+    se: usize,
+    ah: u32,
+    al: u32,
+}
+
+/// One scan of a progressive JPEG (libjpeg's jdphuff.c), into the coefficient buffers.
+#[allow(clippy::too_many_arguments)]
+fn decode_scan_progressive(
+    data: &[u8],
+    pos: usize,
+    sc: &[usize],
+    comps: &mut [Comp],
+    coefs: &mut [Vec<i32>],
+    dc_tables: &[Option<Huffman>; 4],
+    ac_tables: &[Option<Huffman>; 4],
+    restart_interval: usize,
+    mcux: usize,
+    mcuy: usize,
+    p: &ProgScan,
+) -> R<usize> {
+    let mut bits = Bits::new(data, pos);
+    let single = sc.len() == 1;
+    let (nx, ny) = if single {
+        let c = &comps[sc[0]];
+        (c.dw.div_ceil(8), c.dh.div_ceil(8))
+    } else {
+        (mcux, mcuy)
+    };
+    let mut eobrun: u32 = 0;
+    let p1: i32 = 1 << p.al;
+    let m1: i32 = -1i32 << p.al;
+    let block_op = |bits: &mut Bits, c: &mut Comp, cf: &mut [i32], eobrun: &mut u32| -> R<()> {
+        if p.ss == 0 {
+            if p.ah == 0 {
+                let dc = dc_tables[c.td].as_ref().ok_or(JpegError::Corrupt("missing DC table".into()))?;
+                let t = bits.decode(dc)? as u32;
+                if t > 16 {
+                    return corrupt("bad DC");
+                }
+                c.dc_pred += bits.receive_extend(t);
+                cf[0] = c.dc_pred << p.al;
+            } else if bits.get(1) != 0 {
+                cf[0] |= p1;
+            }
+            return Ok(());
+        }
+        let ac = ac_tables[c.ta].as_ref().ok_or(JpegError::Corrupt("missing AC table".into()))?;
+        if p.ah == 0 {
+            if *eobrun > 0 {
+                *eobrun -= 1;
+                return Ok(());
+            }
+            let mut k = p.ss;
+            while k <= p.se {
+                let rs = bits.decode(ac)?;
+                let r = (rs >> 4) as u32;
+                let s = (rs & 15) as u32;
+                if s != 0 {
+                    k += r as usize;
+                    if k > 63 {
+                        return corrupt("bad AC run");
+                    }
+                    cf[ZIGZAG[k]] = bits.receive_extend(s) << p.al;
+                } else if r == 15 {
+                    k += 15;
+                } else {
+                    *eobrun = (1 << r) - 1;
+                    if r > 0 {
+                        *eobrun += bits.get(r);
+                    }
+                    break;
+                }
+                k += 1;
+            }
+            return Ok(());
+        }
+        // AC refinement
+        let mut k = p.ss;
+        if *eobrun == 0 {
+            while k <= p.se {
+                let rs = bits.decode(ac)?;
+                let mut r = (rs >> 4) as i32;
+                let s0 = (rs & 15) as u32;
+                let mut s = 0i32;
+                if s0 != 0 {
+                    s = if bits.get(1) != 0 { p1 } else { m1 };
+                } else if r != 15 {
+                    *eobrun = 1 << r;
+                    if r > 0 {
+                        *eobrun += bits.get(r as u32);
+                    }
+                    break;
+                }
+                loop {
+                    let z = ZIGZAG[k];
+                    if cf[z] != 0 {
+                        if bits.get(1) != 0 && (cf[z] & p1) == 0 {
+                            cf[z] += if cf[z] >= 0 { p1 } else { m1 };
+                        }
+                    } else {
+                        r -= 1;
+                        if r < 0 {
+                            break;
+                        }
+                    }
+                    k += 1;
+                    if k > p.se {
+                        break;
+                    }
+                }
+                if s != 0 {
+                    if k > 63 {
+                        return corrupt("bad AC refinement");
+                    }
+                    cf[ZIGZAG[k]] = s;
+                }
+                k += 1;
+            }
+        }
+        if *eobrun > 0 {
+            while k <= p.se {
+                let z = ZIGZAG[k];
+                if cf[z] != 0 && bits.get(1) != 0 && (cf[z] & p1) == 0 {
+                    cf[z] += if cf[z] >= 0 { p1 } else { m1 };
+                }
+                k += 1;
+            }
+            *eobrun -= 1;
+        }
+        Ok(())
+    };
+    for m in 0..nx * ny {
+        if restart_interval > 0 && m > 0 && m % restart_interval == 0 {
+            bits.restart()?;
+            for &ci in sc {
+                comps[ci].dc_pred = 0;
+            }
+            eobrun = 0;
+        }
+        let (mx, my) = (m % nx, m / nx);
+        if single {
+            let ci = sc[0];
+            let bw = comps[ci].stride / 8;
+            let b = my * bw + mx;
+            block_op(&mut bits, &mut comps[ci], &mut coefs[ci][b * 64..b * 64 + 64], &mut eobrun)?;
+        } else {
+            for &ci in sc {
+                let (h, v) = (comps[ci].h, comps[ci].v);
+                let bw = comps[ci].stride / 8;
+                for yy in 0..v {
+                    for xx in 0..h {
+                        let b = (my * v + yy) * bw + mx * h + xx;
+                        block_op(&mut bits, &mut comps[ci], &mut coefs[ci][b * 64..b * 64 + 64], &mut eobrun)?;
+                    }
+                }
+            }
+        }
+    }
+    let mut q = bits.pos.min(data.len());
+    while q + 1 < data.len() {
+        if data[q] == 0xFF && data[q + 1] != 0 && !(0xD0..=0xD7).contains(&data[q + 1]) && data[q + 1] != 0xFF {
+            break;
+        }
+        q += 1;
+    }
+    Ok(q)
 }
