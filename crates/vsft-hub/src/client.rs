@@ -256,10 +256,15 @@ impl HubClient {
     pub fn new(mut cfg: HubConfig) -> Self {
         cfg.endpoint = cfg.endpoint.trim_end_matches('/').to_string();
         cfg.max_tries = cfg.max_tries.max(1);
+        // HTTPS_PROXY/ALL_PROXY/HTTP_PROXY are honoured, except for a loopback endpoint (ureq 2
+        // knows no NO_PROXY).
+        let host = origin(&cfg.endpoint).split("://").nth(1).unwrap_or("").to_string();
+        let loopback = host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]");
         let build = |redirects| {
             ureq::AgentBuilder::new()
                 .user_agent(UA)
                 .redirects(redirects)
+                .try_proxy_from_env(!loopback)
                 .timeout_connect(Duration::from_secs(20))
                 .timeout_read(Duration::from_secs(120))
                 .timeout_write(Duration::from_secs(300))

@@ -25,6 +25,22 @@
 //! - **Test server** (feature `test-server`, module `testserver`): a Hub-compatible HTTP server
 //!   on loopback that checks what clients send; test code only.
 //!
+//! ## Use
+//! ```no_run
+//! use vsft_hub::{HubClient, PushOptions};
+//! let hub = HubClient::from_env();
+//! // `vsft push DIR --repo OWNER/NAME [--private] [--revision REV] [--message TEXT]`
+//! let opts = PushOptions { private: true, message: Some("Upload adapter".into()), ..Default::default() };
+//! let info = hub.push_folder("out/adapter".as_ref(), "me/llava-lora", &opts)?;
+//! println!("{}", info.commit_url);
+//! // Recipes: `[model] path` and `[data] train` may be Hub ids.
+//! let model_dir = vsft_hub::resolve_model_path("llava-hf/llava-1.5-7b-hf")?;
+//! let data_dir = vsft_hub::resolve_dataset_path("HuggingFaceH4/llava-instruct-mix-vsft", "train")?;
+//! # Ok::<(), vsft_hub::HubError>(())
+//! ```
+//! Other crates' tests get the server with
+//! `vsft-hub = { path = "../vsft-hub", features = ["test-server"] }` in `[dev-dependencies]`.
+//!
 //! ## Limits
 //! - No Xet upload/download (the Hub accepts LFS from non-Xet clients); no `create_pr`,
 //!   deletions, or skipping of unchanged files in pushes; no file locks between processes
@@ -78,6 +94,7 @@ impl HubClient {
                 .cloned()
                 .collect()
         })
+        .map_err(|e| not_local(s, e))
     }
 
     /// See [`resolve_dataset_path`].
@@ -91,7 +108,17 @@ impl HubClient {
                 "dataset path {s:?} does not exist and is not a Hub id (owner/name[@revision])"
             )));
         };
-        Ok(self.download_dataset_split(id, rev, split)?.0)
+        Ok(self.download_dataset_split(id, rev, split).map_err(|e| not_local(s, e))?.0)
+    }
+}
+
+/// A Hub id that is not on the Hub may have been meant as a local path: say both.
+fn not_local(s: &str, e: HubError) -> HubError {
+    match e {
+        HubError::RepoNotFound { .. } => {
+            HubError::Invalid(format!("{s:?} is neither an existing local path nor a Hub repo: {e}"))
+        }
+        e => e,
     }
 }
 

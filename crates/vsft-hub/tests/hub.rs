@@ -415,6 +415,8 @@ fn resolve_paths_local_or_hub() {
     let sha = server.head(RepoType::Model, "llava-hf/llava-tiny", "main").unwrap();
     assert_eq!(hub.resolve_model_path(&format!("llava-hf/llava-tiny@{sha}")).unwrap(), dir);
 
+    let err = hub.resolve_model_path("checkpoints/run1").unwrap_err();
+    assert!(err.to_string().contains("neither an existing local path nor a Hub repo"), "{err}");
     let err = hub.resolve_model_path("./no/such/dir").unwrap_err();
     assert!(err.to_string().contains("not a Hub id"), "{err}");
     assert_eq!(server.violations(), Vec::<String>::new());
