@@ -171,6 +171,9 @@ pub(crate) struct Ctx {
     pub repo: Option<(RepoType, String)>,
     pub revision: Option<String>,
     pub path: Option<String>,
+    /// A presigned storage URL (S3/CDN), not the Hub: 401/403 there mean an expired or bad
+    /// signature, not a token problem.
+    pub external: bool,
 }
 
 impl Ctx {
@@ -187,6 +190,10 @@ impl Ctx {
     }
     pub fn path(mut self, p: &str) -> Self {
         self.path = Some(p.to_string());
+        self
+    }
+    pub fn external(mut self, yes: bool) -> Self {
+        self.external = yes;
         self
     }
 }
@@ -388,6 +395,13 @@ impl HubClient {
             endpoint: self.cfg.endpoint.clone(),
             detail: format!("{extra}{detail}"),
         };
+        if ctx.external {
+            return HubError::Http {
+                what: ctx.what.clone(),
+                status: code,
+                body: format!("{server_msg}; the presigned URL was refused or expired, retry the command"),
+            };
+        }
         match (code, err_code.as_str()) {
             (401 | 403 | 404, "RepoNotFound") if ctx.repo.is_some() => {
                 repo_nf(if code == 404 { "" } else { " (HTTP 401: set HF_TOKEN if it is private)" })

@@ -365,7 +365,8 @@ impl HubClient {
             if have > 0 {
                 req = req.header("range", format!("bytes={have}-"));
             }
-            let resp = match self.send(&req, ctx) {
+            let ext_ctx = ctx.clone().external(!same_origin);
+            let resp = match self.send(&req, &ext_ctx) {
                 Ok(r) => r,
                 Err(HubError::Http { status: 416, .. }) if have > 0 && attempt < self.cfg.max_tries => {
                     io(&inc, std::fs::remove_file(&inc))?;

@@ -416,7 +416,7 @@ impl HubClient {
                 req = req.header(k, s);
             }
         }
-        self.send(&req, &Ctx::new(format!("uploading {}", f.rel)))?;
+        self.send(&req, &Ctx::new(format!("uploading {}", f.rel)).external(true))?;
         Ok(())
     }
 
@@ -450,7 +450,7 @@ impl HubClient {
             let len = chunk_size.min(f.size - offset);
             let req =
                 Req::new("PUT", url.clone()).no_auth().body(Body::File { path: &f.path, offset, len, bar: Some(bar) });
-            let resp = self.send(&req, &Ctx::new(format!("uploading part {num} of {}", f.rel)))?;
+            let resp = self.send(&req, &Ctx::new(format!("uploading part {num} of {}", f.rel)).external(true))?;
             let etag = resp.header("etag").map(str::to_string).ok_or_else(|| proto(format!("part {num}: no ETag")))?;
             etags.push(json!({"partNumber": num, "etag": etag}));
         }
@@ -460,7 +460,7 @@ impl HubClient {
             .header("accept", LFS_MIME)
             .header("content-type", LFS_MIME)
             .body(Body::Bytes(&body));
-        self.send(&req, &Ctx::new(format!("completing {what}")))?;
+        self.send(&req, &Ctx::new(format!("completing {what}")).external(true))?;
         Ok(())
     }
 }
