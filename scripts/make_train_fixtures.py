@@ -145,17 +145,23 @@ def main():
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
                 if "lora_B" in n or "lora_A" in n:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
                 elif "modules_to_save" in n:
                     p.add_(0.05 * torch.randn(p.shape, generator=g))
         d = os.path.join(lora_root, name)
         peft_model.save_pretrained(d)
+        # One LoRA linear on its own: y = W x + scale * B(A(x)).
+        q_proj = peft_model.base_model.model.model.language_model.layers[0].self_attn.q_proj
+        x = torch.randn((3, q_proj.in_features), generator=g)
+        with torch.no_grad():
+            q_out = q_proj(x)
         with torch.no_grad():
             logits = peft_model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
             merged = peft_model.merge_and_unload()
             merged_logits = merged(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
         save_file({"logits": logits.contiguous(), "merged_logits": merged_logits.contiguous(),
-                   "input_ids": ids, "attention_mask": mask, "pixel_values": pix},
+                   "input_ids": ids, "attention_mask": mask, "pixel_values": pix,
+                   "q_proj.input": x, "q_proj.output": q_out.contiguous()},
                   os.path.join(d, "reference.safetensors"))
         print(name, "adapter keys:", len(load_file(os.path.join(d, "adapter_model.safetensors"))))
 

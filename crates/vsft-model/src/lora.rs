@@ -337,7 +337,8 @@ impl LoraConfig {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "r": self.r,
-            "lora_alpha": self.alpha,
+            // PEFT writes an integer alpha as an integer.
+            "lora_alpha": if self.alpha.fract() == 0.0 { serde_json::json!(self.alpha as i64) } else { serde_json::json!(self.alpha) },
             "lora_dropout": self.dropout,
             "use_rslora": self.rslora,
             "use_dora": false,

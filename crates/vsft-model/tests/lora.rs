@@ -1,0 +1,111 @@
+//! LoRA against PEFT (fixtures from scripts/make_train_fixtures.py): a PEFT-written adapter with
+//! fixed non-zero A/B gives PEFT's logits (≤ 1e-5), merged too; vsft writes the same keys.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::tensor::{Int, Tensor, TensorData};
+use vsft_model::lora::LoraConfig;
+use vsft_model::weights::read_tensor_file;
+use vsft_model::LlavaModel;
+
+type Cpu = Flex;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn base() -> LlavaModel<Cpu> {
+    LlavaModel::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap()
+}
+
+fn logits(model: &LlavaModel<Cpu>, r: &std::collections::BTreeMap<String, vsft_model::weights::RawTensor>) -> Vec<f32> {
+    let dev = Default::default();
+    let ids = &r["input_ids"];
+    let shape = [ids.shape[0], ids.shape[1]];
+    let int = |k: &str| Tensor::<Cpu, 2, Int>::from_data(TensorData::new(r[k].to_i64().unwrap(), shape), &dev);
+    let p = &r["pixel_values"];
+    let pix = Tensor::<Cpu, 4>::from_data(TensorData::new(p.to_f32().unwrap(), [p.shape[0], p.shape[1], p.shape[2], p.shape[3]]), &dev);
+    model.forward(int("input_ids"), int("attention_mask"), Some(pix)).unwrap().into_data().convert::<f32>().into_vec().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn peft_adapters_give_peft_logits_plain_and_rslora() {
+    for name in ["plain", "rslora"] {
+        let dir = fixtures().join("lora").join(name);
+        let r = read_tensor_file(&dir.join("reference.safetensors")).unwrap();
+        let mut model = base();
+        let cfg = model.load_adapter(&dir).unwrap();
+        assert_eq!(cfg.rslora, name == "rslora");
+        let want = r["logits"].to_f32().unwrap();
+        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let d = max_diff(&logits(&model, &r), &want);
+        println!("{name}: adapter logits max abs diff vs PEFT {d:.2e} (max |logit| {scale:.1}, relative {:.2e})", d / scale);
+        assert!(d <= 1e-5, "{name}: adapter logits differ by {d}");
+        // One LoRA linear alone (layer 0's q_proj) against PEFT's lora.Linear: ≤ 1e-5 absolute.
+        let x = &r["q_proj.input"];
+        let x = Tensor::<Cpu, 2>::from_data(TensorData::new(x.to_f32().unwrap(), [x.shape[0], x.shape[1]]), &Default::default());
+        let y: Vec<f32> = model.language_model.model.layers[0].self_attn.q_proj.forward(x).into_data().convert::<f32>().into_vec().unwrap();
+        let d = max_diff(&y, &r["q_proj.output"].to_f32().unwrap());
+        println!("{name}: LoRA linear max abs diff vs PEFT {d:.2e}");
+        assert!(d <= 1e-5, "{name}: LoRA linear differs by {d}");
+        model.merge_lora();
+        let d = max_diff(&logits(&model, &r), &r["merged_logits"].to_f32().unwrap());
+        println!("{name}: merged logits max abs diff vs PEFT merge_and_unload {d:.2e}");
+        assert!(d <= 1e-4, "{name} merged: {d}");
+    }
+}
+
+#[test]
+fn vsft_adapter_files_use_peft_keys_and_config_fields() {
+    let dir = fixtures().join("lora/plain");
+    let mut model = base();
+    model.load_adapter(&dir).unwrap();
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("adapter-keys");
+    std::fs::create_dir_all(&out).unwrap();
+    model.save_adapter_weights(&out).unwrap();
+    let peft = read_tensor_file(&dir.join("adapter_model.safetensors")).unwrap();
+    let ours = read_tensor_file(&out.join("adapter_model.safetensors")).unwrap();
+    let pk: Vec<&String> = peft.keys().collect();
+    let ok: Vec<&String> = ours.keys().collect();
+    assert_eq!(ok, pk, "adapter tensor names differ from PEFT's");
+    for (k, t) in &peft {
+        assert_eq!(ours[k].shape, t.shape, "{k}");
+        assert_eq!(ours[k].to_f32().unwrap(), t.to_f32().unwrap(), "{k} changed through load/save");
+    }
+    let peft_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg = LoraConfig::from_peft_json(&peft_cfg).unwrap();
+    let targeted: Vec<String> = model.language_model_linears().into_iter().map(|(n, _)| n).collect();
+    let ours_cfg = cfg.to_peft_json(&targeted, "base");
+    for field in ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "modules_to_save", "bias"] {
+        assert_eq!(ours_cfg[field], peft_cfg[field], "adapter_config.json field {field}");
+    }
+    // The target regex selects the same modules as PEFT's (same re.fullmatch semantics).
+    let ours_re = LoraConfig { target_modules: vsft_model::lora::TargetModules::Regex(ours_cfg["target_modules"].as_str().unwrap().into()), ..cfg.clone() };
+    let m1 = cfg.matcher().unwrap();
+    let m2 = ours_re.matcher().unwrap();
+    for (n, _) in model.language_model_linears() {
+        assert_eq!(m1(&n), m2(&n), "{n}");
+    }
+}
+
+#[test]
+fn fresh_adapters_start_at_the_base_model() {
+    let r = read_tensor_file(&fixtures().join("lora/plain/reference.safetensors")).unwrap();
+    let model = base();
+    let before = logits(&model, &r);
+    let mut adapted = base();
+    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..Default::default() };
+    let targeted = adapted.add_lora(&cfg, 3).unwrap();
+    assert_eq!(targeted.len(), 7 * 2, "7 linears × 2 layers, none in the vision tower");
+    assert!(targeted.iter().all(|n| n.starts_with("model.language_model.layers.")));
+    assert_eq!(before, logits(&adapted, &r), "B = 0 at init: the adapter adds nothing");
+    let bad = LoraConfig { target_modules: vsft_model::lora::TargetModules::Suffixes(vec!["fc1".into()]), ..cfg };
+    let err = adapted.add_lora(&bad, 3).unwrap_err().to_string();
+    assert!(err.contains("matches no language-model linear"), "{err}");
+}
