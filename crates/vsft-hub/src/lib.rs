@@ -11,7 +11,7 @@
 //! - **Retries**: 5xx, 429 and connection errors are retried with exponential backoff
 //!   ([`HubConfig::max_tries`], default 5). 401/403/404 become errors that say what to do.
 //! - **Push** ([`HubClient::push_folder`]): create repo (existing is fine), create branch,
-//!   preupload (base64 samples, 256 files a request), Git LFS batch with `basic` and
+//!   preupload (base64 samples, 256 files a request; unchanged files skipped), Git LFS batch with `basic` and
 //!   `multipart` transfers plus verify, then one NDJSON commit. Progress bar for uploads.
 //! - **Pull** ([`HubClient::snapshot_download`], [`HubClient::download_file`]): into
 //!   `{cache}/{models|datasets}--owner--name/{blobs,snapshots/<commit>,refs}` with relative
@@ -42,8 +42,9 @@
 //! `vsft-hub = { path = "../vsft-hub", features = ["test-server"] }` in `[dev-dependencies]`.
 //!
 //! ## Limits
-//! - No Xet upload/download (the Hub accepts LFS from non-Xet clients); no `create_pr`,
-//!   deletions, or skipping of unchanged files in pushes; no file locks between processes
+//! - No Xet upload/download (the Hub accepts LFS from non-Xet clients); no `create_pr` or
+//!   deletions in pushes (files unchanged at the revision are skipped, and a push that changes
+//!   nothing makes no commit); files are transferred one at a time; no file locks between processes
 //!   downloading the same blob at once; dataset splits come from file names, not from the
 //!   `configs:` of the dataset card.
 

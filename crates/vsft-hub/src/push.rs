@@ -41,6 +41,9 @@ pub struct CommitInfo {
     pub files: Vec<String>,
     /// Files that went through Git LFS (a subset of `files`).
     pub lfs_files: Vec<String>,
+    /// Files left out because the revision already has them with the same content. When
+    /// nothing changed, no commit is made and `commit_oid` is the revision's current commit.
+    pub unchanged: Vec<String>,
 }
 
 struct LocalFile {
@@ -62,6 +65,9 @@ struct PreuploadFile {
     upload_mode: String,
     #[serde(default)]
     should_ignore: bool,
+    /// The file's oid at the revision (git blob sha1, or sha256 for LFS), when it exists.
+    #[serde(default)]
+    oid: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +170,16 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// Git's blob id: sha1 of `blob {size}\0` + content (the oid the Hub reports for regular files).
+pub(crate) fn git_blob_sha1(path: &Path) -> Result<String> {
+    use sha1::Digest as _;
+    let data = std::fs::read(path).map_err(|e| HubError::io(path, e))?;
+    let mut h = sha1::Sha1::new();
+    h.update(format!("blob {}\0", data.len()).as_bytes());
+    h.update(&data);
+    Ok(hex(&h.finalize()))
+}
+
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -244,7 +260,7 @@ impl HubClient {
         }
 
         // Preupload: which files go through LFS.
-        let mut modes: HashMap<String, (bool, bool)> = HashMap::new(); // path -> (lfs, ignore)
+        let mut modes: HashMap<String, (bool, bool, Option<String>)> = HashMap::new(); // path -> (lfs, ignore, remote oid)
         let pre_url =
             self.api_url(&format!("/api/{}/{repo_id}/preupload/{}", rt.plural(), quote(&rev, false)));
         let ctx = Ctx::new(format!("preupload to {repo_id}")).repo(rt, repo_id).rev(&rev);
@@ -256,38 +272,64 @@ impl HubClient {
             let body = serde_json::to_vec(&json!({ "files": files })).expect("json");
             let ans: PreuploadAnswer = self.send_json(&Req::new("POST", pre_url.clone()).json(&body), &ctx)?;
             for a in ans.files {
-                modes.insert(a.path, (a.upload_mode == "lfs", a.should_ignore));
+                modes.insert(a.path, (a.upload_mode == "lfs", a.should_ignore, a.oid));
             }
         }
         let mut regular = Vec::new();
         let mut lfs = Vec::new();
+        let mut oids: HashMap<&str, String> = HashMap::new();
+        let mut unchanged = Vec::new();
+        let lfs_total: u64 = local
+            .iter()
+            .filter(|f| modes.get(&f.rel).is_some_and(|m| m.0 && !m.1) && f.size > 0)
+            .map(|f| f.size)
+            .sum();
+        let hbar = self.bar(lfs_total, "Hashing LFS files");
         for f in &local {
-            let Some(&(is_lfs, ignore)) = modes.get(&f.rel) else {
+            let Some((is_lfs, ignore, remote)) = modes.get(&f.rel) else {
                 return Err(HubError::Protocol {
                     what: ctx.what.clone(),
                     msg: format!("no upload mode returned for {:?}", f.rel),
                 });
             };
-            if ignore {
+            if *ignore {
                 continue;
             }
-            if is_lfs && f.size > 0 {
+            let is_lfs = *is_lfs && f.size > 0;
+            let oid = if is_lfs {
+                let o = sha256_file(&f.path)?;
+                hbar.inc(f.size);
+                o
+            } else {
+                git_blob_sha1(&f.path)?
+            };
+            if remote.as_deref() == Some(oid.as_str()) {
+                unchanged.push(f.rel.clone());
+                continue;
+            }
+            if is_lfs {
+                oids.insert(&f.rel, oid);
                 lfs.push(f);
             } else {
                 regular.push(f);
             }
         }
+        hbar.finish_and_clear();
+        if regular.is_empty() && lfs.is_empty() {
+            // Nothing to commit: don't make an empty commit (as huggingface_hub).
+            let head = self.repo_info(repo_id, rt, &rev)?.sha;
+            return Ok(CommitInfo {
+                commit_url: format!("{}/{}{repo_id}/commit/{head}", self.cfg.endpoint, rt.url_prefix()),
+                commit_oid: head,
+                files: Vec::new(),
+                lfs_files: Vec::new(),
+                unchanged,
+            });
+        }
 
         // LFS uploads.
-        let mut oids: HashMap<&str, String> = HashMap::new();
         if !lfs.is_empty() {
             let total: u64 = lfs.iter().map(|f| f.size).sum();
-            let hbar = self.bar(total, format!("Hashing {} LFS file(s)", lfs.len()));
-            for f in &lfs {
-                oids.insert(&f.rel, sha256_file(&f.path)?);
-                hbar.inc(f.size);
-            }
-            hbar.finish_and_clear();
             let bar = self.bar(total, format!("Uploading {} LFS file(s)", lfs.len()));
             let res = self.upload_lfs(repo_id, rt, &rev, &lfs, &oids, &bar);
             bar.finish_and_clear();
@@ -320,6 +362,7 @@ impl HubClient {
             commit_oid: ans.commit_oid,
             files,
             lfs_files: lfs.iter().map(|f| f.rel.clone()).collect(),
+            unchanged,
         })
     }
 
@@ -462,5 +505,23 @@ impl HubClient {
             .body(Body::Bytes(&body));
         self.send(&req, &Ctx::new(format!("completing {what}")).external(true))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_blob_ids_match_git() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("hello");
+        std::fs::write(&p, b"hello\n").unwrap();
+        // `printf 'hello\n' | git hash-object --stdin`
+        assert_eq!(git_blob_sha1(&p).unwrap(), "ce013625030ba8dba906f756967f9e9ca394464a");
+        assert_eq!(
+            sha256_file(&p).unwrap(),
+            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+        );
     }
 }

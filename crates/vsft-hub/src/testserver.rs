@@ -24,8 +24,8 @@
 //! in the middle (full `Content-Length`, half the body, connection closed).
 //!
 //! Bounded: it stops by itself after [`TestServerConfig::lifetime`] or
-//! [`TestServerConfig::max_connections`] connections, and when dropped. Regular-file ETags are
-//! 40 hex digits of a sha256 (the Hub uses git's sha1; clients treat them as opaque).
+//! [`TestServerConfig::max_connections`] connections, and when dropped. Regular-file ETags and
+//! preupload oids are git blob sha1s, as on the Hub.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -206,11 +206,13 @@ fn pct_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Git blob id, as the Hub's ETag and preupload oid of regular files.
 fn regular_etag(data: &[u8]) -> String {
-    let mut h = Sha256::new();
+    use sha1::Digest as _;
+    let mut h = sha1::Sha1::new();
     h.update(format!("blob {}\0", data.len()).as_bytes());
     h.update(data);
-    h.finalize().iter().take(20).map(|x| format!("{x:02x}")).collect()
+    h.finalize().iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn repo_type_of(plural: &str) -> Option<RepoType> {

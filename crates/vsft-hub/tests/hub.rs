@@ -140,12 +140,24 @@ fn push_then_pull_round_trip_byte_for_byte() {
     assert_eq!(again, snap);
     assert_eq!(count(&server, "GET", "/lfs-cdn/") + count(&server, "GET", "/me/"), gets);
 
-    // Pushing again: a new commit; LFS objects already on the Hub are not re-uploaded.
-    std::fs::write(src.join("adapter_config.json"), br#"{"peft_type":"LORA","r":16}"#).unwrap();
+    // Pushing the same folder again: nothing changed, no commit.
     let uploads = count(&server, "PUT", "/lfs-");
+    let same = hub.push_folder(&src, "me/tiny-adapter", &opts).unwrap();
+    assert_eq!(same.commit_oid, info.commit_oid);
+    assert!(same.files.is_empty() && same.unchanged.len() == files.len(), "{same:?}");
+    assert_eq!(count(&server, "POST", "/api/models/me/tiny-adapter/commit/"), 1);
+    // One file changed: a new commit with only that file; no LFS upload.
+    std::fs::write(src.join("adapter_config.json"), br#"{"peft_type":"LORA","r":16}"#).unwrap();
     let info2 = hub.push_folder(&src, "me/tiny-adapter", &opts).unwrap();
     assert_ne!(info2.commit_oid, info.commit_oid);
+    assert_eq!(info2.files, vec!["adapter_config.json"]);
     assert_eq!(count(&server, "PUT", "/lfs-"), uploads);
+    // An LFS object the Hub already has (same content, new path) is committed without upload.
+    std::fs::copy(src.join("projector.safetensors"), src.join("copy.safetensors")).unwrap();
+    let info3 = hub.push_folder(&src, "me/tiny-adapter", &opts).unwrap();
+    assert_eq!(info3.lfs_files, vec!["copy.safetensors"]);
+    assert_eq!(count(&server, "PUT", "/lfs-"), uploads);
+    std::fs::remove_file(src.join("copy.safetensors")).unwrap();
     let snap2 = puller.snapshot_download("me/tiny-adapter", RepoType::Model, None, &["adapter_config.json"]).unwrap();
     assert_eq!(std::fs::read(snap2.join("adapter_config.json")).unwrap(), br#"{"peft_type":"LORA","r":16}"#);
     assert_eq!(server.violations(), Vec::<String>::new());
