@@ -73,8 +73,8 @@ def main():
     files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.startswith("train-"))
     py = bench_python(model, files, a.samples, a.batch)
     print(json.dumps(py))
-    subprocess.run(["cargo", "build", "-q", "--profile", "test", "-p", "vsft-data", "--example", "bench_data"], cwd=ROOT, check=True)
-    exe = os.path.join(ROOT, "target", "debug", "examples", "bench_data")
+    subprocess.run(["cargo", "build", "-q", "--release", "-p", "vsft-data", "--example", "bench_data"], cwd=ROOT, check=True)
+    exe = os.path.join(ROOT, "target", "release", "examples", "bench_data")
     results = []
     for w in sorted({0, a.workers}):
         out = subprocess.run([exe, model, os.path.join(data_dir, "train-*.parquet"), str(a.samples), str(a.batch), str(w)],

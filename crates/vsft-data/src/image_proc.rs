@@ -311,36 +311,36 @@ fn clip8(v: i32) -> u8 {
 }
 
 /// Horizontal pass: input rows `rows`, output columns `cols`; `col_shift` is the first input
-/// column present in `src` (coefficient bounds are absolute).
+/// column present in `src` (coefficient bounds are absolute). Done as a vertical pass on the
+/// transposed image, which vectorises (same integer arithmetic, same result).
 fn h_pass(src: &RgbImage, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: &Coeffs, col_shift: usize) -> RgbImage {
-    let out_w = cols.len();
-    let out_h = rows.len();
-    let mut out = vec![0u8; out_w * out_h * 3];
-    let init = 1i32 << (PRECISION_BITS - 1);
-    for (yy, y) in rows.enumerate() {
-        let row = &src.data[y * src.width * 3..(y + 1) * src.width * 3];
-        let orow = &mut out[yy * out_w * 3..(yy + 1) * out_w * 3];
-        for (o, xx) in orow.chunks_exact_mut(3).zip(cols.clone()) {
-            let (xmin, xmax) = c.bounds[xx];
-            let k = &c.kk[xx * c.ksize..xx * c.ksize + xmax];
-            let px = &row[(xmin - col_shift) * 3..(xmin - col_shift + xmax) * 3];
-            let (mut s0, mut s1, mut s2) = (init, init, init);
-            for (p, &kv) in px.chunks_exact(3).zip(k) {
-                s0 = s0.wrapping_add((p[0] as i32).wrapping_mul(kv));
-                s1 = s1.wrapping_add((p[1] as i32).wrapping_mul(kv));
-                s2 = s2.wrapping_add((p[2] as i32).wrapping_mul(kv));
-            }
-            o[0] = clip8(s0);
-            o[1] = clip8(s1);
-            o[2] = clip8(s2);
-        }
-    }
-    RgbImage::new(out_w, out_h, out)
+    let t = transpose_rgb(src, rows);
+    let w = t.width;
+    let r = v_pass(&t, cols, 0..w, c, col_shift);
+    transpose_rgb(&r, 0..r.height)
 }
 
-/// Vertical pass: output rows `rows`, input columns `cols` of `src`; `row_shift` is the
-/// first input row present in `src`.
-fn v_pass(src: &RgbImage, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: &Coeffs, row_shift: usize) -> RgbImage {
+/// Rows `rows` of `src`, transposed (pixel (x, y) -> (y - rows.start, x)).
+fn transpose_rgb(src: &RgbImage, rows: std::ops::Range<usize>) -> RgbImage {
+    let (w, h) = (src.width, rows.len());
+    let mut out = vec![0u8; w * h * 3];
+    const B: usize = 32;
+    for y0 in (0..h).step_by(B) {
+        for x0 in (0..w).step_by(B) {
+            for y in y0..(y0 + B).min(h) {
+                let srow = &src.data[(rows.start + y) * w * 3..(rows.start + y + 1) * w * 3];
+                for x in x0..(x0 + B).min(w) {
+                    let d = (x * h + y) * 3;
+                    out[d..d + 3].copy_from_slice(&srow[x * 3..x * 3 + 3]);
+                }
+            }
+        }
+    }
+    RgbImage::new(h, w, out)
+}
+
+#[inline(always)]
+fn v_pass_impl(src: &RgbImage, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: &Coeffs, row_shift: usize) -> RgbImage {
     let w = cols.len();
     let out_h = rows.len();
     let mut out = vec![0u8; w * out_h * 3];
@@ -362,6 +362,25 @@ fn v_pass(src: &RgbImage, rows: std::ops::Range<usize>, cols: std::ops::Range<us
         }
     }
     RgbImage::new(w, out_h, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn v_pass_avx2(src: &RgbImage, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: &Coeffs, row_shift: usize) -> RgbImage {
+    v_pass_impl(src, rows, cols, c, row_shift)
+}
+
+/// Vertical pass: output rows `rows`, input columns `cols` of `src`; `row_shift` is the
+/// first input row present in `src`.
+fn v_pass(src: &RgbImage, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: &Coeffs, row_shift: usize) -> RgbImage {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { v_pass_avx2(src, rows, cols, c, row_shift) };
+        }
+    }
+    v_pass_impl(src, rows, cols, c, row_shift)
 }
 
 fn crop_window(src: &RgbImage, cols: std::ops::Range<usize>, rows: std::ops::Range<usize>) -> RgbImage {
