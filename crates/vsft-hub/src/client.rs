@@ -121,7 +121,10 @@ impl HubConfig {
 
     fn from_lookup(get: impl Fn(&str) -> Option<String>, is_true: impl Fn(&str) -> bool) -> Self {
         let hf_home = get("HF_HOME").map(|h| expand_tilde(&h)).unwrap_or_else(|| {
-            get("XDG_CACHE_HOME").map(|x| expand_tilde(&x)).unwrap_or_else(|| home_dir().join(".cache")).join("huggingface")
+            get("XDG_CACHE_HOME")
+                .map(|x| expand_tilde(&x))
+                .unwrap_or_else(|| home_dir().join(".cache"))
+                .join("huggingface")
         });
         let cache_dir = get("HF_HUB_CACHE")
             .or_else(|| get("HUGGINGFACE_HUB_CACHE"))
@@ -203,7 +206,12 @@ pub(crate) enum Body<'a> {
     Empty,
     Bytes(&'a [u8]),
     /// `len` bytes of `path` from `offset`, with the progress bar advanced as they are sent.
-    File { path: &'a Path, offset: u64, len: u64, bar: Option<&'a ProgressBar> },
+    File {
+        path: &'a Path,
+        offset: u64,
+        len: u64,
+        bar: Option<&'a ProgressBar>,
+    },
 }
 
 pub(crate) struct Req<'a> {
@@ -324,9 +332,8 @@ impl HubClient {
                     use std::io::Seek;
                     f.seek(std::io::SeekFrom::Start(*offset)).map_err(|e| HubError::io(*path, e))?;
                     let start = bar.map(|b| b.position());
-                    let res = r
-                        .set("content-length", &len.to_string())
-                        .send(ProgressRead { inner: f.take(*len), bar: *bar });
+                    let res =
+                        r.set("content-length", &len.to_string()).send(ProgressRead { inner: f.take(*len), bar: *bar });
                     if res.is_err() {
                         if let (Some(b), Some(s)) = (bar, start) {
                             b.set_position(s);
@@ -427,9 +434,7 @@ impl HubClient {
                 path: ctx.path.clone().unwrap_or_default(),
                 detail,
             },
-            (404, _) if ctx.repo.is_some() => {
-                repo_nf(&format!(", or its revision {rev:?} does not exist"))
-            }
+            (404, _) if ctx.repo.is_some() => repo_nf(&format!(", or its revision {rev:?} does not exist")),
             _ => HubError::Http { what: ctx.what.clone(), status: code, body: server_msg },
         }
     }

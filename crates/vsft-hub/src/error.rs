@@ -20,7 +20,9 @@ pub enum HubError {
     RepoNotFound { repo_type: &'static str, repo_id: String, endpoint: String, detail: String },
 
     /// 404 on a revision (branch, tag or commit) of an existing repo.
-    #[error("revision {revision:?} not found in {repo_type} repo {repo_id:?}: check the branch, tag or commit sha{detail}")]
+    #[error(
+        "revision {revision:?} not found in {repo_type} repo {repo_id:?}: check the branch, tag or commit sha{detail}"
+    )]
     RevisionNotFound { repo_type: &'static str, repo_id: String, revision: String, detail: String },
 
     /// 404 on a file.

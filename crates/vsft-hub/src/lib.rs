@@ -90,10 +90,7 @@ impl HubClient {
         };
         self.snapshot_select(id, RepoType::Model, rev, &|all: &[String]| {
             let has_st = all.iter().any(|f| f.ends_with(".safetensors"));
-            all.iter()
-                .filter(|f| !has_st || !OTHER_WEIGHTS.iter().any(|e| f.ends_with(e)))
-                .cloned()
-                .collect()
+            all.iter().filter(|f| !has_st || !OTHER_WEIGHTS.iter().any(|e| f.ends_with(e))).cloned().collect()
         })
         .map_err(|e| not_local(s, e))
     }

@@ -51,9 +51,8 @@ fn normalize_etag(e: &str) -> String {
 /// `fnmatch`-style match as `huggingface_hub` filters files: `*` (also across `/`), `?`,
 /// `[abc]`, `[!abc]`, `[a-z]`; a pattern ending in `/` matches everything below it.
 pub fn matches_pattern(pattern: &str, path: &str) -> bool {
-    let pat: Vec<char> = if pattern.ends_with('/') { format!("{pattern}*") } else { pattern.to_string() }
-        .chars()
-        .collect();
+    let pat: Vec<char> =
+        if pattern.ends_with('/') { format!("{pattern}*") } else { pattern.to_string() }.chars().collect();
     let s: Vec<char> = path.chars().collect();
     fn class(p: &[char], c: char) -> Option<(bool, usize)> {
         // p[0] == '['; returns (matched, length of the class incl. brackets)
@@ -223,7 +222,13 @@ impl HubClient {
     }
 
     /// Downloads one file (as `hf_hub_download`) and returns its path in the snapshot.
-    pub fn download_file(&self, repo_id: &str, repo_type: RepoType, revision: Option<&str>, path: &str) -> Result<PathBuf> {
+    pub fn download_file(
+        &self,
+        repo_id: &str,
+        repo_type: RepoType,
+        revision: Option<&str>,
+        path: &str,
+    ) -> Result<PathBuf> {
         validate_repo_id(repo_id)?;
         let rev = revision.unwrap_or("main");
         if self.cfg.offline {

@@ -261,14 +261,11 @@ impl HubClient {
 
         // Preupload: which files go through LFS.
         let mut modes: HashMap<String, (bool, bool, Option<String>)> = HashMap::new(); // path -> (lfs, ignore, remote oid)
-        let pre_url =
-            self.api_url(&format!("/api/{}/{repo_id}/preupload/{}", rt.plural(), quote(&rev, false)));
+        let pre_url = self.api_url(&format!("/api/{}/{repo_id}/preupload/{}", rt.plural(), quote(&rev, false)));
         let ctx = Ctx::new(format!("preupload to {repo_id}")).repo(rt, repo_id).rev(&rev);
         for chunk in local.chunks(CHUNK_FILES) {
-            let files: Vec<_> = chunk
-                .iter()
-                .map(|f| json!({"path": f.rel, "sample": B64.encode(&f.sample), "size": f.size}))
-                .collect();
+            let files: Vec<_> =
+                chunk.iter().map(|f| json!({"path": f.rel, "sample": B64.encode(&f.sample), "size": f.size})).collect();
             let body = serde_json::to_vec(&json!({ "files": files })).expect("json");
             let ans: PreuploadAnswer = self.send_json(&Req::new("POST", pre_url.clone()).json(&body), &ctx)?;
             for a in ans.files {
@@ -279,11 +276,8 @@ impl HubClient {
         let mut lfs = Vec::new();
         let mut oids: HashMap<&str, String> = HashMap::new();
         let mut unchanged = Vec::new();
-        let lfs_total: u64 = local
-            .iter()
-            .filter(|f| modes.get(&f.rel).is_some_and(|m| m.0 && !m.1) && f.size > 0)
-            .map(|f| f.size)
-            .sum();
+        let lfs_total: u64 =
+            local.iter().filter(|f| modes.get(&f.rel).is_some_and(|m| m.0 && !m.1) && f.size > 0).map(|f| f.size).sum();
         let hbar = self.bar(lfs_total, "Hashing LFS files");
         for f in &local {
             let Some((is_lfs, ignore, remote)) = modes.get(&f.rel) else {
@@ -349,7 +343,9 @@ impl HubClient {
             line(json!({"key": "file", "value": {"content": B64.encode(&bytes), "path": f.rel, "encoding": "base64"}}));
         }
         for f in &lfs {
-            line(json!({"key": "lfsFile", "value": {"path": f.rel, "algo": "sha256", "oid": oids[f.rel.as_str()], "size": f.size}}));
+            line(
+                json!({"key": "lfsFile", "value": {"path": f.rel, "algo": "sha256", "oid": oids[f.rel.as_str()], "size": f.size}}),
+            );
         }
         let url = self.api_url(&format!("/api/{}/{repo_id}/commit/{}", rt.plural(), quote(&rev, false)));
         let ctx = Ctx::new(format!("committing to {repo_id}")).repo(rt, repo_id).rev(&rev);
@@ -451,9 +447,12 @@ impl HubClient {
     }
 
     fn upload_basic(&self, up: &Action, f: &LocalFile, bar: &indicatif::ProgressBar) -> Result<()> {
-        let mut req = Req::new("PUT", up.href.clone())
-            .no_auth()
-            .body(Body::File { path: &f.path, offset: 0, len: f.size, bar: Some(bar) });
+        let mut req = Req::new("PUT", up.href.clone()).no_auth().body(Body::File {
+            path: &f.path,
+            offset: 0,
+            len: f.size,
+            bar: Some(bar),
+        });
         for (k, v) in &up.header {
             if let Some(s) = value_str(v) {
                 req = req.header(k, s);
@@ -473,11 +472,8 @@ impl HubClient {
             .and_then(|s| s.parse().ok())
             .filter(|&c| c > 0)
             .ok_or_else(|| proto("bad chunk_size".into()))?;
-        let mut parts: Vec<(u32, String)> = up
-            .header
-            .iter()
-            .filter_map(|(k, v)| Some((k.parse::<u32>().ok()?, value_str(v)?)))
-            .collect();
+        let mut parts: Vec<(u32, String)> =
+            up.header.iter().filter_map(|(k, v)| Some((k.parse::<u32>().ok()?, value_str(v)?))).collect();
         parts.sort();
         let expected = f.size.div_ceil(chunk_size);
         if parts.len() as u64 != expected {
@@ -519,9 +515,6 @@ mod tests {
         std::fs::write(&p, b"hello\n").unwrap();
         // `printf 'hello\n' | git hash-object --stdin`
         assert_eq!(git_blob_sha1(&p).unwrap(), "ce013625030ba8dba906f756967f9e9ca394464a");
-        assert_eq!(
-            sha256_file(&p).unwrap(),
-            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
-        );
+        assert_eq!(sha256_file(&p).unwrap(), "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03");
     }
 }

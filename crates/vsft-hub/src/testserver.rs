@@ -375,7 +375,10 @@ fn ensure_repo(st: &mut State, rt: RepoType, id: &str, private: bool) -> bool {
         return false;
     }
     let mut files = BTreeMap::new();
-    files.insert(".gitattributes".to_string(), Entry::Regular(Arc::new(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n".to_vec())));
+    files.insert(
+        ".gitattributes".to_string(),
+        Entry::Regular(Arc::new(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n".to_vec())),
+    );
     st.counter += 1;
     let sha = sha256_hex(format!("init {id} {}", st.counter).as_bytes())[..40].to_string();
     let mut commits = HashMap::new();
@@ -776,8 +779,11 @@ impl Shared {
         if v.get("operation").and_then(Value::as_str) != Some("upload") {
             return self.bad(req, "operation must be upload");
         }
-        let transfers: Vec<&str> =
-            v.get("transfers").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let transfers: Vec<&str> = v
+            .get("transfers")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         if !transfers.contains(&"basic") {
             return self.bad(req, "transfers must include basic");
         }
@@ -796,7 +802,8 @@ impl Shared {
         let mut out = Vec::new();
         let mut transfer = "basic";
         for o in objects {
-            let (Some(oid), Some(size)) = (o.get("oid").and_then(Value::as_str), o.get("size").and_then(Value::as_u64)) else {
+            let (Some(oid), Some(size)) = (o.get("oid").and_then(Value::as_str), o.get("size").and_then(Value::as_u64))
+            else {
                 drop(st);
                 return self.bad(req, format!("object needs oid and size: {o}"));
             };
@@ -837,7 +844,9 @@ impl Shared {
     }
 
     fn no_auth_upload(&self, req: &Request) -> Option<Response> {
-        req.header("authorization").is_some().then(|| self.bad(req, "authorization header sent to a presigned upload URL"))
+        req.header("authorization")
+            .is_some()
+            .then(|| self.bad(req, "authorization header sent to a presigned upload URL"))
     }
 
     fn put_basic(&self, req: &Request, oid: &str) -> Response {
@@ -918,9 +927,7 @@ impl Shared {
             }
             match (etag, mp.parts.get(&(i as u32 + 1))) {
                 (Some(e), Some((_, stored))) if e == stored => {}
-                (e, stored) => {
-                    problems.push(format!("part {}: etag {e:?} != {:?}", i + 1, stored.map(|s| &s.1)))
-                }
+                (e, stored) => problems.push(format!("part {}: etag {e:?} != {:?}", i + 1, stored.map(|s| &s.1))),
             }
         }
         let mut data = Vec::with_capacity(mp.size as usize);

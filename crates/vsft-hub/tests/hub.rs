@@ -97,8 +97,11 @@ fn push_then_pull_round_trip_byte_for_byte() {
     assert_eq!(count(&server, "POST", "/lfs-complete/"), 1);
     assert_eq!(count(&server, "PUT", "/lfs-up/"), 1);
     assert_eq!(count(&server, "POST", "/lfs-verify/"), 2);
-    assert!(server.requests().iter().filter(|r| r.path.starts_with("/lfs-")).all(|r| !r.has_auth
-        || r.path.starts_with("/lfs-verify/")));
+    assert!(server
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/lfs-"))
+        .all(|r| !r.has_auth || r.path.starts_with("/lfs-verify/")));
     let stored = server.files(RepoType::Model, "me/tiny-adapter", "main").unwrap();
     for (p, d) in &files {
         assert_eq!(stored.get(*p), Some(d), "{p} on the server");
@@ -288,7 +291,10 @@ fn auth_and_not_found_errors_say_what_to_do() {
         let err = hub.push_folder(&src, "me/x", &PushOptions::default()).unwrap_err();
         assert!(matches!(err, HubError::Auth { status: 401, .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(msg.contains("HF_TOKEN") && msg.contains("huggingface-cli login") && msg.contains("write access"), "{msg}");
+        assert!(
+            msg.contains("HF_TOKEN") && msg.contains("huggingface-cli login") && msg.contains("write access"),
+            "{msg}"
+        );
     }
 
     let owner = client(&server, &tmp.path().join("cache"), Some(server.token()));
@@ -391,7 +397,10 @@ fn dataset_split_discovery_pulls_only_that_split() {
     assert_eq!(hub.dataset_split_files("HuggingFaceH4/tiny-vsft", None, "train").unwrap(), expect["train"]);
 
     let (snap, paths) = hub.download_dataset_split("HuggingFaceH4/tiny-vsft", None, "train").unwrap();
-    assert_eq!(paths, vec![snap.join("data/train-00000-of-00002.parquet"), snap.join("data/train-00001-of-00002.parquet")]);
+    assert_eq!(
+        paths,
+        vec![snap.join("data/train-00000-of-00002.parquet"), snap.join("data/train-00001-of-00002.parquet")]
+    );
     assert_eq!(std::fs::read(&paths[0]).unwrap(), t0);
     assert_eq!(std::fs::read(&paths[1]).unwrap(), t1);
     assert!(!snap.join("data/test-00000-of-00001.parquet").exists());
@@ -488,7 +497,8 @@ fn test_server_flags_protocol_violations() {
     let header = &v["objects"][0]["actions"]["upload"]["header"];
     assert_eq!(header["chunk_size"], "16384");
     assert_eq!(header.as_object().unwrap().len(), 1 + 7);
-    let complete = format!(r#"{{"oid":"{oid}","parts":[{{"partNumber":1,"etag":"x"}},{{"partNumber":2,"etag":"y"}}]}}"#);
+    let complete =
+        format!(r#"{{"oid":"{oid}","parts":[{{"partNumber":1,"etag":"x"}},{{"partNumber":2,"etag":"y"}}]}}"#);
     assert_eq!(post(&format!("/lfs-complete/{oid}"), lfs, &complete, false).0, 400);
     // Presigned upload URLs must not get the token.
     assert_eq!(post(&format!("/lfs-complete/{oid}"), lfs, &complete, true).0, 400);
@@ -508,7 +518,8 @@ fn real_checkpoint_fixture_round_trip() {
         eprintln!("skipping: {fixture:?} not present");
         return;
     }
-    let server = TestServer::start(TestServerConfig { multipart_threshold: 100_000, chunk_size: 64 * 1024, ..server_cfg() });
+    let server =
+        TestServer::start(TestServerConfig { multipart_threshold: 100_000, chunk_size: 64 * 1024, ..server_cfg() });
     let tmp = tempfile::tempdir().unwrap();
     let hub = client(&server, &tmp.path().join("cache"), Some(server.token()));
     let info = hub.push_folder(&fixture, "vsft-test/tiny-llava", &PushOptions::default()).unwrap();
