@@ -78,9 +78,9 @@ def log(*a):
 # ----------------------------------------------------------------------------------------
 # images
 
-def save_jpeg(arr, q=70):
+def save_jpeg(arr, q=70, **kw):
     b = io.BytesIO()
-    Image.fromarray(arr).save(b, "JPEG", quality=q)
+    Image.fromarray(arr).save(b, "JPEG", quality=q, **kw)
     return b.getvalue()
 
 
@@ -98,7 +98,7 @@ def make_images():
     cam = skimage.data.camera()
     imgs = {}
     imgs["astronaut.jpg"] = save_jpeg(ast, 45)                       # 512x512 square
-    imgs["coffee.jpg"] = save_jpeg(np.asarray(Image.fromarray(cof).resize((300, 200), Image.LANCZOS)))  # 300x200 landscape
+    imgs["coffee.jpg"] = save_jpeg(np.asarray(Image.fromarray(cof).resize((300, 200), Image.LANCZOS)), progressive=True)  # 300x200 landscape, progressive
     imgs["chelsea.jpg"] = save_jpeg(che, 55)                         # 451x300
     imgs["rocket_tall.jpg"] = save_jpeg(np.ascontiguousarray(roc[20:420, 250:400]), 70)  # 150x400 tall
     imgs["camera_gray.png"] = save_png(Image.fromarray(cam).resize((128, 96), Image.LANCZOS))  # mode L, 128x96
@@ -138,13 +138,18 @@ def make_decoder_fixtures():
     for name, kw in [("s444", dict(subsampling=0)), ("s422", dict(subsampling=1)), ("s420", dict(subsampling=2)),
                      ("optimized", dict(optimize=True, quality=95)), ("restart", dict(restart_marker_blocks=3)),
                      ("restart_rows", dict(restart_marker_rows=1, subsampling=0)),
-                     ("progressive", dict(progressive=True))]:
+                     ("progressive", dict(progressive=True)),
+                     ("progressive_444_restart", dict(progressive=True, subsampling=0, restart_marker_blocks=2)),
+                     ("progressive_422", dict(progressive=True, subsampling=1, optimize=True))]:
         b = io.BytesIO()
         im.save(b, "JPEG", quality=kw.pop("quality", 80), **kw)
         jpegs[name + ".jpg"] = b.getvalue()
     b = io.BytesIO()
     im.convert("L").save(b, "JPEG", quality=85)
     jpegs["gray.jpg"] = b.getvalue()
+    b = io.BytesIO()
+    im.convert("L").save(b, "JPEG", quality=85, progressive=True)
+    jpegs["gray_progressive.jpg"] = b.getvalue()
     b = io.BytesIO()
     im.transpose(Image.Transpose.TRANSPOSE).save(b, "JPEG", quality=85, subsampling=1)  # 4:2:2 of a tall image
     jpegs["s422_tall.jpg"] = b.getvalue()

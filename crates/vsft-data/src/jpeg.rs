@@ -195,39 +195,45 @@ struct Comp {
 // ---------------------------------------------------------------------------------------
 // jidctint.c jpeg_idct_islow
 
-const CONST_BITS: i32 = 13;
-const PASS1_BITS: i32 = 2;
-const FIX_0_298631336: i64 = 2446;
-const FIX_0_390180644: i64 = 3196;
-const FIX_0_541196100: i64 = 4433;
-const FIX_0_765366865: i64 = 6270;
-const FIX_0_899976223: i64 = 7373;
-const FIX_1_175875602: i64 = 9633;
-const FIX_1_501321110: i64 = 12299;
-const FIX_1_847759065: i64 = 15137;
-const FIX_1_961570560: i64 = 16069;
-const FIX_2_053119869: i64 = 16819;
-const FIX_2_562915447: i64 = 20995;
-const FIX_3_072711026: i64 = 25172;
+const CONST_BITS: u32 = 13;
+const PASS1_BITS: u32 = 2;
+// i32 arithmetic (wrapping) as libjpeg-turbo's SIMD islow, bit-exact for 8-bit data.
+type W = std::num::Wrapping<i32>;
+const fn w(x: i32) -> W {
+    std::num::Wrapping(x)
+}
+const FIX_0_298631336: W = w(2446);
+const FIX_0_390180644: W = w(3196);
+const FIX_0_541196100: W = w(4433);
+const FIX_0_765366865: W = w(6270);
+const FIX_0_899976223: W = w(7373);
+const FIX_1_175875602: W = w(9633);
+const FIX_1_501321110: W = w(12299);
+const FIX_1_847759065: W = w(15137);
+const FIX_1_961570560: W = w(16069);
+const FIX_2_053119869: W = w(16819);
+const FIX_2_562915447: W = w(20995);
+const FIX_3_072711026: W = w(25172);
 
-#[inline]
-fn descale(x: i64, n: i32) -> i64 {
-    (x + (1i64 << (n - 1))) >> n
+#[inline(always)]
+fn descale(x: W, n: u32) -> W {
+    w((x + w(1 << (n - 1))).0 >> n)
 }
 
-#[inline]
-fn range_limit_idct(x: i64) -> u8 {
-    let t = (x & 1023) as i32;
+#[inline(always)]
+fn range_limit_idct(x: W) -> u8 {
+    let t = x.0 & 1023;
     let s = (t ^ 512) - 512; // sign-extend 10 bits
     (s + 128).clamp(0, 255) as u8
 }
 
-fn idct_islow(coef: &[i32; 64], q: &[u16; 64], out: &mut [u8], stride: usize) {
-    let mut ws = [0i64; 64];
+#[inline(always)]
+fn idct_islow_impl(coef: &[i32; 64], q: &[u16; 64], out: &mut [u8], stride: usize) {
+    let mut ws = [w(0); 64];
     for c in 0..8 {
-        let deq = |r: usize| (coef[r * 8 + c] as i64) * (q[r * 8 + c] as i64);
+        let deq = |r: usize| w(coef[r * 8 + c]) * w(q[r * 8 + c] as i32);
         if (1..8).all(|r| coef[r * 8 + c] == 0) {
-            let dc = deq(0) << PASS1_BITS;
+            let dc = deq(0) << PASS1_BITS as usize;
             for r in 0..8 {
                 ws[r * 8 + c] = dc;
             }
@@ -236,12 +242,12 @@ fn idct_islow(coef: &[i32; 64], q: &[u16; 64], out: &mut [u8], stride: usize) {
         let z2 = deq(2);
         let z3 = deq(6);
         let z1 = (z2 + z3) * FIX_0_541196100;
-        let tmp2 = z1 + z3 * -FIX_1_847759065;
+        let tmp2 = z1 - z3 * FIX_1_847759065;
         let tmp3 = z1 + z2 * FIX_0_765366865;
         let z2 = deq(0);
         let z3 = deq(4);
-        let tmp0 = (z2 + z3) << CONST_BITS;
-        let tmp1 = (z2 - z3) << CONST_BITS;
+        let tmp0 = (z2 + z3) << CONST_BITS as usize;
+        let tmp1 = (z2 - z3) << CONST_BITS as usize;
         let tmp10 = tmp0 + tmp3;
         let tmp13 = tmp0 - tmp3;
         let tmp11 = tmp1 + tmp2;
@@ -258,25 +264,25 @@ fn idct_islow(coef: &[i32; 64], q: &[u16; 64], out: &mut [u8], stride: usize) {
         ws[4 * 8 + c] = descale(tmp13 - t0, n);
     }
     for r in 0..8 {
-        let w = &ws[r * 8..r * 8 + 8];
+        let wr = &ws[r * 8..r * 8 + 8];
         let o = &mut out[r * stride..r * stride + 8];
-        if w[1..].iter().all(|&x| x == 0) {
-            let v = range_limit_idct(descale(w[0], PASS1_BITS + 3));
+        if wr[1..].iter().all(|x| x.0 == 0) {
+            let v = range_limit_idct(descale(wr[0], PASS1_BITS + 3));
             o.iter_mut().for_each(|x| *x = v);
             continue;
         }
-        let z2 = w[2];
-        let z3 = w[6];
+        let z2 = wr[2];
+        let z3 = wr[6];
         let z1 = (z2 + z3) * FIX_0_541196100;
-        let tmp2 = z1 + z3 * -FIX_1_847759065;
+        let tmp2 = z1 - z3 * FIX_1_847759065;
         let tmp3 = z1 + z2 * FIX_0_765366865;
-        let tmp0 = (w[0] + w[4]) << CONST_BITS;
-        let tmp1 = (w[0] - w[4]) << CONST_BITS;
+        let tmp0 = (wr[0] + wr[4]) << CONST_BITS as usize;
+        let tmp1 = (wr[0] - wr[4]) << CONST_BITS as usize;
         let tmp10 = tmp0 + tmp3;
         let tmp13 = tmp0 - tmp3;
         let tmp11 = tmp1 + tmp2;
         let tmp12 = tmp1 - tmp2;
-        let (t0, t1, t2, t3) = odd(w[7], w[5], w[3], w[1]);
+        let (t0, t1, t2, t3) = odd(wr[7], wr[5], wr[3], wr[1]);
         let n = CONST_BITS + PASS1_BITS + 3;
         o[0] = range_limit_idct(descale(tmp10 + t3, n));
         o[7] = range_limit_idct(descale(tmp10 - t3, n));
@@ -289,8 +295,12 @@ fn idct_islow(coef: &[i32; 64], q: &[u16; 64], out: &mut [u8], stride: usize) {
     }
 }
 
-#[inline]
-fn odd(tmp0: i64, tmp1: i64, tmp2: i64, tmp3: i64) -> (i64, i64, i64, i64) {
+fn idct_islow(coef: &[i32; 64], q: &[u16; 64], out: &mut [u8], stride: usize) {
+    idct_islow_impl(coef, q, out, stride)
+}
+
+#[inline(always)]
+fn odd(tmp0: W, tmp1: W, tmp2: W, tmp3: W) -> (W, W, W, W) {
     let z1 = tmp0 + tmp3;
     let z2 = tmp1 + tmp2;
     let z3 = tmp0 + tmp2;
@@ -300,10 +310,10 @@ fn odd(tmp0: i64, tmp1: i64, tmp2: i64, tmp3: i64) -> (i64, i64, i64, i64) {
     let mut t1 = tmp1 * FIX_2_053119869;
     let mut t2 = tmp2 * FIX_3_072711026;
     let mut t3 = tmp3 * FIX_1_501321110;
-    let z1 = z1 * -FIX_0_899976223;
-    let z2 = z2 * -FIX_2_562915447;
-    let mut z3 = z3 * -FIX_1_961570560;
-    let mut z4 = z4 * -FIX_0_390180644;
+    let z1 = -(z1 * FIX_0_899976223);
+    let z2 = -(z2 * FIX_2_562915447);
+    let mut z3 = -(z3 * FIX_1_961570560);
+    let mut z4 = -(z4 * FIX_0_390180644);
     z3 += z5;
     z4 += z5;
     t0 += z1 + z3;
