@@ -71,6 +71,21 @@ EXTRA_TEMPLATE = """{{ bos_token }}{% for message in messages %}
 {% if add_generation_prompt %}Assistant:{% endif %}"""
 
 
+# Render-only: tojson (transformers' override: no HTML escaping, ensure_ascii=False), namespace,
+# loop variables, filters.
+JSON_TEMPLATE = """{%- set ns = namespace(n=0, chars=0) -%}
+{%- for m in messages -%}
+{%- set ns.n = ns.n + 1 -%}
+{{ m['role'] | upper }}[{{ loop.index0 }}/{{ loop.length }}]: {{ m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('|') }}
+{% if loop.first %}{{ m | tojson }}
+{{ m['content'][-1] | tojson(indent=2) }}
+{{ {'b': 1, 'a': [true, none, 'x<y & "z"']} | tojson(sort_keys=true) }}
+{% endif %}
+{%- if m['content'] | selectattr('type', 'equalto', 'image') | list | length > 1 %}{{ 'many images'.title() }}{% endif %}
+{%- if loop.last %}total={{ ns.n }}{{ eos_token }}{% endif %}
+{% endfor %}"""
+
+
 def log(*a):
     print(*a, file=sys.stderr)
 
@@ -322,6 +337,8 @@ def main():
         f.write(BLOG_TEMPLATE)
     with open(os.path.join(OUT, "extra.jinja"), "w") as f:
         f.write(EXTRA_TEMPLATE)
+    with open(os.path.join(OUT, "json.jinja"), "w") as f:
+        f.write(JSON_TEMPLATE)
 
     imgs = make_images()
     img_dir = os.path.join(OUT, "images")
@@ -362,7 +379,7 @@ def main():
     save_file({**{"decoded/" + k: v for k, v in decoded.items()}, "resize/src": rsrc,
                **{"resize/" + k: v for k, v in resized.items()}}, os.path.join(OUT, "pil_uint8.safetensors"))
 
-    templates = {"llava_hf": LLAVA_HF_TEMPLATE, "blog": BLOG_TEMPLATE, "extra": EXTRA_TEMPLATE}
+    templates = {"llava_hf": LLAVA_HF_TEMPLATE, "blog": BLOG_TEMPLATE, "extra": EXTRA_TEMPLATE, "json": JSON_TEMPLATE}
 
     # rendered text per row and template
     rendered = []

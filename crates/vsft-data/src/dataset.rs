@@ -115,6 +115,9 @@ pub trait RowSource: Send {
     fn get(&mut self, index: usize) -> Result<Row>;
     /// Contiguous ranges of rows that are cheap to read together (parquet row groups).
     fn groups(&self) -> Vec<(usize, usize)>;
+    /// How many groups will be read in an interleaved way (the shuffle window): sources
+    /// with a cache keep at least that many decoded.
+    fn set_group_window(&mut self, _groups: usize) {}
     fn describe(&self) -> String;
 }
 
@@ -406,6 +409,10 @@ impl RowSource for ParquetSource {
 
     fn describe(&self) -> String {
         format!("{} parquet file(s), {} rows", self.files.len(), self.total)
+    }
+
+    fn set_group_window(&mut self, groups: usize) {
+        self.set_cache_capacity(groups.max(self.cache_cap));
     }
 
     fn get(&mut self, index: usize) -> Result<Row> {

@@ -67,7 +67,10 @@ pub struct DataLoader {
 impl DataLoader {
     /// Starts loading `source` from `cursor` (use `Cursor { seed, epoch: 0, position: 0 }` to
     /// start; store `loader.cursor()` in checkpoints to resume after the last batch yielded).
-    pub fn new(source: Box<dyn RowSource>, processor: Arc<Processor>, cfg: LoaderConfig, cursor: Cursor) -> Self {
+    pub fn new(mut source: Box<dyn RowSource>, processor: Arc<Processor>, cfg: LoaderConfig, cursor: Cursor) -> Self {
+        if cfg.shuffle {
+            source.set_group_window(cfg.shuffle_window);
+        }
         let order = epoch_order(&source.groups(), cursor.seed, cursor.epoch, cfg.shuffle, cfg.shuffle_window);
         let epoch_len = order.len();
         let start = cursor.position.min(epoch_len);

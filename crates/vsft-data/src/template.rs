@@ -486,10 +486,19 @@ impl ImageTokenSpec {
             strategy = v.get("vision_feature_select_strategy").and_then(|x| x.as_str()).unwrap_or("").to_string();
         }
         if seq.is_none() && patch.is_none() {
+            // No processor_config.json: the model's config.json (LLaVA: image_seq_length, or
+            // the vision tower's patch size with the CLS token dropped by the "default" strategy).
             let cfg = dir.join("config.json");
             if cfg.exists() {
                 let v = read_json(&cfg)?;
                 seq = v.get("image_seq_length").and_then(|x| x.as_u64()).map(|x| x as usize);
+                if seq.is_none() {
+                    patch = v.pointer("/vision_config/patch_size").and_then(|x| x.as_u64()).map(|x| x as usize);
+                    if patch.is_some() {
+                        extra = 1; // CLIP's CLS token
+                        strategy = v.get("vision_feature_select_strategy").and_then(|x| x.as_str()).unwrap_or("default").to_string();
+                    }
+                }
             }
         }
         let image_seq_length = match (seq, patch) {

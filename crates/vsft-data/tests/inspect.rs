@@ -96,3 +96,25 @@ fn summary_reports_skips() {
     assert_eq!(s.rows_ok, 2);
     assert!(s.to_text().contains("unknown role: 1"), "{}", s.to_text());
 }
+
+#[test]
+fn image_seq_length_from_config_json_matches_processor_config() {
+    use vsft_data::template::ImageTokenSpec;
+    let r = reference();
+    let model = fx().join("model");
+    let crop = Some((r["crop"].as_u64().unwrap() as usize, r["crop"].as_u64().unwrap() as usize));
+    let from_proc = ImageTokenSpec::from_model_dir(&model, crop).unwrap();
+    assert_eq!(from_proc.image_seq_length as u64, r["image_seq_length"].as_u64().unwrap());
+    // A model dir with only config.json (LLaVA layout, vision_config.patch_size).
+    let dir = std::env::temp_dir().join(format!("vsft-data-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pc: J = serde_json::from_str(&std::fs::read_to_string(model.join("processor_config.json")).unwrap()).unwrap();
+    let cfg = serde_json::json!({"model_type": "llava", "vision_feature_select_strategy": pc["vision_feature_select_strategy"],
+        "vision_config": {"patch_size": pc["patch_size"]}});
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    assert_eq!(ImageTokenSpec::from_model_dir(&dir, crop).unwrap(), from_proc);
+    let cfg = serde_json::json!({"image_seq_length": r["image_seq_length"]});
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    assert_eq!(ImageTokenSpec::from_model_dir(&dir, crop).unwrap(), from_proc);
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -81,7 +81,7 @@ fn chat_templates_render_like_transformers() {
     let special = SpecialTokens::from_tokenizer_config(
         &serde_json::from_str(&std::fs::read_to_string(fx().join("model/tokenizer_config.json")).unwrap()).unwrap(),
     );
-    for name in ["llava_hf", "blog", "extra"] {
+    for name in ["llava_hf", "blog", "extra", "json"] {
         let src = std::fs::read_to_string(template_file(name)).unwrap();
         let t = ChatTemplate::new(&src).unwrap();
         for e in r["rendered"].as_array().unwrap() {
