@@ -518,30 +518,122 @@ struct LlavaRecord {
 pub struct LlavaJsonSource {
     path: PathBuf,
     image_root: PathBuf,
-    records: Vec<serde_json::Value>,
+    /// Byte range of each record in the file: the file is scanned once, records are parsed
+    /// on access, so memory holds 16 bytes per row, not the dataset.
+    records: Vec<(u64, u32)>,
+    file: Option<File>,
+}
+
+/// Byte ranges of the elements of a top-level JSON array (or of the non-empty lines of a
+/// JSON-lines file), found by a streaming scan that tracks strings and nesting.
+fn scan_records(path: &Path, jsonl: bool) -> Result<Vec<(u64, u32)>> {
+    use std::io::Read;
+    let f = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut out = Vec::new();
+    let (mut depth, mut in_str, mut esc) = (0i32, false, false);
+    let mut start: Option<u64> = None;
+    let mut pos: u64 = 0;
+    let mut started = jsonl; // seen the opening '[' (JSON) / always (JSON lines)
+    let jerr = |m: String| DataError::Json { path: path.to_path_buf(), msg: m };
+    loop {
+        let n = r.read(&mut buf).map_err(|e| DataError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        for &c in &buf[..n] {
+            if in_str {
+                if esc {
+                    esc = false;
+                } else if c == b'\\' {
+                    esc = true;
+                } else if c == b'"' {
+                    in_str = false;
+                }
+            } else {
+                match c {
+                    b'"' => {
+                        in_str = true;
+                        if start.is_none() && depth == 0 && started {
+                            start = Some(pos);
+                        }
+                    }
+                    b'[' | b'{' => {
+                        if !started && c == b'[' && depth == 0 {
+                            started = true;
+                        } else {
+                            if depth == 0 && start.is_none() {
+                                start = Some(pos);
+                            }
+                            depth += 1;
+                        }
+                    }
+                    b']' | b'}' => {
+                        if depth == 0 {
+                            if !jsonl && c == b']' {
+                                if let Some(s0) = start.take() {
+                                    out.push((s0, (pos - s0) as u32));
+                                }
+                                started = false;
+                            } else {
+                                return Err(jerr(format!("unbalanced `{}` at byte {pos}", c as char)));
+                            }
+                        } else {
+                            depth -= 1;
+                            if depth == 0 {
+                                if let Some(s0) = start.take() {
+                                    out.push((s0, (pos + 1 - s0) as u32));
+                                }
+                            }
+                        }
+                    }
+                    b',' | b'\n' if depth == 0 => {
+                        if let Some(s0) = start.take() {
+                            out.push((s0, (pos - s0) as u32));
+                        }
+                    }
+                    b' ' | b'\t' | b'\r' | b'\n' | b',' => {}
+                    _ => {
+                        if depth == 0 && start.is_none() && started {
+                            start = Some(pos);
+                        }
+                    }
+                }
+            }
+            pos += 1;
+        }
+    }
+    if in_str || depth != 0 {
+        return Err(jerr("truncated JSON".into()));
+    }
+    if let Some(s0) = start.take() {
+        out.push((s0, (pos - s0) as u32));
+    }
+    if !jsonl && pos > 0 && out.is_empty() && started {
+        return Ok(out);
+    }
+    Ok(out)
 }
 
 impl LlavaJsonSource {
     pub fn open(path: &Path, image_root: Option<&Path>) -> Result<Self> {
-        let s = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        let v: serde_json::Value = if path.extension().is_some_and(|e| e == "jsonl") {
-            let mut arr = Vec::new();
-            for (i, line) in s.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                arr.push(serde_json::from_str(line).map_err(|e| DataError::Json { path: path.to_path_buf(), msg: format!("line {}: {e}", i + 1) })?);
-            }
-            serde_json::Value::Array(arr)
-        } else {
-            serde_json::from_str(&s).map_err(|e| DataError::Json { path: path.to_path_buf(), msg: e.to_string() })?
-        };
-        let records = match v {
-            serde_json::Value::Array(a) => a,
-            _ => return Err(DataError::Json { path: path.to_path_buf(), msg: "expected a JSON array of records".into() }),
-        };
+        let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+        let records = scan_records(path, jsonl)?;
         let image_root = image_root.map(Path::to_path_buf).unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf());
-        Ok(LlavaJsonSource { path: path.to_path_buf(), image_root, records })
+        Ok(LlavaJsonSource { path: path.to_path_buf(), image_root, records, file: None })
+    }
+
+    fn record(&mut self, index: usize) -> Result<serde_json::Value> {
+        use std::io::{Read, Seek, SeekFrom};
+        let &(off, len) = self.records.get(index).ok_or_else(|| DataError::Other(format!("row {index} out of range")))?;
+        if self.file.is_none() {
+            self.file = Some(File::open(&self.path).map_err(|e| DataError::io(&self.path, e))?);
+        }
+        let f = self.file.as_mut().unwrap();
+        let mut buf = vec![0u8; len as usize];
+        f.seek(SeekFrom::Start(off)).and_then(|_| f.read_exact(&mut buf)).map_err(|e| DataError::io(&self.path, e))?;
+        serde_json::from_slice(&buf).map_err(|e| DataError::bad_row(&self.path, index, "", BadRowKind::WrongType, format!("invalid JSON record: {e}")))
     }
 }
 
@@ -586,10 +678,10 @@ impl RowSource for LlavaJsonSource {
         format!("LLaVA JSON {} ({} rows)", self.path.display(), self.records.len())
     }
     fn get(&mut self, index: usize) -> Result<Row> {
+        let rec = self.record(index)?;
         let path = &self.path;
         let bad = |field: String, kind: BadRowKind, msg: String| DataError::bad_row(path, index, field, kind, msg);
-        let rec = self.records.get(index).ok_or_else(|| DataError::Other(format!("row {index} out of range")))?;
-        let rec: LlavaRecord = serde_json::from_value(rec.clone()).map_err(|e| bad("".into(), BadRowKind::WrongType, e.to_string()))?;
+        let rec: LlavaRecord = serde_json::from_value(rec).map_err(|e| bad("".into(), BadRowKind::WrongType, e.to_string()))?;
         let conv = rec.conversations.ok_or_else(|| bad("conversations".into(), BadRowKind::MissingColumn, "no `conversations`".into()))?;
         let turns: Vec<LlavaTurn> = serde_json::from_value(conv).map_err(|e| bad("conversations".into(), BadRowKind::WrongType, e.to_string()))?;
         let mut tv = Vec::new();
@@ -692,4 +784,43 @@ pub fn epoch_order(groups: &[(usize, usize)], seed: u64, epoch: u64, shuffle: bo
         rng.shuffle(&mut out[start..]);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(text: &str, jsonl: bool) -> Vec<String> {
+        let p = std::env::temp_dir().join(format!("vsft-scan-{}-{}.json", std::process::id(), jsonl));
+        std::fs::write(&p, text).unwrap();
+        let r = scan_records(&p, jsonl).unwrap();
+        std::fs::remove_file(&p).ok();
+        r.iter().map(|&(o, l)| text[o as usize..o as usize + l as usize].trim().to_string()).collect()
+    }
+
+    #[test]
+    fn scans_array_elements_and_lines() {
+        let t = r#" [ {"a": "x]}\"[{", "b": [1, {"c": 2}]},
+ {"d": "é\\"} ,3, "s,t" ] "#;
+        let got = ranges(t, false);
+        assert_eq!(got, vec![r#"{"a": "x]}\"[{", "b": [1, {"c": 2}]}"#, r#"{"d": "é\\"}"#, "3", r#""s,t""#]);
+        for g in &got {
+            serde_json::from_str::<serde_json::Value>(g).unwrap();
+        }
+        let l = "{\"a\": 1}\n\n{\"b\": \"}\\n{\"}\n";
+        assert_eq!(ranges(l, true), vec!["{\"a\": 1}", "{\"b\": \"}\\n{\"}"]);
+    }
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let groups = vec![(0, 5), (5, 3), (8, 7)];
+        let a = epoch_order(&groups, 1, 0, true, 2);
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..15).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(&groups, 1, 0, true, 2));
+        assert_ne!(a, epoch_order(&groups, 1, 1, true, 2));
+        assert_ne!(a, epoch_order(&groups, 2, 0, true, 2));
+        assert_eq!(epoch_order(&groups, 1, 0, false, 2), (0..15).collect::<Vec<_>>());
+    }
 }
