@@ -17,11 +17,17 @@
 //! | `POST /api/{type}s/{repo}/commit/{rev}` | token; `application/x-ndjson`; header line first; base64 contents; lfsFile oid/size = stored object; makes a new commit sha |
 //! | `GET /api/{type}s/{repo}/revision/{rev}` | private repos need the token; `sha`, `siblings` |
 //! | `HEAD/GET {prefix}{repo}/resolve/{rev}/{path}` | regular files: 200 with `ETag`, `X-Repo-Commit`; LFS files: 302 to `/lfs-cdn/{oid}` with `X-Linked-Etag`, `X-Linked-Size` |
+//! | `GET /api/{type}s/{repo}/tree/{rev}?recursive=true` | the listing `huggingface_hub` ≥ 1.x uses (one page) |
 //! | `HEAD/GET /lfs-cdn/{oid}` | `Range: bytes=N-[M]` → 206 with `Content-Range` |
+//! | `GET /_testserver/violations` | the violations so far, for clients in another process |
 //!
 //! Fault injection: [`TestServerConfig::fail_first`] / [`TestServer::fail_next`] answer the next
 //! N requests with 503; [`TestServer::truncate_next_downloads`] cuts the next N blob downloads
 //! in the middle (full `Content-Length`, half the body, connection closed).
+//!
+//! Presigned upload URLs and the CDN live on a second port (another origin, like S3 and the
+//! CDN for the Hub), so clients must not send the token there, and `huggingface_hub` does not
+//! follow the LFS redirect (it follows same-origin ones).
 //!
 //! Bounded: it stops by itself after [`TestServerConfig::lifetime`] or
 //! [`TestServerConfig::max_connections`] connections, and when dropped. Regular-file ETags and
@@ -124,6 +130,9 @@ struct State {
 struct Shared {
     cfg: TestServerConfig,
     base: String,
+    /// Origin of the "storage" (presigned upload URLs and the download CDN): another port, so
+    /// another origin, as S3/CloudFront are for the Hub.
+    storage: String,
     state: Mutex<State>,
     stop: AtomicBool,
     fail: AtomicUsize,
@@ -227,14 +236,20 @@ fn repo_type_of(plural: &str) -> Option<RepoType> {
 impl TestServer {
     /// Starts a server on `127.0.0.1` with an ephemeral port.
     pub fn start(cfg: TestServerConfig) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let bind = || {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+            l.set_nonblocking(true).expect("nonblocking");
+            let origin = format!("http://{}", l.local_addr().unwrap());
+            (l, origin)
+        };
+        let (hub_listener, base) = bind();
+        let (storage_listener, storage) = bind();
         let shared = Arc::new(Shared {
             fail: AtomicUsize::new(cfg.fail_first),
             truncate: AtomicUsize::new(0),
             cfg,
             base,
+            storage,
             state: Mutex::new(State::default()),
             stop: AtomicBool::new(false),
         });
@@ -243,16 +258,21 @@ impl TestServer {
             let t0 = Instant::now();
             let mut conns = 0usize;
             while !sh.stop.load(Ordering::SeqCst) && t0.elapsed() < sh.cfg.lifetime && conns < sh.cfg.max_connections {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        conns += 1;
-                        let sh = sh.clone();
-                        std::thread::spawn(move || serve_conn(stream, &sh));
+                let mut idle = true;
+                for (listener, is_storage) in [(&hub_listener, false), (&storage_listener, true)] {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            idle = false;
+                            conns += 1;
+                            let sh = sh.clone();
+                            std::thread::spawn(move || serve_conn(stream, &sh, is_storage));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2))
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(2));
                 }
             }
         });
@@ -262,6 +282,11 @@ impl TestServer {
     /// `http://127.0.0.1:{port}`, to use as `HubConfig::endpoint`.
     pub fn endpoint(&self) -> String {
         self.shared.base.clone()
+    }
+
+    /// Origin of presigned upload URLs and of the download CDN (another port).
+    pub fn storage_endpoint(&self) -> String {
+        self.shared.storage.clone()
     }
 
     /// The valid token.
@@ -474,7 +499,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>
     Ok(Some(req))
 }
 
-fn serve_conn(stream: TcpStream, sh: &Shared) {
+fn serve_conn(stream: TcpStream, sh: &Shared, storage: bool) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = stream.set_nodelay(true);
     let Ok(wstream) = stream.try_clone() else { return };
@@ -494,7 +519,13 @@ fn serve_conn(stream: TcpStream, sh: &Shared) {
         {
             Response::err(503, "", "injected failure")
         } else {
-            sh.route(&req)
+            let path = req.target.split('?').next().unwrap_or("");
+            let storage_path = ["/lfs-up/", "/lfs-part/", "/lfs-cdn/"].iter().any(|p| path.starts_with(p));
+            if storage_path == storage {
+                sh.route(&req)
+            } else {
+                Response::err(404, "", "wrong origin for this path")
+            }
         };
         {
             let mut st = sh.state.lock().unwrap();
@@ -605,11 +636,15 @@ impl Shared {
                 let rev = rest.join("/");
                 match (m, *action) {
                     ("GET", "revision") => self.revision(req, rt, &id, &rev),
+                    ("GET", "tree") => self.tree(req, rt, &id, &rev),
                     ("POST", "preupload") => self.preupload(req, rt, &id, &rev),
                     ("POST", "commit") => self.commit(req, rt, &id, &rev),
                     ("POST", "branch") => self.branch(req, rt, &id, &rev),
                     _ => Response::err(404, "", "no such endpoint"),
                 }
+            }
+            ("GET", ["_testserver", "violations"]) => {
+                Response::json(200, json!(self.state.lock().unwrap().violations.clone()))
             }
             ("PUT", ["lfs-up", oid]) => self.put_basic(req, oid),
             ("PUT", ["lfs-part", oid, n]) => self.put_part(req, oid, n),
@@ -706,6 +741,58 @@ impl Shared {
         let repo = &st.repos[&(rt, id.to_string())];
         let siblings: Vec<Value> = repo.commits[&sha].keys().map(|p| json!({ "rfilename": p })).collect();
         Response::json(200, json!({ "id": id, "sha": sha, "private": repo.private, "siblings": siblings }))
+    }
+
+    /// `GET /api/{type}s/{repo}/tree/{rev}[/{path}]?recursive=…`: one page, entries as the Hub
+    /// lists them (`huggingface_hub` ≥ 1.x lists files this way in `snapshot_download`).
+    fn tree(&self, req: &Request, rt: RepoType, id: &str, rev_and_path: &str) -> Response {
+        let (rev, prefix) = match rev_and_path.split_once('/') {
+            Some((r, p)) => (r, p.trim_end_matches('/')),
+            None => (rev_and_path, ""),
+        };
+        let recursive = req.target.split('?').nth(1).is_some_and(|q| {
+            q.split('&').any(|kv| matches!(kv.to_ascii_lowercase().as_str(), "recursive=true" | "recursive=1"))
+        });
+        let st = self.state.lock().unwrap();
+        let sha = match self.readable(req, &st, rt, id, rev) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let files = &st.repos[&(rt, id.to_string())].commits[&sha];
+        let base = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for (p, e) in files {
+            let Some(rest) = p.strip_prefix(&base) else { continue };
+            if let Some((d, _)) = rest.split_once('/') {
+                if !recursive {
+                    dirs.insert(format!("{base}{d}"));
+                    continue;
+                }
+                let mut acc = base.clone();
+                for c in rest.split('/').collect::<Vec<_>>().iter().rev().skip(1).rev() {
+                    acc.push_str(c);
+                    dirs.insert(acc.clone());
+                    acc.push('/');
+                }
+            }
+            out.push(match e {
+                Entry::Regular(d) => json!({"type": "file", "oid": regular_etag(d), "size": d.len(), "path": p}),
+                Entry::Lfs(oid) => {
+                    let size = st.objects.get(oid).map(|d| d.len()).unwrap_or(0);
+                    let pointer =
+                        format!("version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n");
+                    json!({"type": "file", "oid": regular_etag(pointer.as_bytes()), "size": size, "path": p,
+                           "lfs": {"oid": oid, "size": size, "pointerSize": pointer.len()}})
+                }
+            });
+        }
+        let mut all: Vec<Value> = dirs
+            .into_iter()
+            .map(|d| json!({"type": "directory", "oid": "0".repeat(40), "size": 0, "path": d}))
+            .collect();
+        all.extend(out);
+        Response::json(200, Value::Array(all))
     }
 
     fn branch(&self, req: &Request, rt: RepoType, id: &str, branch: &str) -> Response {
@@ -825,7 +912,7 @@ impl Shared {
                 let mut header = serde_json::Map::new();
                 header.insert("chunk_size".into(), json!(chunk.to_string()));
                 for i in 1..=n {
-                    header.insert(format!("{i:05}"), json!(format!("{}/lfs-part/{oid}/{i}", self.base)));
+                    header.insert(format!("{i:05}"), json!(format!("{}/lfs-part/{oid}/{i}", self.storage)));
                 }
                 st.multipart.insert(oid.to_string(), Multipart { size, chunk, parts: BTreeMap::new() });
                 out.push(json!({"oid": oid, "size": size, "authenticated": true, "actions": {
@@ -834,7 +921,7 @@ impl Shared {
             } else {
                 st.pending_basic.insert(oid.to_string(), size);
                 out.push(json!({"oid": oid, "size": size, "authenticated": true, "actions": {
-                    "upload": {"href": format!("{}/lfs-up/{oid}", self.base)},
+                    "upload": {"href": format!("{}/lfs-up/{oid}", self.storage)},
                     "verify": verify}}));
             }
         }
@@ -1072,7 +1159,7 @@ impl Shared {
                 let size = self.state.lock().unwrap().objects.get(&oid).map(|d| d.len()).unwrap_or(0);
                 let pointer = format!("version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n");
                 Response::new(302)
-                    .h("location", format!("{}/lfs-cdn/{oid}", self.base))
+                    .h("location", format!("{}/lfs-cdn/{oid}", self.storage))
                     .h("x-repo-commit", sha)
                     .h("x-linked-etag", format!("\"{oid}\""))
                     .h("x-linked-size", size.to_string())
