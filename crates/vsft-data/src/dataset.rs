@@ -717,12 +717,27 @@ impl RowSource for LlavaJsonSource {
     }
 }
 
-/// Opens a dataset: `.json`/`.jsonl` is LLaVA JSON, anything else parquet.
+/// Opens a dataset: `.json`/`.jsonl` is LLaVA JSON, anything else parquet (a file, a
+/// directory of shards or a glob). A directory holding `train*` files and no `split` given
+/// means the `train` split.
 pub fn open_dataset(path: &str, split: Option<&str>, image_root: Option<&Path>) -> Result<Box<dyn RowSource>> {
     let p = Path::new(path);
     if p.is_file() && p.extension().is_some_and(|e| e == "json" || e == "jsonl") {
         return Ok(Box::new(LlavaJsonSource::open(p, image_root)?));
     }
+    // A directory in the hub layout without a split asked for: the `train` split.
+    let split = match split {
+        None if p.is_dir() => {
+            let all = resolve_parquet_files(path, None)?;
+            let has_train = all.iter().any(|f| f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("train")));
+            if has_train {
+                Some("train")
+            } else {
+                None
+            }
+        }
+        s => s,
+    };
     let files = resolve_parquet_files(path, split)?;
     Ok(Box::new(ParquetSource::open(files)?))
 }
