@@ -346,7 +346,12 @@ impl HubClient {
                 Ok(resp) => return Ok(resp),
                 Err(ureq::Error::Status(code, resp)) => {
                     if (code >= 500 || code == 429) && attempt < self.cfg.max_tries {
-                        std::thread::sleep(self.backoff(attempt - 1));
+                        // Rate limited: wait what the Hub asks (at most a minute), else back off.
+                        let asked = resp
+                            .header("retry-after")
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                            .map(|s| Duration::from_secs(s.min(60)));
+                        std::thread::sleep(asked.unwrap_or_else(|| self.backoff(attempt - 1)));
                         continue;
                     }
                     return Err(self.status_error(code, resp, ctx));

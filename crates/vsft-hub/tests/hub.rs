@@ -136,6 +136,10 @@ fn push_then_pull_round_trip_byte_for_byte() {
         Path::new("../../../blobs")
     );
     assert!(repo_dir.join("blobs").join(&oid).is_file());
+    // The CDN (another origin) never sees the token.
+    assert!(server.requests().iter().any(|r| r.path.starts_with("/lfs-cdn/")));
+    assert!(server.requests().iter().filter(|r| r.path.starts_with("/lfs-cdn/")).all(|r| !r.has_auth));
+    assert!(server.requests().iter().filter(|r| r.path.contains("/resolve/")).all(|r| r.has_auth));
 
     // A second pull of the same revision downloads nothing.
     let gets = count(&server, "GET", "/lfs-cdn/") + count(&server, "GET", "/me/");
