@@ -185,6 +185,10 @@ pub fn resolve_parquet_files(path: &str, split: Option<&str>) -> Result<Vec<Path
         return Err(DataError::NoData(path.to_string()));
     };
     files.retain(|f| f.extension().is_some_and(|e| e == "parquet"));
+    let name_of = |f: &PathBuf| f.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+    // Shards without split names (e.g. `part-0.parquet`) are all `train`.
+    let unsplit = !files.iter().any(|f| ["train", "test", "validation", "valid", "dev", "eval"].iter().any(|s| name_of(f).starts_with(s)));
+    let split = if unsplit && split == Some("train") { None } else { split };
     if let Some(s) = split {
         files.retain(|f| {
             let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
