@@ -3,9 +3,11 @@
 //! Data path: recipe ([`recipe`]) → batches (vsft-data) → [`trainer`] (forward, token-weighted
 //! loss, backward, clipping, [`optim`] AdamW) → [`checkpoint`] (safetensors, atomic, exact resume).
 
+pub mod checkpoint;
 pub mod error;
 pub mod optim;
 pub mod recipe;
+pub mod run;
 pub mod trainer;
 
 pub use error::TrainError;

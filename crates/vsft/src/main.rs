@@ -1,1 +1,53 @@
-fn main() {}
+//! The `vsft` command line: train, evaluate, generate, export, push and inspect data.
+//!
+//! Exit codes: 0 success, 1 an error (the message names the file, key or row), 2 a usage
+//! error, 130 training interrupted with Ctrl-C after saving a checkpoint.
+
+mod backend;
+mod cmd_data;
+mod cmd_init;
+mod cmd_train;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "vsft", version, about = "Supervised fine-tuning of LLaVA-style vision-language models", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train from a TOML recipe (stage 1 projector pretraining or stage 2 LoRA instruction tuning).
+    #[command(after_help = "Example:\n  vsft train --config recipes/llava15_instruct.toml --set train.lr=1e-4 --resume auto")]
+    Train(cmd_train::TrainArgs),
+    /// Mean loss over every label token of a dataset.
+    #[command(after_help = "Example:\n  vsft eval --model llava-hf/llava-1.5-7b-hf --adapter out/checkpoint-500 --data data/test-00000-of-00001.parquet --json")]
+    Eval(cmd_train::EvalArgs),
+    /// Write a random-initialised model in Hugging Face layout from a config in configs/.
+    #[command(after_help = "Example:\n  vsft init --config configs/tiny-llava-mha.json --tokenizer-from tests/fixtures/data/model --out /tmp/tiny")]
+    Init(cmd_init::InitArgs),
+    /// Look at what the model will be trained on.
+    #[command(subcommand)]
+    Data(cmd_data::DataCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => cmd_train::train(a),
+        Command::Eval(a) => cmd_train::eval(a),
+        Command::Init(a) => cmd_init::init(a),
+        Command::Data(c) => cmd_data::run(c),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

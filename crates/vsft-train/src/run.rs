@@ -1,0 +1,381 @@
+//! `vsft train`: the recipe, top to bottom — load the model, set up the stage (what trains),
+//! stream the data, step, log, evaluate, checkpoint, resume.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ElementConversion;
+use indicatif::{ProgressBar, ProgressStyle};
+use vsft_data::{open_dataset, Batch, CollatorConfig, Cursor, DataLoader, LoaderConfig, Processor};
+use vsft_model::lora::LoraConfig;
+use vsft_model::LlavaModel;
+
+use crate::checkpoint::{self, CheckpointContent, TrainerState};
+use crate::error::TrainError;
+use crate::optim::{lr_lambda, warmup_steps, AdamWConfig};
+use crate::recipe::{Recipe, Stage};
+use crate::trainer::{batch_tensors, OptimSettings, Trainer};
+
+/// Where to resume from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    No,
+    /// The newest complete checkpoint in `output_dir`, if any.
+    Auto,
+    Dir(PathBuf),
+}
+
+/// Local paths for what the recipe names (Hub ids already downloaded by the caller).
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub model_dir: PathBuf,
+    pub train: String,
+    pub eval: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub steps: usize,
+    pub final_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub last_checkpoint: PathBuf,
+    pub interrupted: bool,
+    pub rows_skipped: usize,
+    pub losses: Vec<f64>,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static HANDLER: Once = Once::new();
+
+fn install_ctrlc() {
+    HANDLER.call_once(|| {
+        // A second Ctrl-C while saving still kills the process (the handler only sets a flag once).
+        let _ = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    });
+}
+
+fn loader_config(recipe: &Recipe, batch_size: usize, shuffle: bool) -> Result<LoaderConfig, TrainError> {
+    let d = &recipe.data;
+    Ok(LoaderConfig {
+        batch_size,
+        collator: CollatorConfig {
+            label_mask: d.label_mask.parse().map_err(TrainError::Recipe)?,
+            max_length: Some(d.max_length),
+            pad_to_multiple_of: d.pad_to_multiple_of,
+            add_special_tokens: d.add_special_tokens,
+        },
+        shuffle,
+        num_workers: d.num_workers,
+        on_bad_row: d.on_bad_row.parse().map_err(TrainError::Recipe)?,
+        ..LoaderConfig::default()
+    })
+}
+
+/// Mean loss over every label token of a dataset, without building a graph.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub label_tokens: usize,
+    pub examples: usize,
+}
+
+pub fn evaluate<B: Backend>(model: &LlavaModel<B>, batches: impl Iterator<Item = Result<Batch, vsft_data::DataError>>) -> Result<EvalResult, TrainError> {
+    let device = model.language_model.model.norm.weight.val().device();
+    let (mut sum, mut tokens, mut examples) = (0.0f64, 0usize, 0usize);
+    for batch in batches {
+        let batch = batch?;
+        let (ids, mask, labels, pixels) = batch_tensors::<B>(&batch, &device);
+        let logits = model.forward(ids, mask, pixels)?;
+        let loss = vsft_model::loss::causal_lm_loss(logits, labels);
+        sum += loss.sum.into_scalar().elem::<f64>();
+        tokens += loss.label_tokens;
+        examples += batch.batch_size;
+    }
+    Ok(EvalResult { loss: sum / tokens.max(1) as f64, label_tokens: tokens, examples })
+}
+
+/// Loads a stage-1 projector: a checkpoint directory (its `projector.safetensors` or
+/// `adapter_model.safetensors`) or a safetensors file.
+pub fn load_projector<B: Backend>(model: &mut LlavaModel<B>, path: &Path) -> Result<(), TrainError> {
+    let file = if path.is_dir() {
+        [path.join("projector.safetensors"), path.join("adapter_model.safetensors")]
+            .into_iter()
+            .find(|p| p.exists())
+            .ok_or_else(|| TrainError::Recipe(format!("model.projector: {} has no projector.safetensors", path.display())))?
+    } else {
+        path.to_path_buf()
+    };
+    let raw = vsft_model::weights::read_tensor_file(&file)?;
+    let projector = raw
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let canonical = vsft_model::weights::canonical_name(k.strip_prefix("base_model.model.").unwrap_or(&k));
+            canonical.strip_prefix("multi_modal_projector.").map(|r| (r.to_string(), v))
+        })
+        .collect();
+    model.set_projector(&projector, &file)?;
+    Ok(())
+}
+
+struct Metrics {
+    file: std::fs::File,
+}
+
+impl Metrics {
+    fn open(dir: &Path) -> Result<Self, TrainError> {
+        let p = dir.join("metrics.jsonl");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| TrainError::io(&p, e))?;
+        Ok(Self { file })
+    }
+    fn write(&mut self, v: serde_json::Value) {
+        let _ = writeln!(self.file, "{v}");
+        let _ = self.file.flush();
+    }
+}
+
+/// Runs (or resumes) the training a recipe describes.
+pub fn train<B: AutodiffBackend>(recipe: &Recipe, inputs: &Inputs, resume: Resume, device: &B::Device) -> Result<RunSummary, TrainError> {
+    install_ctrlc();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    let t = &recipe.train;
+    let out = recipe.output_dir();
+    std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+    let recipe_toml = recipe.to_toml();
+    std::fs::write(out.join("recipe.toml"), &recipe_toml).map_err(|e| TrainError::io(&out, e))?;
+
+    // Model and stage.
+    eprintln!("vsft: loading {}", inputs.model_dir.display());
+    let mut model = LlavaModel::<B>::load(&inputs.model_dir, device)?;
+    if let Some(p) = &recipe.model.projector {
+        load_projector(&mut model, Path::new(p))?;
+        eprintln!("vsft: projector from {p}");
+    }
+    let lora_cfg = LoraConfig {
+        r: recipe.lora.r,
+        alpha: recipe.lora.alpha,
+        dropout: recipe.lora.dropout,
+        target_modules: recipe.lora.target_modules.clone(),
+        rslora: recipe.lora.rslora,
+    };
+    let targeted = if t.stage == Stage::Instruct { model.add_lora(&lora_cfg, t.seed)? } else { Vec::new() };
+    let settings = OptimSettings {
+        lr: t.lr,
+        projector_lr: t.projector_lr,
+        weight_decay: t.weight_decay,
+        adam: AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_eps },
+        max_grad_norm: t.max_grad_norm,
+        seed: t.seed,
+    };
+    let mut trainer = Trainer::new(model, t.stage, settings)?;
+    eprintln!("vsft: stage {:?}", t.stage);
+    for g in trainer.group_report() {
+        match g.lr {
+            Some(lr) if g.trains => eprintln!("  {:<24} trains  {:>12} params  lr {lr:e}", g.name, g.params),
+            _ => eprintln!("  {:<24} frozen  {:>12} params", g.name, g.params),
+        }
+    }
+
+    // Data.
+    let chat_template = recipe.data.chat_template.as_deref().map(Path::new);
+    let processor = Arc::new(Processor::from_model_dir(&inputs.model_dir, chat_template)?);
+    let image_root = recipe.data.image_folder.as_deref().map(Path::new);
+    let open_train = || open_dataset(&inputs.train, Some("train"), image_root);
+    let rows = open_train()?.len();
+    let lcfg = loader_config(recipe, t.batch_size, t.shuffle)?;
+    let batches_per_epoch = rows.div_ceil(t.batch_size).max(1);
+    let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum).max(1);
+    let total_steps = if t.max_steps > 0 { t.max_steps } else { t.epochs * steps_per_epoch };
+    let warmup = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio);
+    eprintln!(
+        "vsft: {rows} rows, {steps_per_epoch} steps per epoch, {total_steps} steps, batch {}×{} (global {}), warmup {warmup}",
+        t.batch_size,
+        t.grad_accum,
+        t.batch_size * t.grad_accum
+    );
+
+    // Resume.
+    let mut state = TrainerState {
+        global_step: 0,
+        total_steps,
+        epoch: 0.0,
+        cursor: Cursor { seed: t.seed, epoch: 0, position: 0 },
+        optimizer_step: 0,
+        stage: t.stage,
+        trainable_fingerprint: recipe.trainable_fingerprint(),
+        trainable: trainer.trainable.keys().cloned().collect(),
+        rows_skipped: 0,
+        batches_all_masked: 0,
+        last_loss: None,
+        last_eval_loss: None,
+        base_model: recipe.model.path.clone(),
+    };
+    let resume_dir = match resume {
+        Resume::No => None,
+        Resume::Auto => checkpoint::latest_checkpoint(&out),
+        Resume::Dir(d) => Some(d),
+    };
+    if let Some(dir) = resume_dir {
+        let saved = checkpoint::read_state(&dir)?;
+        if saved.trainable_fingerprint != state.trainable_fingerprint {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: the recipe changes what is trained: checkpoint {} vs recipe {}",
+                dir.display(),
+                saved.trainable_fingerprint,
+                state.trainable_fingerprint
+            )));
+        }
+        checkpoint::restore(&dir, &mut trainer, &saved)?;
+        eprintln!("vsft: resumed from {} (step {})", dir.display(), saved.global_step);
+        state = TrainerState { total_steps, ..saved };
+    }
+
+    let mut metrics = Metrics::open(&out)?;
+    let bar = ProgressBar::new(total_steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+            .expect("template"),
+    );
+    bar.set_position(state.global_step as u64);
+    let started = Instant::now();
+    let mut window = (0.0f64, 0usize, 0usize, 0usize, Instant::now()); // loss sum, steps, tokens, samples, since
+    let mut losses = Vec::new();
+    let mut loader = DataLoader::new(open_train()?, processor.clone(), lcfg.clone(), state.cursor);
+    let mut skips = vsft_data::SkipStats::default();
+    let rows_skipped_before = state.rows_skipped;
+    let mut interrupted = false;
+    'steps: while state.global_step < total_steps {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        let mut micro = Vec::with_capacity(t.grad_accum);
+        while micro.len() < t.grad_accum {
+            match loader.next() {
+                Some(batch) => {
+                    let batch = batch?;
+                    if batch.all_labels_masked {
+                        state.batches_all_masked += 1;
+                        bar.println(format!("vsft: warning: a batch of rows {:?} has no label tokens; not trained on", batch.rows));
+                        continue;
+                    }
+                    micro.push(batch);
+                }
+                None => {
+                    let next = Cursor { seed: t.seed, epoch: state.cursor.epoch + 1, position: 0 };
+                    let done = t.max_steps == 0 && next.epoch as usize >= t.epochs;
+                    if !done {
+                        skips.merge(loader.skipped());
+                        loader = DataLoader::new(open_train()?, processor.clone(), lcfg.clone(), next);
+                        state.cursor = next;
+                    }
+                    // The epoch's last step may be short, as in transformers.
+                    if !micro.is_empty() {
+                        break;
+                    }
+                    if done || rows == 0 {
+                        break 'steps;
+                    }
+                }
+            }
+        }
+        if micro.is_empty() {
+            break;
+        }
+        let lr = t.lr * lr_lambda(t.scheduler, state.global_step, warmup, total_steps);
+        let stats = trainer.step(&micro, lr, state.global_step, t.on_nan == "skip")?;
+        state.global_step += 1;
+        state.optimizer_step = trainer.optimizer.step;
+        state.cursor = loader.cursor();
+        state.epoch = state.cursor.epoch as f64 + state.cursor.position as f64 / rows.max(1) as f64;
+        let Some(stats) = stats else {
+            bar.println(format!("vsft: step {}: non-finite loss, step skipped", state.global_step));
+            continue;
+        };
+        losses.push(stats.loss);
+        state.last_loss = Some(stats.loss);
+        window.0 += stats.loss;
+        window.1 += 1;
+        window.2 += stats.tokens;
+        window.3 += stats.samples;
+        bar.set_position(state.global_step as u64);
+        let secs = window.4.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("loss {:.4}  lr {lr:.2e}  {:.0} tok/s", stats.loss, window.2 as f64 / secs));
+        if state.global_step % t.log_steps.max(1) == 0 || state.global_step == total_steps {
+            metrics.write(serde_json::json!({
+                "step": state.global_step, "epoch": state.epoch, "loss": window.0 / window.1 as f64, "lr": lr,
+                "grad_norm": stats.grad_norm, "tokens_per_s": window.2 as f64 / secs,
+                "samples_per_s": window.3 as f64 / secs, "elapsed_s": started.elapsed().as_secs_f64(),
+            }));
+            window = (0.0, 0, 0, 0, Instant::now());
+        }
+        if t.eval_steps > 0 && state.global_step % t.eval_steps == 0 {
+            if let Some(eval) = &inputs.eval {
+                let r = run_eval(&trainer, recipe, eval, &processor)?;
+                state.last_eval_loss = Some(r.loss);
+                metrics.write(serde_json::json!({"step": state.global_step, "epoch": state.epoch, "eval_loss": r.loss, "eval_label_tokens": r.label_tokens}));
+                bar.println(format!("vsft: step {}: eval loss {:.4}", state.global_step, r.loss));
+            }
+        }
+        if t.save_steps > 0 && state.global_step % t.save_steps == 0 && state.global_step < total_steps {
+            save(&out, &trainer, &state, &lora_cfg, &targeted, &recipe_toml, t.save_total_limit)?;
+        }
+    }
+    bar.finish_and_clear();
+    skips.merge(loader.skipped());
+    state.rows_skipped = rows_skipped_before + skips.total();
+    if !interrupted {
+        if let Some(eval) = &inputs.eval {
+            let r = run_eval(&trainer, recipe, eval, &processor)?;
+            state.last_eval_loss = Some(r.loss);
+            metrics.write(serde_json::json!({"step": state.global_step, "epoch": state.epoch, "eval_loss": r.loss, "eval_label_tokens": r.label_tokens}));
+        }
+    }
+    let last_checkpoint = save(&out, &trainer, &state, &lora_cfg, &targeted, &recipe_toml, t.save_total_limit)?;
+    if interrupted {
+        eprintln!("vsft: interrupted: saved {} (resume with --resume auto)", last_checkpoint.display());
+    }
+    if state.rows_skipped > 0 {
+        eprintln!("vsft: {} rows skipped:\n{}", state.rows_skipped, skips.report());
+    }
+    if state.batches_all_masked > 0 {
+        eprintln!("vsft: {} batches had no label tokens and were not trained on", state.batches_all_masked);
+    }
+    Ok(RunSummary {
+        steps: state.global_step,
+        final_loss: state.last_loss,
+        final_eval_loss: state.last_eval_loss,
+        last_checkpoint,
+        interrupted,
+        rows_skipped: state.rows_skipped,
+        losses,
+    })
+}
+
+fn save<B: AutodiffBackend>(
+    out: &Path,
+    trainer: &Trainer<B>,
+    state: &TrainerState,
+    lora: &LoraConfig,
+    targeted: &[String],
+    recipe_toml: &str,
+    limit: usize,
+) -> Result<PathBuf, TrainError> {
+    let lora = (!targeted.is_empty()).then_some((lora, targeted));
+    checkpoint::save(out, CheckpointContent { trainer, state, lora, recipe_toml }, limit)
+}
+
+fn run_eval<B: AutodiffBackend>(trainer: &Trainer<B>, recipe: &Recipe, eval: &str, processor: &Arc<Processor>) -> Result<EvalResult, TrainError> {
+    let source = open_dataset(eval, Some("test"), recipe.data.image_folder.as_deref().map(Path::new))?;
+    let cfg = loader_config(recipe, recipe.train.batch_size, false)?;
+    let loader = DataLoader::new(source, processor.clone(), cfg, Cursor::default());
+    evaluate(&trainer.model.valid(), loader)
+}

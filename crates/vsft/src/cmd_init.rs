@@ -1,0 +1,77 @@
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use vsft_model::{LlavaConfig, LlavaModel, StoredDtype};
+
+use crate::backend::{device, Compute};
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// A LLaVA config.json (see configs/).
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Copy tokenizer.json, tokenizer_config.json and the chat template from this directory.
+    #[arg(long)]
+    pub tokenizer_from: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Storage dtype: float32, bfloat16 or float16.
+    #[arg(long, default_value = "float32")]
+    pub dtype: String,
+    /// Shard size, e.g. 5GB.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+}
+
+pub const TOKENIZER_FILES: [&str; 5] =
+    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json"];
+
+/// `preprocessor_config.json` and `processor_config.json` that match a model's vision config.
+pub fn write_processor_files(cfg: &LlavaConfig, dir: &Path) -> Result<()> {
+    let size = cfg.vision_config.image_size;
+    let image_processor = serde_json::json!({
+        "crop_size": {"height": size, "width": size}, "do_center_crop": true, "do_convert_rgb": true,
+        "do_normalize": true, "do_rescale": true, "do_resize": true,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1.0 / 255.0,
+        "size": {"shortest_edge": size}, "processor_class": "LlavaProcessor"
+    });
+    let strategy = serde_json::to_value(cfg.vision_feature_select_strategy)?;
+    let processor = serde_json::json!({
+        "image_processor": image_processor, "image_token": "<image>", "num_additional_image_tokens": 1,
+        "patch_size": cfg.vision_config.patch_size, "processor_class": "LlavaProcessor",
+        "vision_feature_select_strategy": strategy
+    });
+    std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&image_processor)?)?;
+    std::fs::write(dir.join("processor_config.json"), serde_json::to_string_pretty(&processor)?)?;
+    Ok(())
+}
+
+pub fn init(a: InitArgs) -> Result<ExitCode> {
+    let cfg = LlavaConfig::from_file(&a.config)?;
+    let dtype = StoredDtype::from_torch_name(&a.dtype).with_context(|| format!("--dtype {}: use float32, bfloat16 or float16", a.dtype))?;
+    let shard = vsft_model::weights::parse_size(&a.max_shard_size).with_context(|| format!("--max-shard-size {}", a.max_shard_size))?;
+    std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+    let model = LlavaModel::<Compute>::random(&cfg, a.seed, &device());
+    model.save(&a.out, dtype, shard)?;
+    write_processor_files(&cfg, &a.out)?;
+    if let Some(src) = &a.tokenizer_from {
+        let mut copied = 0;
+        for f in TOKENIZER_FILES {
+            if src.join(f).exists() {
+                std::fs::copy(src.join(f), a.out.join(f)).with_context(|| src.join(f).display().to_string())?;
+                copied += 1;
+            }
+        }
+        if !src.join("tokenizer.json").exists() {
+            bail!("{}: no tokenizer.json", src.display());
+        }
+        eprintln!("vsft: copied {copied} tokenizer files from {}", src.display());
+    }
+    eprintln!("vsft: wrote a random {} model to {}", cfg.model_type, a.out.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,149 @@
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use vsft_data::{open_dataset, CollatorConfig, Cursor, DataLoader, LoaderConfig, Processor};
+use vsft_model::LlavaModel;
+use vsft_train::run::{evaluate, Inputs, Resume};
+use vsft_train::Recipe;
+
+use crate::backend::{device, Compute, Train};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The recipe (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a recipe key: `--set train.lr=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// `auto` (newest complete checkpoint in output_dir) or a checkpoint directory.
+    #[arg(long)]
+    pub resume: Option<String>,
+}
+
+/// A local path, or a Hub id downloaded into the Hugging Face cache.
+pub fn resolve_model(path: &str) -> Result<PathBuf> {
+    if Path::new(path).exists() {
+        return Ok(PathBuf::from(path));
+    }
+    vsft_hub::resolve_model_path(path).with_context(|| format!("model {path:?} is neither a local directory nor a Hub model id"))
+}
+
+pub fn resolve_data(path: &str, split: &str) -> Result<String> {
+    if Path::new(path).exists() || path.contains('*') {
+        return Ok(path.to_string());
+    }
+    let p = vsft_hub::resolve_dataset_path(path, split)
+        .with_context(|| format!("data {path:?} is neither a local path nor a Hub dataset id"))?;
+    Ok(p.display().to_string())
+}
+
+pub fn train(a: TrainArgs) -> Result<ExitCode> {
+    let recipe = Recipe::from_file(&a.config, &a.set)?;
+    let inputs = Inputs {
+        model_dir: resolve_model(&recipe.model.path)?,
+        train: resolve_data(&recipe.data.train, "train")?,
+        eval: recipe.data.eval.as_deref().map(|e| resolve_data(e, "test")).transpose()?,
+    };
+    let resume = match a.resume.as_deref() {
+        None => Resume::No,
+        Some("auto") => Resume::Auto,
+        Some(dir) => Resume::Dir(PathBuf::from(dir)),
+    };
+    eprintln!("vsft: backend {}", crate::backend::name());
+    let summary = vsft_train::run::train::<Train>(&recipe, &inputs, resume, &device())?;
+    eprintln!(
+        "vsft: {} steps, final loss {}, checkpoint {}",
+        summary.steps,
+        summary.final_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+        summary.last_checkpoint.display()
+    );
+    if summary.interrupted {
+        return Ok(ExitCode::from(130));
+    }
+    if let Some(repo) = &recipe.hub.repo {
+        crate::cmd_train::push_checkpoint(&summary.last_checkpoint, repo, recipe.hub.private)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn push_checkpoint(dir: &Path, repo: &str, private: bool) -> Result<()> {
+    let client = vsft_hub::HubClient::from_env();
+    let opts = vsft_hub::PushOptions { private, message: Some(format!("vsft: upload {}", dir.display())), ..Default::default() };
+    let info = client.push_folder(dir, repo, &opts)?;
+    eprintln!("vsft: pushed {} to {repo}: {}", dir.display(), info.commit_url);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model directory or Hub id.
+    #[arg(long)]
+    pub model: String,
+    /// A LoRA adapter (vsft checkpoint or export, or a PEFT adapter directory).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Parquet file/directory/glob, LLaVA JSON, or Hub dataset id.
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value = "pad")]
+    pub label_mask: String,
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// Split of a Hub-layout dataset directory (`data/test-*.parquet`); `all` takes every file.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Folder of images for LLaVA JSON data.
+    #[arg(long)]
+    pub image_folder: Option<PathBuf>,
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+    /// Print `{"loss", "label_tokens", "examples"}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn eval(a: EvalArgs) -> Result<ExitCode> {
+    let model_dir = resolve_model(&a.model)?;
+    let mut model = LlavaModel::<Compute>::load(&model_dir, &device())?;
+    if let Some(adapter) = &a.adapter {
+        load_adapter_or_projector(&mut model, adapter)?;
+    }
+    let processor = Arc::new(Processor::from_model_dir(&model_dir, a.chat_template.as_deref())?);
+    let data = resolve_data(&a.data, &a.split)?;
+    let split = (a.split != "all").then_some(a.split.as_str());
+    let source = open_dataset(&data, split, a.image_folder.as_deref())?;
+    let cfg = LoaderConfig {
+        batch_size: a.batch_size,
+        collator: CollatorConfig {
+            label_mask: a.label_mask.parse().map_err(anyhow::Error::msg)?,
+            max_length: Some(a.max_length),
+            ..Default::default()
+        },
+        shuffle: false,
+        ..Default::default()
+    };
+    let loader = DataLoader::new(source, processor, cfg, Cursor::default());
+    let r = evaluate(&model, loader)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("loss {:.6} over {} label tokens in {} examples", r.loss, r.label_tokens, r.examples);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--adapter DIR`: a LoRA adapter (with `adapter_config.json`) or a stage-1 checkpoint's projector.
+pub fn load_adapter_or_projector<B: burn::tensor::backend::Backend>(model: &mut LlavaModel<B>, dir: &Path) -> Result<()> {
+    if dir.join("adapter_config.json").exists() {
+        model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?;
+    } else {
+        vsft_train::run::load_projector(model, dir).with_context(|| format!("loading projector {}", dir.display()))?;
+    }
+    Ok(())
+}
