@@ -6,13 +6,14 @@
 //! ## Features
 //! - **Configuration** ([`HubConfig::from_env`]): `HF_ENDPOINT`; token from `HF_TOKEN` →
 //!   `HUGGING_FACE_HUB_TOKEN` → file `$HF_TOKEN_PATH` / `$HF_HOME/token`; cache `HF_HUB_CACHE`
-//!   or `$HF_HOME/hub`; `HF_HUB_OFFLINE`; `HF_HUB_DISABLE_PROGRESS_BARS`. Tests build a
+//!   or `$HF_HOME/hub`; `HF_HUB_OFFLINE`; `HF_HUB_DISABLE_PROGRESS_BARS`; `HTTPS_PROXY`. Tests build a
 //!   [`HubConfig`] explicitly instead.
-//! - **Retries**: 5xx, 429 and connection errors are retried with exponential backoff
-//!   ([`HubConfig::max_tries`], default 5). 401/403/404 become errors that say what to do.
+//! - **Retries**: 5xx, 429 (honouring `Retry-After`) and connection errors are retried with
+//!   exponential backoff ([`HubConfig::max_tries`], default 5), interrupted downloads resume. 401/403/404 become errors that say what to do.
 //! - **Push** ([`HubClient::push_folder`]): create repo (existing is fine), create branch,
-//!   preupload (base64 samples, 256 files a request; unchanged files skipped), Git LFS batch with `basic` and
-//!   `multipart` transfers plus verify, then one NDJSON commit. Progress bar for uploads.
+//!   preupload (base64 samples, 256 files a request; unchanged files skipped), Git LFS batch
+//!   with `basic` and `multipart` transfers plus verify, then one NDJSON commit. Progress bar
+//!   for uploads.
 //! - **Pull** ([`HubClient::snapshot_download`], [`HubClient::download_file`]): into
 //!   `{cache}/{models|datasets}--owner--name/{blobs,snapshots/<commit>,refs}` with relative
 //!   symlinks, exactly the Python layout; `ETag`/`X-Linked-Etag`/`X-Repo-Commit` handling;
@@ -41,12 +42,18 @@
 //! Other crates' tests get the server with
 //! `vsft-hub = { path = "../vsft-hub", features = ["test-server"] }` in `[dev-dependencies]`.
 //!
+//! ## Verified against
+//! The loopback test server, and (test `python_interop`, when `python3` has it) the Python
+//! `huggingface_hub` client: its `upload_folder` passes the server's checks, it downloads what
+//! vsft pushed, and each side reads the other's cache. Never run against huggingface.co here.
+//!
 //! ## Limits
-//! - No Xet upload/download (the Hub accepts LFS from non-Xet clients); no `create_pr` or
-//!   deletions in pushes (files unchanged at the revision are skipped, and a push that changes
-//!   nothing makes no commit); files are transferred one at a time; no file locks between processes
-//!   downloading the same blob at once; dataset splits come from file names, not from the
-//!   `configs:` of the dataset card.
+//! - No Xet upload/download (the Hub accepts LFS from non-Xet clients).
+//! - Pushes: no `create_pr`, no deletions; files unchanged at the revision are skipped and a
+//!   push that changes nothing makes no commit; creating a Space needs its SDK (not sent).
+//! - Files are transferred one at a time; no file locks between processes downloading the same
+//!   blob at once; the `trees/` listing cache of `huggingface_hub` ≥ 2 is not written.
+//! - Dataset splits come from file names, not from the `configs:` of the dataset card.
 
 mod client;
 mod error;
