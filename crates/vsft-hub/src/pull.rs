@@ -460,11 +460,21 @@ impl HubClient {
         Ok(out)
     }
 
-    /// The parquet files of `split` in a dataset repo (see [`in_split`]), sorted; an error
+    /// The parquet files of `split` in a dataset repo (see [`in_split`]; in a repo whose shards
+    /// carry no split name, they all are `train`, as vsft-data reads them), sorted; an error
     /// naming the available splits when there are none. Works offline from the cache.
     pub fn dataset_split_files(&self, repo_id: &str, revision: Option<&str>, split: &str) -> Result<Vec<String>> {
         let all = self.dataset_files(repo_id, revision)?;
-        let files: Vec<String> = all.iter().filter(|f| in_split(f, split)).cloned().collect();
+        // As vsft-data: shards without split names (`part-0.parquet`) are all `train`.
+        let unsplit = !all.iter().any(|f| {
+            let name = f.rsplit('/').next().unwrap_or(f);
+            ["train", "test", "validation", "valid", "dev", "eval"].iter().any(|s| name.starts_with(s))
+        });
+        let files: Vec<String> = if unsplit && split == "train" {
+            all.clone()
+        } else {
+            all.iter().filter(|f| in_split(f, split)).cloned().collect()
+        };
         if files.is_empty() {
             let mut splits: Vec<String> = all.iter().filter_map(|f| split_of(f)).collect();
             splits.sort();

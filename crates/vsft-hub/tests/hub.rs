@@ -412,6 +412,14 @@ fn dataset_split_discovery_pulls_only_that_split() {
     assert_eq!(hub.resolve_dataset_path("HuggingFaceH4/tiny-vsft", "test").unwrap(), snap);
     assert_eq!(std::fs::read(snap.join("data/test-00000-of-00001.parquet")).unwrap(), e0);
 
+    // Shards without split names are all `train` (as vsft-data reads a local directory).
+    server.seed(RepoType::Dataset, "org/unsplit", &[("data/part-0.parquet", &t0), ("data/part-1.parquet", &t1)]);
+    assert_eq!(
+        hub.dataset_split_files("org/unsplit", None, "train").unwrap(),
+        vec!["data/part-0.parquet", "data/part-1.parquet"]
+    );
+    assert!(hub.dataset_split_files("org/unsplit", None, "test").is_err());
+
     let err = hub.dataset_split_files("HuggingFaceH4/tiny-vsft", None, "validation").unwrap_err();
     assert!(err.to_string().contains("test, train"), "{err}");
     assert_eq!(server.violations(), Vec::<String>::new());
