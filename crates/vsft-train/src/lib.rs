@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod export;
 pub mod optim;
 pub mod recipe;
 pub mod run;

@@ -5,6 +5,7 @@
 
 mod backend;
 mod cmd_data;
+mod cmd_export;
 mod cmd_init;
 mod cmd_train;
 
@@ -30,6 +31,15 @@ enum Command {
     /// Write a random-initialised model in Hugging Face layout from a config in configs/.
     #[command(after_help = "Example:\n  vsft init --config configs/tiny-llava-mha.json --tokenizer-from tests/fixtures/data/model --out /tmp/tiny")]
     Init(cmd_init::InitArgs),
+    /// Export a checkpoint: a PEFT adapter (or stage-1 projector), or with --merge a full model.
+    #[command(after_help = "Examples:\n  vsft export --checkpoint out/llava15-instruct/checkpoint-2000 --out out/lora\n  vsft export --checkpoint out/llava15-instruct/checkpoint-2000 --out out/merged --merge --dtype bfloat16")]
+    Export(cmd_export::ExportArgs),
+    /// Upload a directory to the Hugging Face Hub (token from HF_TOKEN or $HF_HOME/token).
+    #[command(after_help = "Example:\n  vsft push out/lora --repo you/llava-1.5-7b-lora --private")]
+    Push(cmd_export::PushArgs),
+    /// Write a model's logits on given inputs (for parity checks).
+    #[command(hide = true)]
+    Logits(cmd_export::LogitsArgs),
     /// Look at what the model will be trained on.
     #[command(subcommand)]
     Data(cmd_data::DataCommand),
@@ -42,6 +52,9 @@ fn main() -> ExitCode {
         Command::Eval(a) => cmd_train::eval(a),
         Command::Init(a) => cmd_init::init(a),
         Command::Data(c) => cmd_data::run(c),
+        Command::Export(a) => cmd_export::export(a),
+        Command::Push(a) => cmd_export::push(a),
+        Command::Logits(a) => cmd_export::logits(a),
     };
     match result {
         Ok(code) => code,
