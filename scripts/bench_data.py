@@ -67,26 +67,35 @@ def main():
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     model = bench_model_dir()
     data_dir = os.path.join(FX, "llava_instruct_mix", "data")
     files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.startswith("train-"))
-    py = bench_python(model, files, a.samples, a.batch)
-    print(json.dumps(py))
     subprocess.run(["cargo", "build", "-q", "--release", "-p", "vsft-data", "--example", "bench_data"], cwd=ROOT, check=True)
     exe = os.path.join(ROOT, "target", "release", "examples", "bench_data")
-    results = []
-    for w in sorted({0, a.workers}):
-        out = subprocess.run([exe, model, os.path.join(data_dir, "train-*.parquet"), str(a.samples), str(a.batch), str(w)],
-                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        r = json.loads(out)
-        print(json.dumps(r))
-        results.append(r)
-    best = max(results, key=lambda r: r["samples_per_s"])
-    assert best["tokens"] == py["tokens"], (best["tokens"], py["tokens"])
-    print(json.dumps({"ratio": round(best["samples_per_s"] / py["samples_per_s"], 2),
-                      "vsft_samples_per_s": best["samples_per_s"], "hf_samples_per_s": py["samples_per_s"],
-                      "cores": os.cpu_count()}))
+    # Alternate the two sides for a few rounds and keep the best of each: the machine is
+    # shared, and interference only ever slows a run down.
+    best_py, best_rs = None, {}
+    for _ in range(a.rounds):
+        py = bench_python(model, files, a.samples, a.batch)
+        print(json.dumps(py), flush=True)
+        if best_py is None or py["samples_per_s"] > best_py["samples_per_s"]:
+            best_py = py
+        for w in sorted({0, a.workers}):
+            out = subprocess.run([exe, model, os.path.join(data_dir, "train-*.parquet"), str(a.samples), str(a.batch), str(w)],
+                                 check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            print(json.dumps(r), flush=True)
+            assert r["tokens"] == py["tokens"], (r["tokens"], py["tokens"])
+            if w not in best_rs or r["samples_per_s"] > best_rs[w]["samples_per_s"]:
+                best_rs[w] = r
+    best = max(best_rs.values(), key=lambda r: r["samples_per_s"])
+    print(json.dumps({"ratio": round(best["samples_per_s"] / best_py["samples_per_s"], 2),
+                      "vsft_samples_per_s": best["samples_per_s"], "vsft_workers": best["workers"],
+                      "single_thread_ratio": round(best_rs[0]["samples_per_s"] / best_py["samples_per_s"], 2),
+                      "hf_samples_per_s": best_py["samples_per_s"], "cores": os.cpu_count(),
+                      "loadavg": os.getloadavg()}))
 
 
 if __name__ == "__main__":

@@ -578,18 +578,48 @@ pub fn decode(data: &[u8]) -> R<(usize, usize, Vec<u8>)> {
         }
         return Ok((width, height, out));
     }
-    let t = ycc_tables();
-    for i in 0..width * height {
-        let y = planes[0][i] as i32;
-        let cb = planes[1][i] as usize;
-        let cr = planes[2][i] as usize;
-        out[3 * i] = (y + t.cr_r[cr]).clamp(0, 255) as u8;
-        out[3 * i + 1] = (y + ((t.cb_g[cb] + t.cr_g[cr]) >> 16) as i32).clamp(0, 255) as u8;
-        out[3 * i + 2] = (y + t.cb_b[cb]).clamp(0, 255) as u8;
-    }
+    ycc_to_rgb(&planes[0], &planes[1], &planes[2], &mut out);
     Ok((width, height, out))
 }
 
+// jdcolor.c's tables, computed inline (identical values; vectorisable).
+const FIX_1_40200: i32 = 91881; // FIX(1.40200) = (int)(1.402 * 65536 + 0.5)
+const FIX_1_77200: i32 = 116130;
+const FIX_0_71414: i32 = 46802;
+const FIX_0_34414: i32 = 22554;
+
+#[inline(always)]
+fn ycc_to_rgb_impl(yp: &[u8], cbp: &[u8], crp: &[u8], out: &mut [u8]) {
+    const HALF: i32 = 1 << 15;
+    for (((o, &y), &cb), &cr) in out.chunks_exact_mut(3).zip(yp).zip(cbp).zip(crp) {
+        let (y, cb, cr) = (y as i32, cb as i32 - 128, cr as i32 - 128);
+        let r = y + ((FIX_1_40200 * cr + HALF) >> 16);
+        let g = y + ((-FIX_0_34414 * cb + HALF - FIX_0_71414 * cr) >> 16);
+        let b = y + ((FIX_1_77200 * cb + HALF) >> 16);
+        o[0] = r.clamp(0, 255) as u8;
+        o[1] = g.clamp(0, 255) as u8;
+        o[2] = b.clamp(0, 255) as u8;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn ycc_to_rgb_avx2(yp: &[u8], cbp: &[u8], crp: &[u8], out: &mut [u8]) {
+    ycc_to_rgb_impl(yp, cbp, crp, out)
+}
+
+fn ycc_to_rgb(yp: &[u8], cbp: &[u8], crp: &[u8], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is available (checked above).
+            return unsafe { ycc_to_rgb_avx2(yp, cbp, crp, out) };
+        }
+    }
+    ycc_to_rgb_impl(yp, cbp, crp, out)
+}
+
+#[allow(dead_code)]
 struct YccTables {
     cr_r: [i32; 256],
     cb_b: [i32; 256],
@@ -597,6 +627,7 @@ struct YccTables {
     cb_g: [i64; 256],
 }
 
+#[allow(dead_code)]
 fn ycc_tables() -> YccTables {
     const SCALEBITS: i64 = 16;
     const ONE_HALF: i64 = 1 << (SCALEBITS - 1);
@@ -612,8 +643,26 @@ fn ycc_tables() -> YccTables {
     t
 }
 
-/// libjpeg-turbo's fancy upsampling of one component to full size (cropped to width x height).
 fn upsample(c: &Comp, hmax: usize, vmax: usize, width: usize, height: usize) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is available (checked above).
+            return unsafe { upsample_avx2(c, hmax, vmax, width, height) };
+        }
+    }
+    upsample_impl(c, hmax, vmax, width, height)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn upsample_avx2(c: &Comp, hmax: usize, vmax: usize, width: usize, height: usize) -> Vec<u8> {
+    upsample_impl(c, hmax, vmax, width, height)
+}
+
+/// libjpeg-turbo's fancy upsampling of one component to full size (cropped to width x height).
+#[inline(always)]
+fn upsample_impl(c: &Comp, hmax: usize, vmax: usize, width: usize, height: usize) -> Vec<u8> {
     let (hf, vf) = (hmax / c.h, vmax / c.v);
     let mut out = vec![0u8; width * height];
     let row = |r: usize| -> &[u8] {
@@ -679,6 +728,7 @@ fn upsample(c: &Comp, hmax: usize, vmax: usize, width: usize, height: usize) -> 
     out
 }
 
+#[inline(always)]
 fn h2v1_fancy(inp: &[u8], out: &mut [u8]) {
     let n = inp.len();
     let v = inp[0] as i32;
@@ -694,24 +744,20 @@ fn h2v1_fancy(inp: &[u8], out: &mut [u8]) {
     out[2 * (n - 1) + 1] = v as u8;
 }
 
+#[inline(always)]
 fn h2v2_fancy_row(inp0: &[u8], inp1: &[u8], out: &mut [u8]) {
     let n = inp0.len();
-    let col = |i: usize| inp0[i] as i32 * 3 + inp1[i] as i32;
-    let mut this = col(0);
-    let mut next = col(1);
-    out[0] = ((this * 4 + 8) >> 4) as u8;
-    out[1] = ((this * 3 + next + 7) >> 4) as u8;
-    let mut last = this;
-    this = next;
-    for i in 1..n - 1 {
-        next = col(i + 1);
-        out[2 * i] = ((this * 3 + last + 8) >> 4) as u8;
-        out[2 * i + 1] = ((this * 3 + next + 7) >> 4) as u8;
-        last = this;
-        this = next;
+    let col: Vec<i32> = inp0.iter().zip(inp1).map(|(&a, &b)| a as i32 * 3 + b as i32).collect();
+    out[0] = ((col[0] * 4 + 8) >> 4) as u8;
+    out[1] = ((col[0] * 3 + col[1] + 7) >> 4) as u8;
+    for ((o, w), i) in out[2..2 * (n - 1)].chunks_exact_mut(2).zip(col.windows(3)).zip(1..) {
+        let _ = i;
+        let this = w[1] * 3;
+        o[0] = ((this + w[0] + 8) >> 4) as u8;
+        o[1] = ((this + w[2] + 7) >> 4) as u8;
     }
-    out[2 * (n - 1)] = ((this * 3 + last + 8) >> 4) as u8;
-    out[2 * (n - 1) + 1] = ((this * 4 + 7) >> 4) as u8;
+    out[2 * (n - 1)] = ((col[n - 1] * 3 + col[n - 2] + 8) >> 4) as u8;
+    out[2 * (n - 1) + 1] = ((col[n - 1] * 4 + 7) >> 4) as u8;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -982,4 +1028,37 @@ fn decode_scan_progressive(
         q += 1;
     }
     Ok(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_colour_conversion_equals_jdcolor_tables() {
+        let t = ycc_tables();
+        let mut ys = Vec::new();
+        let mut cbs = Vec::new();
+        let mut crs = Vec::new();
+        for y in (0..256).step_by(5) {
+            for cb in 0..256 {
+                for cr in (0..256).step_by(3) {
+                    ys.push(y as u8);
+                    cbs.push(cb as u8);
+                    crs.push(cr as u8);
+                }
+            }
+        }
+        let mut out = vec![0u8; ys.len() * 3];
+        ycc_to_rgb(&ys, &cbs, &crs, &mut out);
+        for i in 0..ys.len() {
+            let (y, cb, cr) = (ys[i] as i32, cbs[i] as usize, crs[i] as usize);
+            let want = [
+                (y + t.cr_r[cr]).clamp(0, 255) as u8,
+                (y + ((t.cb_g[cb] + t.cr_g[cr]) >> 16) as i32).clamp(0, 255) as u8,
+                (y + t.cb_b[cb]).clamp(0, 255) as u8,
+            ];
+            assert_eq!(&out[3 * i..3 * i + 3], &want, "y={y} cb={cb} cr={cr}");
+        }
+    }
 }
