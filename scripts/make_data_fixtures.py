@@ -145,6 +145,18 @@ def make_images():
 NO_RESIZE = ["exact.png", "croponly.png"]
 
 
+def png16(a):
+    import struct
+    import zlib
+    h, w, c = a.shape
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
 def make_decoder_fixtures():
     """JPEG variants (decoded by PIL/libjpeg-turbo) and a PIL BICUBIC resize sweep."""
     src = skimage.data.chelsea()[100:143, 150:211]  # 61x43: odd sizes exercise the MCU edges
@@ -168,7 +180,15 @@ def make_decoder_fixtures():
     b = io.BytesIO()
     im.transpose(Image.Transpose.TRANSPOSE).save(b, "JPEG", quality=85, subsampling=1)  # 4:2:2 of a tall image
     jpegs["s422_tall.jpg"] = b.getvalue()
-    decoded = {n: np.ascontiguousarray(np.asarray(Image.open(io.BytesIO(d)).convert("RGB"))) for n, d in jpegs.items()}
+    # 16-bit RGB / RGBA PNGs (written by hand: PIL cannot write them)
+    rng = np.random.default_rng(0)
+    for c in (3, 4):
+        a = (rng.integers(0, 65536, (9, 11, c))).astype(np.uint16)
+        if c == 4:
+            a[..., 3] = np.linspace(0, 65535, 11).astype(np.uint16)[None, :]
+        jpegs[f"rgb{'a' if c == 4 else ''}16.png"] = png16(a)
+    decoded = {n: np.ascontiguousarray(np.asarray(transformers.image_transforms.convert_to_rgb(Image.open(io.BytesIO(d)))))
+               for n, d in jpegs.items()}
     rs = np.ascontiguousarray(skimage.data.astronaut()[100:137, 150:199])  # 49x37
     rim = Image.fromarray(rs)
     sizes = [(30, 20), (70, 50), (49, 15), (20, 37), (7, 45), (75, 20), (37, 49), (48, 36), (50, 38), (5, 3), (25, 65)]

@@ -189,6 +189,18 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     if w == 0 || h == 0 {
         return Err("image has zero size".into());
     }
+    // 16-bit RGB(A) PNGs: Pillow keeps the high byte (the `image` crate would round).
+    let img = match img {
+        image::DynamicImage::ImageRgb16(b) => {
+            let data = b.as_raw().iter().map(|&v| (v >> 8) as u8).collect();
+            image::DynamicImage::ImageRgb8(image::RgbImage::from_raw(w as u32, h as u32, data).expect("size"))
+        }
+        image::DynamicImage::ImageRgba16(b) => {
+            let data = b.as_raw().iter().map(|&v| (v >> 8) as u8).collect();
+            image::DynamicImage::ImageRgba8(image::RgbaImage::from_raw(w as u32, h as u32, data).expect("size"))
+        }
+        o => o,
+    };
     if img.color().has_alpha() {
         let rgba = img.to_rgba8();
         let src = rgba.as_raw();
