@@ -22,6 +22,12 @@ impl Processor {
     /// overrides the model's template.
     pub fn from_model_dir(dir: &Path, chat_template: Option<&Path>) -> Result<Self> {
         let image = ImageProcessor::from_model_dir(dir)?;
+        if image.config.output_hw().is_none() {
+            return Err(crate::error::DataError::Config {
+                path: dir.to_path_buf(),
+                msg: "the image processor's output size is not fixed (no centre crop, no height/width size): images of a batch could not be stacked".into(),
+            });
+        }
         let text = TextProcessor::from_model_dir(dir, chat_template, image.config.output_hw())?;
         Ok(Processor { image, text })
     }
