@@ -156,6 +156,14 @@ def build(name: str, out_dir: str) -> None:
     with torch.no_grad():
         logits_bf16 = sharded(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
     save_file({"logits": logits_bf16.float().contiguous()}, os.path.join(out_dir, "reference_sharded_bf16.safetensors"))
+    # Greedy generation from row 0 (text, image, text), as `generate` does it (KV cache).
+    prompt = input_ids[:1]
+    with torch.no_grad():
+        gen_ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=pixel_values[:1],
+                                 max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=cfg.pad_token_id)
+    with open(os.path.join(out_dir, "generate.json"), "w") as f:
+        json.dump({"prompt": prompt[0].tolist(), "eos_token_id": 2, "max_new_tokens": 12,
+                   "new_tokens": gen_ids[0, prompt.shape[1]:].tolist()}, f)
     print(f"{name}: loss {out.loss.item():.6f}, {n_items} label tokens, logits {tuple(out.logits.shape)} -> {out_dir}")
 
 

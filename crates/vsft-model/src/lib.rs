@@ -8,6 +8,7 @@
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod llama;
 pub mod llava;
 pub mod lora;

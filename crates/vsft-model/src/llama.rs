@@ -171,6 +171,31 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.model.norm.forward(x)
     }
 
+    /// Decoder over new positions of one sequence, reading and extending `cache` (generation).
+    pub fn decode_cached(&self, inputs_embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let [_, t, _] = inputs_embeds.dims();
+        let device = inputs_embeds.device();
+        let head_dim = self.model.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
+        let start = cache.len;
+        let positions: Vec<usize> = (start..start + t).collect();
+        let rope = Rope::new(&positions, head_dim, self.model.rope_theta, &device);
+        // Query i (absolute start + i) must not see keys after it; one new token sees everything.
+        let mask = (t > 1).then(|| {
+            let s = start + t;
+            let forbidden: Vec<bool> = (0..t).flat_map(|i| (0..s).map(move |j| j > start + i)).collect();
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(forbidden, [1, 1, t, s]), &device)
+        });
+        if cache.layers.len() != self.model.layers.len() {
+            cache.layers = vec![None; self.model.layers.len()];
+        }
+        let mut x = inputs_embeds;
+        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_cached(x, &rope, mask.clone(), Some(slot));
+        }
+        cache.len += t;
+        self.model.norm.forward(x)
+    }
+
     /// Hidden states → logits `[batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
@@ -185,9 +210,28 @@ impl<B: Backend> LlamaForCausalLM<B> {
     }
 }
 
+/// Keys and values of past positions, per layer (`[1, kv_heads, past, head_dim]`, keys after RoPE).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Positions already in the cache.
+    pub len: usize,
+}
+
 impl<B: Backend> LlamaDecoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
-        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask);
+        self.forward_cached(x, rope, Some(mask), None)
+    }
+
+    /// With `cache`, this layer's past keys/values are prepended and the new ones appended.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let h = self.self_attn.forward_cached(self.input_layernorm.forward(x.clone()), rope, mask, cache);
         let x = x + h;
         let n = self.post_attention_layernorm.forward(x.clone());
         let mlp = &self.mlp;
@@ -198,17 +242,40 @@ impl<B: Backend> LlamaDecoderLayer<B> {
 
 impl<B: Backend> LlamaAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
+        self.forward_cached(x, rope, Some(mask), None)
+    }
+
+    /// `mask: [b|1, 1, t, past + t]`, true where attention is forbidden (`None`: attend to all).
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x.clone()).reshape([b, t, nh, hd]).swap_dims(1, 2);
         let k = self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd]).swap_dims(1, 2);
         let v = self.v_proj.forward(x).reshape([b, t, nkv, hd]).swap_dims(1, 2);
         let q = rope.apply(q);
-        let k = repeat_kv(rope.apply(k), nh / nkv);
+        let mut k = rope.apply(k);
+        let mut v = v;
+        if let Some(cache) = cache {
+            if let Some((pk, pv)) = cache.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let s = k.dims()[2];
+        let k = repeat_kv(k, nh / nkv);
         let v = repeat_kv(v, nh / nkv);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
-        // transformers adds finfo.min at masked positions; filling with it gives the same softmax.
-        let scores = scores.mask_fill(mask.expand([b, nh, t, t]), f32::MIN);
+        let mut scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
+        if let Some(mask) = mask {
+            // transformers adds finfo.min at masked positions; filling with it gives the same softmax.
+            scores = scores.mask_fill(mask.expand([b, nh, t, s]), f32::MIN);
+        }
         let probs = activation::softmax(scores, 3);
         let ctx = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
         self.o_proj.forward(ctx)

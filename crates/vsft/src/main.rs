@@ -6,6 +6,7 @@
 mod backend;
 mod cmd_data;
 mod cmd_export;
+mod cmd_generate;
 mod cmd_init;
 mod cmd_train;
 
@@ -31,6 +32,9 @@ enum Command {
     /// Write a random-initialised model in Hugging Face layout from a config in configs/.
     #[command(after_help = "Example:\n  vsft init --config configs/tiny-llava-mha.json --tokenizer-from tests/fixtures/data/model --out /tmp/tiny")]
     Init(cmd_init::InitArgs),
+    /// Answer a prompt about an image (KV cache, streamed; greedy by default).
+    #[command(after_help = "Example:\n  vsft generate --model out/demo/model --adapter out/demo/instruct/checkpoint-300 --image shapes.png --prompt \"What colour is the circle?\"")]
+    Generate(cmd_generate::GenerateArgs),
     /// Export a checkpoint: a PEFT adapter (or stage-1 projector), or with --merge a full model.
     #[command(after_help = "Examples:\n  vsft export --checkpoint out/llava15-instruct/checkpoint-2000 --out out/lora\n  vsft export --checkpoint out/llava15-instruct/checkpoint-2000 --out out/merged --merge --dtype bfloat16")]
     Export(cmd_export::ExportArgs),
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cmd_train::eval(a),
         Command::Init(a) => cmd_init::init(a),
         Command::Data(c) => cmd_data::run(c),
+        Command::Generate(a) => cmd_generate::generate(a),
         Command::Export(a) => cmd_export::export(a),
         Command::Push(a) => cmd_export::push(a),
         Command::Logits(a) => cmd_export::logits(a),
