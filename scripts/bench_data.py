@@ -57,9 +57,12 @@ def bench_python(model, files, n, bs):
 
     run(2 * bs)  # warm-up
     t0 = time.perf_counter()
+    c0 = time.process_time()
     toks = run(n)
     dt = time.perf_counter() - t0
-    return {"impl": "transformers+trl", "samples": n, "seconds": round(dt, 4), "samples_per_s": round(n / dt, 2), "tokens": toks}
+    cpu = time.process_time() - c0
+    return {"impl": "transformers+trl", "samples": n, "seconds": round(dt, 4), "samples_per_s": round(n / dt, 2),
+            "cpu_ms_per_sample": round(cpu * 1e3 / n, 3), "tokens": toks}
 
 
 def main():
@@ -95,6 +98,7 @@ def main():
                       "vsft_samples_per_s": best["samples_per_s"], "vsft_workers": best["workers"],
                       "single_thread_ratio": round(best_rs[0]["samples_per_s"] / best_py["samples_per_s"], 2),
                       "hf_samples_per_s": best_py["samples_per_s"], "cores": os.cpu_count(),
+                      "cpu_time_ratio": round(best_py["cpu_ms_per_sample"] / min(r["cpu_ms_per_sample"] for r in best_rs.values()), 2),
                       "loadavg": os.getloadavg()}))
 
 

@@ -38,6 +38,14 @@ impl RowSource for Repeat {
     }
 }
 
+/// CPU seconds (user + system) of this process, from /proc/self/stat (Linux).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let model = std::path::PathBuf::from(&a[1]);
@@ -64,6 +72,7 @@ fn main() {
     for b in DataLoader::new(mk(), processor.clone(), LoaderConfig { ..cfg.clone() }, Cursor::default()).take(2) {
         b.unwrap();
     }
+    let c0 = cpu_seconds();
     let t0 = Instant::now();
     let mut samples = 0;
     let mut tokens = 0;
@@ -73,8 +82,10 @@ fn main() {
         tokens += b.batch_size * b.seq_len;
     }
     let dt = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - c0;
     println!(
-        "{{\"impl\":\"vsft-data\",\"workers\":{workers},\"samples\":{samples},\"seconds\":{dt:.4},\"samples_per_s\":{:.2},\"tokens\":{tokens}}}",
-        samples as f64 / dt
+        "{{\"impl\":\"vsft-data\",\"workers\":{workers},\"samples\":{samples},\"seconds\":{dt:.4},\"samples_per_s\":{:.2},\"cpu_ms_per_sample\":{:.3},\"tokens\":{tokens}}}",
+        samples as f64 / dt,
+        cpu * 1e3 / samples as f64
     );
 }

@@ -355,7 +355,7 @@ fn transpose_rgb(src: &RgbImage, rows: std::ops::Range<usize>) -> RgbImage {
 fn v_pass_impl(src: &RgbImage, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: &Coeffs, row_shift: usize) -> RgbImage {
     let w = cols.len();
     let out_h = rows.len();
-    let mut out = vec![0u8; w * out_h * 3];
+    let mut out: Vec<u8> = Vec::with_capacity(w * out_h * 3);
     let init = 1i32 << (PRECISION_BITS - 1);
     let mut acc = vec![0i32; w * 3];
     for (oy, yy) in rows.enumerate() {
@@ -369,9 +369,8 @@ fn v_pass_impl(src: &RgbImage, rows: std::ops::Range<usize>, cols: std::ops::Ran
                 *a = a.wrapping_add((p as i32).wrapping_mul(kv));
             }
         }
-        for (o, &a) in out[oy * w * 3..(oy + 1) * w * 3].iter_mut().zip(&acc) {
-            *o = clip8(a);
-        }
+        let _ = oy;
+        out.extend(acc.iter().map(|&a| clip8(a)));
     }
     RgbImage::new(w, out_h, out)
 }
@@ -565,7 +564,7 @@ impl ImageProcessor {
         let cur = self.resize_and_crop(img);
         let (h, w) = (cur.height, cur.width);
         let n = h * w;
-        let mut data = vec![0f32; 3 * n];
+        let mut data: Vec<f32> = Vec::with_capacity(3 * n);
         let mut lut = [[0f32; 256]; 3];
         for (ch, l) in lut.iter_mut().enumerate() {
             for (v, o) in l.iter_mut().enumerate() {
@@ -579,11 +578,11 @@ impl ImageProcessor {
                 *o = x;
             }
         }
-        for (i, p) in cur.data.chunks_exact(3).enumerate() {
-            data[i] = lut[0][p[0] as usize];
-            data[n + i] = lut[1][p[1] as usize];
-            data[2 * n + i] = lut[2][p[2] as usize];
+        // channel planes, written in order (no zero-fill of the output first)
+        for (ch, l) in lut.iter().enumerate() {
+            data.extend(cur.data.chunks_exact(3).map(|p| l[p[ch] as usize]));
         }
+        debug_assert_eq!(data.len(), 3 * n);
         PixelValues { height: h, width: w, data }
     }
 
