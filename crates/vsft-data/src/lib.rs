@@ -5,6 +5,29 @@
 //!
 //! Batches are plain buffers (`Vec<i64>` ids/mask/labels `[batch, seq]`, `Vec<f32>` pixels
 //! `[n_images, 3, H, W]`); no tensor library is involved.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use vsft_data::{open_dataset, CollatorConfig, Cursor, DataLoader, LabelMask, LoaderConfig, OnBadRow, Processor};
+//!
+//! # fn main() -> vsft_data::Result<()> {
+//! let processor = Arc::new(Processor::from_model_dir("llava-1.5-7b-hf".as_ref(), None)?);
+//! let source = open_dataset("llava-instruct-mix-vsft/data", Some("train"), None)?;
+//! let cfg = LoaderConfig {
+//!     batch_size: 8,
+//!     collator: CollatorConfig { label_mask: LabelMask::Pad, max_length: Some(2048), pad_to_multiple_of: None, add_special_tokens: false },
+//!     on_bad_row: OnBadRow::Skip,
+//!     ..Default::default()
+//! };
+//! let mut loader = DataLoader::new(source, processor, cfg, Cursor { seed: 42, epoch: 0, position: 0 });
+//! while let Some(batch) = loader.next() {
+//!     let batch = batch?;
+//!     if batch.all_labels_masked { /* report, don't train */ }
+//!     let _checkpoint_cursor = loader.cursor(); // store with the checkpoint to resume here
+//! }
+//! eprintln!("skipped: {}", loader.skipped().report());
+//! # Ok(()) }
+//! ```
 
 pub mod collator;
 pub mod dataset;
@@ -18,6 +41,7 @@ pub mod template;
 
 pub use collator::{Batch, CollatorConfig, Example, LabelMask, IGNORE_INDEX};
 pub use dataset::{open_dataset, Cursor, ImageSource, OnBadRow, Row, RowSource, SkipStats};
+pub use inspect::{inspect, summarize, InspectOptions, InspectedExample, Summary};
 pub use error::{BadRowKind, DataError, Result};
 pub use image_proc::{ImageProcessor, ImageProcessorConfig, PixelValues};
 pub use loader::{DataLoader, LoaderConfig};
