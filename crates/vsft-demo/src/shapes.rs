@@ -47,6 +47,14 @@ impl Colour {
             Colour::Orange => "orange",
         }
     }
+    /// "a" or "an", as the colour's name needs.
+    pub fn article(self) -> &'static str {
+        if self == Colour::Orange {
+            "an"
+        } else {
+            "a"
+        }
+    }
     /// The nominal RGB; pictures vary it by a few levels.
     pub fn rgb(self) -> [u8; 3] {
         match self {
@@ -232,8 +240,8 @@ impl Scene {
                 for (sx, sy) in [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)] {
                     let (fx, fy) = (x as f32 + sx, y as f32 + sy);
                     let c = self.objects.iter().rev().find(|o| Self::covers(o, fx, fy)).map(|o| o.rgb).unwrap_or(self.background);
-                    for k in 0..3 {
-                        acc[k] += c[k] as u32;
+                    for (a, v) in acc.iter_mut().zip(c) {
+                        *a += v as u32;
                     }
                 }
                 px.extend(acc.map(|a| ((a + 2) / 4) as u8));
@@ -252,7 +260,7 @@ impl Scene {
 
     /// "a red circle on the left and a blue square on the right."
     pub fn caption(&self) -> String {
-        let parts: Vec<String> = self.objects.iter().map(|o| format!("a {} {} {}", o.colour.name(), o.shape.name(), o.place.phrase())).collect();
+        let parts: Vec<String> = self.objects.iter().map(|o| format!("{} {} {} {}", o.colour.article(), o.colour.name(), o.shape.name(), o.place.phrase())).collect();
         format!("{}.", parts.join(" and "))
     }
 
@@ -410,6 +418,11 @@ fn first_word(s: &str) -> String {
 }
 
 impl DemoQuestion {
+    /// The user turn to render with the generation prompt: the picture, then the question.
+    pub fn messages(&self) -> Vec<vsft_data::Message> {
+        vec![vsft_data::Message::new("user", vec![vsft_data::Content::image(0), vsft_data::Content::text(self.question.clone())])]
+    }
+
     /// Exact match of the first word (case and punctuation ignored): "red." vs "red".
     pub fn is_correct(&self, generated: &str) -> bool {
         let w = first_word(generated);
