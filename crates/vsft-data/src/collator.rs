@@ -167,15 +167,6 @@ pub fn example_labels(enc: &Encoded, mode: LabelMask, image_token_id: u32) -> Ve
 
 /// Pads and stacks examples (already truncated) into a batch.
 pub fn collate(examples: &[Example], cfg: &CollatorConfig, pad_token_id: u32, image_token_id: u32) -> Batch {
-    let bsz = examples.len();
-    let longest = examples.iter().map(|e| e.encoded.input_ids.len()).max().unwrap_or(0);
-    let seq_len = match cfg.pad_to_multiple_of {
-        Some(m) if m > 0 => longest.div_ceil(m) * m,
-        _ => longest,
-    };
-    let mut input_ids = vec![pad_token_id as i64; bsz * seq_len];
-    let mut attention_mask = vec![0i64; bsz * seq_len];
-    let mut labels = vec![IGNORE_INDEX; bsz * seq_len];
     let mut n_images = 0;
     let mut image_hw = (0, 0);
     for e in examples {
@@ -184,26 +175,49 @@ pub fn collate(examples: &[Example], cfg: &CollatorConfig, pad_token_id: u32, im
             image_hw = (p.height, p.width);
         }
     }
-    let per = 3 * image_hw.0 * image_hw.1;
-    let mut pixel_values = Vec::with_capacity(n_images * per);
+    let mut pixel_values = Vec::with_capacity(n_images * 3 * image_hw.0 * image_hw.1);
+    for e in examples {
+        for p in &e.pixel_values {
+            assert_eq!((p.height, p.width), image_hw, "all images of a batch must have the same size");
+            pixel_values.extend_from_slice(&p.data);
+        }
+    }
+    let text: Vec<(usize, &Encoded)> = examples.iter().map(|e| (e.index, &e.encoded)).collect();
+    collate_text(&text, cfg, pad_token_id, image_token_id, pixel_values, n_images, image_hw)
+}
+
+/// Pads token sequences into a batch around already stacked `pixel_values`.
+pub fn collate_text(
+    rows: &[(usize, &Encoded)],
+    cfg: &CollatorConfig,
+    pad_token_id: u32,
+    image_token_id: u32,
+    pixel_values: Vec<f32>,
+    n_images: usize,
+    image_hw: (usize, usize),
+) -> Batch {
+    let bsz = rows.len();
+    let longest = rows.iter().map(|e| e.1.input_ids.len()).max().unwrap_or(0);
+    let seq_len = match cfg.pad_to_multiple_of {
+        Some(m) if m > 0 => longest.div_ceil(m) * m,
+        _ => longest,
+    };
+    let mut input_ids = vec![pad_token_id as i64; bsz * seq_len];
+    let mut attention_mask = vec![0i64; bsz * seq_len];
+    let mut labels = vec![IGNORE_INDEX; bsz * seq_len];
     let mut n_label_tokens = 0;
-    for (b, e) in examples.iter().enumerate() {
-        let ids = &e.encoded.input_ids;
+    for (b, (_, enc)) in rows.iter().enumerate() {
         let row = b * seq_len;
-        for (k, &t) in ids.iter().enumerate() {
+        for (k, &t) in enc.input_ids.iter().enumerate() {
             input_ids[row + k] = t as i64;
             attention_mask[row + k] = 1;
         }
-        let l = example_labels(&e.encoded, cfg.label_mask, image_token_id);
+        let l = example_labels(enc, cfg.label_mask, image_token_id);
         for (k, v) in l.into_iter().enumerate() {
             if v != IGNORE_INDEX {
                 n_label_tokens += 1;
             }
             labels[row + k] = v;
-        }
-        for p in &e.pixel_values {
-            assert_eq!((p.height, p.width), image_hw, "all images of a batch must have the same size");
-            pixel_values.extend_from_slice(&p.data);
         }
     }
     Batch {
@@ -215,7 +229,7 @@ pub fn collate(examples: &[Example], cfg: &CollatorConfig, pad_token_id: u32, im
         pixel_values,
         n_images,
         image_hw,
-        rows: examples.iter().map(|e| e.index).collect(),
+        rows: rows.iter().map(|e| e.0).collect(),
         n_label_tokens,
         all_labels_masked: n_label_tokens == 0,
     }

@@ -560,11 +560,16 @@ impl ImageProcessor {
 
     /// Full preprocessing of a decoded RGB image to CHW floats.
     pub fn preprocess(&self, img: &RgbImage) -> PixelValues {
-        let c = &self.config;
         let cur = self.resize_and_crop(img);
-        let (h, w) = (cur.height, cur.width);
-        let n = h * w;
-        let mut data: Vec<f32> = Vec::with_capacity(3 * n);
+        let mut data = Vec::with_capacity(3 * cur.height * cur.width);
+        self.normalize_into(&cur, &mut data);
+        PixelValues { height: cur.height, width: cur.width, data }
+    }
+
+    /// Rescale + normalise an already resized and cropped image, appending its CHW planes
+    /// to `out` (no intermediate buffer).
+    pub fn normalize_into(&self, cur: &RgbImage, out: &mut Vec<f32>) {
+        let c = &self.config;
         let mut lut = [[0f32; 256]; 3];
         for (ch, l) in lut.iter_mut().enumerate() {
             for (v, o) in l.iter_mut().enumerate() {
@@ -578,12 +583,9 @@ impl ImageProcessor {
                 *o = x;
             }
         }
-        // channel planes, written in order (no zero-fill of the output first)
         for (ch, l) in lut.iter().enumerate() {
-            data.extend(cur.data.chunks_exact(3).map(|p| l[p[ch] as usize]));
+            out.extend(cur.data.chunks_exact(3).map(|p| l[p[ch] as usize]));
         }
-        debug_assert_eq!(data.len(), 3 * n);
-        PixelValues { height: h, width: w, data }
     }
 
     /// Decode + preprocess.

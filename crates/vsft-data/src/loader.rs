@@ -8,8 +8,8 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
-use crate::collator::{Batch, CollatorConfig, Example};
-use crate::dataset::{epoch_order, Cursor, OnBadRow, RowSource, SkipStats};
+use crate::collator::{Batch, CollatorConfig};
+use crate::dataset::{epoch_order, Cursor, OnBadRow, Row, RowSource, SkipStats};
 use crate::error::{DataError, Result};
 use crate::pipeline::Processor;
 
@@ -22,7 +22,7 @@ pub struct LoaderConfig {
     pub shuffle_window: usize,
     /// Worker threads (0 = process on the consumer's thread).
     pub num_workers: usize,
-    /// Examples each worker may hold ready ahead of the consumer.
+    /// Rows each worker may hold ready ahead of the consumer (rounded to whole batches).
     pub prefetch: usize,
     pub on_bad_row: OnBadRow,
     /// Drop a last incomplete batch of the epoch.
@@ -44,7 +44,10 @@ impl Default for LoaderConfig {
     }
 }
 
-type Item = (usize, Result<Example>);
+/// What a worker hands back for one batch: the end position of its row range, the batch
+/// (`None` when every row was skipped) and the rows skipped in it.
+type Item = (usize, Result<Option<Batch>>, SkipStats);
+type Job = (usize, Vec<Result<Row>>);
 
 enum Mode {
     Inline { source: Box<dyn RowSource>, order: Vec<usize> },
@@ -52,6 +55,11 @@ enum Mode {
 }
 
 /// Iterator over the batches of one epoch, starting at a cursor.
+///
+/// Batch `b` holds the rows at positions `[start + b*batch_size, start + (b+1)*batch_size)` of
+/// the epoch order (`start` = the cursor's position); a skipped row makes its batch one row
+/// shorter. So batches, and where a resumed run continues, do not depend on timing or on
+/// the number of workers.
 pub struct DataLoader {
     processor: Arc<Processor>,
     cfg: LoaderConfig,
@@ -59,9 +67,34 @@ pub struct DataLoader {
     epoch_len: usize,
     /// Next position (in the epoch order) to receive.
     next_pos: usize,
+    /// Index of the next batch to receive.
+    next_batch: usize,
     mode: Mode,
     skipped: SkipStats,
     failed: bool,
+}
+
+/// Processes the rows of one batch: prepare each row, skip or fail on bad ones, collate.
+fn process_batch(p: &Processor, rows: Vec<Result<Row>>, cfg: &LoaderConfig) -> (Result<Option<Batch>>, SkipStats) {
+    let mut skipped = SkipStats::default();
+    let mut prepared = Vec::with_capacity(rows.len());
+    for r in rows {
+        match r.and_then(|row| p.prepare_row(&row, &cfg.collator)) {
+            Ok(x) => prepared.push(x),
+            Err(e) if cfg.on_bad_row == OnBadRow::Skip && e.bad_row_kind().is_some() => skipped.record(&e),
+            Err(e) => return (Err(e), skipped),
+        }
+    }
+    if prepared.is_empty() {
+        return (Ok(None), skipped);
+    }
+    (Ok(Some(p.collate_prepared(&prepared, &cfg.collator))), skipped)
+}
+
+/// Position ranges of the batches of an epoch from `start`.
+fn batch_ranges(start: usize, len: usize, bs: usize, drop_last: bool) -> impl Iterator<Item = (usize, usize)> {
+    let bs = bs.max(1);
+    (start..len).step_by(bs).map(move |s| (s, (s + bs).min(len))).filter(move |&(s, e)| !drop_last || e - s == bs)
 }
 
 impl DataLoader {
@@ -79,23 +112,24 @@ impl DataLoader {
         } else {
             Self::spawn(source, order, start, processor.clone(), &cfg)
         };
-        DataLoader { processor, cfg, cursor, epoch_len, next_pos: start, mode, skipped: SkipStats::default(), failed: false }
+        DataLoader { processor, cfg, cursor, epoch_len, next_pos: start, next_batch: 0, mode, skipped: SkipStats::default(), failed: false }
     }
 
     fn spawn(mut source: Box<dyn RowSource>, order: Vec<usize>, start: usize, processor: Arc<Processor>, cfg: &LoaderConfig) -> Mode {
         let n = cfg.num_workers;
-        let mut inputs: Vec<SyncSender<(usize, Result<crate::dataset::Row>)>> = Vec::new();
+        let depth = (cfg.prefetch / cfg.batch_size.max(1)).max(1);
+        let mut inputs: Vec<SyncSender<Job>> = Vec::new();
         let mut outputs = Vec::new();
         let mut handles = Vec::new();
         for _ in 0..n {
-            let (tx_in, rx_in) = sync_channel::<(usize, Result<crate::dataset::Row>)>(cfg.prefetch.max(1));
-            let (tx_out, rx_out) = sync_channel::<Item>(cfg.prefetch.max(1));
+            let (tx_in, rx_in) = sync_channel::<Job>(depth);
+            let (tx_out, rx_out) = sync_channel::<Item>(depth);
             let p = processor.clone();
-            let ccfg = cfg.collator.clone();
+            let lcfg = cfg.clone();
             handles.push(std::thread::spawn(move || {
-                for (pos, row) in rx_in {
-                    let r = row.and_then(|row| p.process_row(&row, &ccfg));
-                    if tx_out.send((pos, r)).is_err() {
+                for (end, rows) in rx_in {
+                    let (r, skipped) = process_batch(&p, rows, &lcfg);
+                    if tx_out.send((end, r, skipped)).is_err() {
                         break;
                     }
                 }
@@ -103,10 +137,11 @@ impl DataLoader {
             inputs.push(tx_in);
             outputs.push(rx_out);
         }
+        let (bs, drop_last) = (cfg.batch_size, cfg.drop_last);
         handles.push(std::thread::spawn(move || {
-            for (pos, &idx) in order.iter().enumerate().skip(start) {
-                let row = source.get(idx);
-                if inputs[pos % n].send((pos, row)).is_err() {
+            for (b, (s, e)) in batch_ranges(start, order.len(), bs, drop_last).enumerate() {
+                let rows: Vec<Result<Row>> = order[s..e].iter().map(|&i| source.get(i)).collect();
+                if inputs[b % n].send((e, rows)).is_err() {
                     break;
                 }
             }
@@ -129,26 +164,20 @@ impl DataLoader {
         self.epoch_len
     }
 
-    fn next_example(&mut self) -> Option<Result<Example>> {
-        if self.next_pos >= self.epoch_len {
-            return None;
-        }
-        let pos = self.next_pos;
-        let r = match &mut self.mode {
-            Mode::Inline { source, order } => source.get(order[pos]).and_then(|row| self.processor.process_row(&row, &self.cfg.collator)),
+    /// The next batch's result, or None at the end of the epoch.
+    fn next_item(&mut self) -> Option<Item> {
+        match &mut self.mode {
+            Mode::Inline { source, order } => {
+                let (s, e) = batch_ranges(self.next_pos, order.len(), self.cfg.batch_size, self.cfg.drop_last).next()?;
+                let rows: Vec<Result<Row>> = order[s..e].iter().map(|&i| source.get(i)).collect();
+                let (r, skipped) = process_batch(&self.processor, rows, &self.cfg);
+                Some((e, r, skipped))
+            }
             Mode::Threads { outputs, .. } => {
                 let n = outputs.len();
-                match outputs[pos % n].recv() {
-                    Ok((p, r)) => {
-                        debug_assert_eq!(p, pos);
-                        r
-                    }
-                    Err(_) => Err(DataError::Other("data loader worker stopped".into())),
-                }
+                outputs[self.next_batch % n].recv().ok()
             }
-        };
-        self.next_pos += 1;
-        Some(r)
+        }
     }
 }
 
@@ -156,28 +185,38 @@ impl Iterator for DataLoader {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Result<Batch>> {
-        if self.failed {
-            return None;
-        }
-        let mut examples = Vec::with_capacity(self.cfg.batch_size);
-        while examples.len() < self.cfg.batch_size {
-            match self.next_example() {
-                None => break,
-                Some(Ok(e)) => examples.push(e),
-                Some(Err(e)) => {
-                    if self.cfg.on_bad_row == OnBadRow::Skip && e.bad_row_kind().is_some() {
-                        self.skipped.record(&e);
-                    } else {
+        loop {
+            if self.failed || self.next_pos >= self.epoch_len {
+                return None;
+            }
+            let (end, r, skipped) = match self.next_item() {
+                Some(x) => x,
+                None => {
+                    // end of the epoch (drop_last) or a worker gone
+                    if !matches!(self.mode, Mode::Inline { .. }) && batch_ranges(self.next_pos, self.epoch_len, self.cfg.batch_size, self.cfg.drop_last).next().is_some() {
                         self.failed = true;
-                        return Some(Err(e));
+                        return Some(Err(DataError::Other("data loader worker stopped".into())));
                     }
+                    return None;
+                }
+            };
+            self.next_batch += 1;
+            self.skipped.merge(&skipped);
+            match r {
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+                Ok(None) => {
+                    self.next_pos = end;
+                    continue;
+                }
+                Ok(Some(b)) => {
+                    self.next_pos = end;
+                    return Some(Ok(b));
                 }
             }
         }
-        if examples.is_empty() || (self.cfg.drop_last && examples.len() < self.cfg.batch_size) {
-            return None;
-        }
-        Some(Ok(self.processor.collate(&examples, &self.cfg.collator)))
     }
 }
 

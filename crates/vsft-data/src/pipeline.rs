@@ -6,7 +6,17 @@ use std::path::Path;
 use crate::collator::{self, Batch, CollatorConfig, Example, LabelMask, Truncation};
 use crate::dataset::{validate_row, Row};
 use crate::error::{BadRowKind, DataError, Result};
-use crate::image_proc::{decode_image, ImageProcessor, PixelValues};
+use crate::image_proc::{decode_image, ImageProcessor, PixelValues, RgbImage};
+use crate::template::Encoded;
+
+/// A row processed up to its resized and cropped 8-bit images: what a batch needs before
+/// normalisation (which then writes straight into the batch buffer).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub index: usize,
+    pub encoded: Encoded,
+    pub images: Vec<RgbImage>,
+}
 use crate::template::{AssistantSpans, TextProcessor};
 
 /// Image processor + text processor of a model directory.
@@ -47,8 +57,8 @@ impl Processor {
         Ok(out)
     }
 
-    /// Validates, tokenizes and truncates a row, and preprocesses its images.
-    pub fn process_row(&self, row: &Row, cfg: &CollatorConfig) -> Result<Example> {
+    /// Validates, tokenizes and truncates a row (no images touched).
+    fn encode_checked(&self, row: &Row, cfg: &CollatorConfig) -> Result<Encoded> {
         validate_row(row)?;
         let assistant = (cfg.label_mask == LabelMask::Assistant).then_some(AssistantSpans::Auto);
         let mut encoded = self.text.encode_row(&row.messages, row.images.len(), cfg.add_special_tokens, assistant, &row.file, row.file_row)?;
@@ -65,8 +75,49 @@ impl Processor {
                 ),
             ));
         }
+        Ok(encoded)
+    }
+
+    /// Validates, tokenizes and truncates a row, and preprocesses its images.
+    pub fn process_row(&self, row: &Row, cfg: &CollatorConfig) -> Result<Example> {
+        let encoded = self.encode_checked(row, cfg)?;
         let pixel_values = self.row_images(row)?;
         Ok(Example { index: row.index, encoded, pixel_values })
+    }
+
+    /// Decoded, resized and cropped 8-bit images of a row; errors name the image field.
+    pub fn row_images_u8(&self, row: &Row) -> Result<Vec<RgbImage>> {
+        let mut out = Vec::with_capacity(row.images.len());
+        for (k, src) in row.images.iter().enumerate() {
+            let bytes = src.load().map_err(|e| {
+                DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), BadRowKind::MissingImageFile, e.to_string())
+            })?;
+            let img = decode_image(&bytes).map_err(|e| {
+                DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, format!("cannot decode image: {e}"))
+            })?;
+            out.push(self.image.resize_and_crop(&img));
+        }
+        Ok(out)
+    }
+
+    /// Like `process_row`, stopping before normalisation.
+    pub fn prepare_row(&self, row: &Row, cfg: &CollatorConfig) -> Result<Prepared> {
+        let ex = self.encode_checked(row, cfg)?;
+        let images = self.row_images_u8(row)?;
+        Ok(Prepared { index: row.index, encoded: ex, images })
+    }
+
+    /// Collates prepared rows, normalising images directly into the batch's pixel buffer.
+    pub fn collate_prepared(&self, rows: &[Prepared], cfg: &CollatorConfig) -> Batch {
+        let n_images: usize = rows.iter().map(|r| r.images.len()).sum();
+        let hw = rows.iter().flat_map(|r| r.images.iter()).map(|i| (i.height, i.width)).next().unwrap_or((0, 0));
+        let mut pixels = Vec::with_capacity(n_images * 3 * hw.0 * hw.1);
+        for img in rows.iter().flat_map(|r| r.images.iter()) {
+            assert_eq!((img.height, img.width), hw, "all images of a batch must have the same size");
+            self.image.normalize_into(img, &mut pixels);
+        }
+        let text: Vec<(usize, &Encoded)> = rows.iter().map(|r| (r.index, &r.encoded)).collect();
+        collator::collate_text(&text, cfg, self.text.pad_token_id, self.text.image_token_id, pixels, n_images, hw)
     }
 
     pub fn collate(&self, examples: &[Example], cfg: &CollatorConfig) -> Batch {
