@@ -4,6 +4,7 @@
 //! error, 130 training interrupted with Ctrl-C after saving a checkpoint.
 
 mod backend;
+mod cmd_bench;
 mod cmd_data;
 mod cmd_export;
 mod cmd_generate;
@@ -44,6 +45,9 @@ enum Command {
     /// Write a model's logits on given inputs (for parity checks).
     #[command(hide = true)]
     Logits(cmd_export::LogitsArgs),
+    /// Benchmarks (speed and memory of the training step).
+    #[command(subcommand)]
+    Bench(cmd_bench::BenchCommand),
     /// Look at what the model will be trained on.
     #[command(subcommand)]
     Data(cmd_data::DataCommand),
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cmd_train::eval(a),
         Command::Init(a) => cmd_init::init(a),
         Command::Data(c) => cmd_data::run(c),
+        Command::Bench(c) => cmd_bench::run(c),
         Command::Generate(a) => cmd_generate::generate(a),
         Command::Export(a) => cmd_export::export(a),
         Command::Push(a) => cmd_export::push(a),

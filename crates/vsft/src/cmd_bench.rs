@@ -1,0 +1,140 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use vsft_data::Batch;
+use vsft_model::lora::LoraConfig;
+use vsft_model::weights::RandomInit;
+use vsft_model::LlavaModel;
+use vsft_train::optim::AdamWConfig;
+use vsft_train::trainer::OptimSettings;
+use vsft_train::{Stage, Trainer};
+
+use crate::backend::{device, Train};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time the real training step (forward, backward, AdamW) on synthetic batches.
+    #[command(after_help = "Example:\n  vsft bench train --model /tmp/bench --batch-size 4 --seq-len 512 --lora-r 16 --steps 5 --json")]
+    Train(BenchTrainArgs),
+}
+
+#[derive(Args)]
+pub struct BenchTrainArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// pretrain (projector only) or instruct (projector + LoRA).
+    #[arg(long, default_value = "instruct")]
+    pub stage: String,
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    /// Timed steps (one untimed warm-up step runs first).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Random tokens with one image's tokens right after BOS, random pixels; labels = ids.
+pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, batch: usize, seq: usize, seed: u64) -> Batch {
+    let mut rng = RandomInit::new(seed);
+    let per_image = cfg.image_tokens_per_image();
+    assert!(seq > per_image + 2, "--seq-len must exceed the {per_image} image tokens");
+    let vocab = cfg.text_config.vocab_size as f64;
+    let image = cfg.image_token_index;
+    let mut ids = Vec::with_capacity(batch * seq);
+    for _ in 0..batch {
+        ids.push(1);
+        ids.extend(std::iter::repeat_n(image, per_image));
+        while ids.len() % seq != 0 {
+            let t = 3 + (rng.uniform() * (vocab.min(32000.0) - 3.0)) as i64;
+            ids.push(if t == image { 3 } else { t });
+        }
+    }
+    let s = cfg.vision_config.image_size;
+    let pixels = rng.fill(batch * 3 * s * s, vsft_model::weights::Init::Normal(1.0));
+    Batch {
+        batch_size: batch,
+        seq_len: seq,
+        labels: ids.clone(),
+        attention_mask: vec![1; batch * seq],
+        input_ids: ids,
+        pixel_values: pixels,
+        n_images: batch,
+        image_hw: (s, s),
+        rows: (0..batch).collect(),
+        n_label_tokens: batch * seq,
+        all_labels_masked: false,
+    }
+}
+
+pub fn run(c: BenchCommand) -> Result<ExitCode> {
+    let BenchCommand::Train(a) = c;
+    let stage = match a.stage.as_str() {
+        "pretrain" => Stage::Pretrain,
+        "instruct" => Stage::Instruct,
+        s => anyhow::bail!("--stage {s}: use pretrain or instruct"),
+    };
+    let dev = device();
+    let mut model = LlavaModel::<Train>::load(&a.model, &dev)?;
+    if stage == Stage::Instruct {
+        let lora = LoraConfig { r: a.lora_r, alpha: 2.0 * a.lora_r as f64, dropout: 0.0, ..Default::default() };
+        model.add_lora(&lora, 0)?;
+    }
+    let cfg = model.config.clone();
+    let settings = OptimSettings {
+        lr: 1e-4,
+        projector_lr: Some(1e-4),
+        weight_decay: 0.0,
+        adam: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        max_grad_norm: 1.0,
+        seed: 0,
+    };
+    let mut trainer = Trainer::new(model, stage, settings)?;
+    let batch = synthetic_batch(&cfg, a.batch_size, a.seq_len, 0);
+    let mut times = Vec::new();
+    for step in 0..=a.steps {
+        let t = Instant::now();
+        let stats = trainer.step(std::slice::from_ref(&batch), 1e-4, step, false)?;
+        // The step's results are read back to the host (loss, norm), so the time is the step's.
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if step > 0 {
+            times.push(ms);
+        }
+        if !a.json {
+            eprintln!("step {step}: {ms:.1} ms, loss {:.4}", stats.map(|s| s.loss).unwrap_or(f64::NAN));
+        }
+    }
+    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    let median = times[times.len() / 2];
+    let tokens = (a.batch_size * a.seq_len) as f64;
+    let out = serde_json::json!({
+        "step_ms_median": median,
+        "tokens_per_s": tokens / (median / 1e3),
+        "peak_rss_mb": peak_rss_mb(),
+        "backend": crate::backend::name(),
+        "batch_size": a.batch_size, "seq_len": a.seq_len, "stage": a.stage, "lora_r": a.lora_r, "steps": a.steps,
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("median step {median:.1} ms, {:.0} tokens/s, peak RSS {:.0} MB", tokens / (median / 1e3), peak_rss_mb());
+    }
+    Ok(ExitCode::SUCCESS)
+}

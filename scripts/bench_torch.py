@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""The PyTorch side of `vsft bench train`: the same training step with transformers + PEFT on
+the same model directory (LoRA on the language model's linear layers, projector trained in full,
+vision tower frozen, AdamW), synthetic batches of the same shape. Prints the same JSON.
+
+    python scripts/bench_torch.py --model DIR --batch-size 4 --seq-len 512 --lora-r 16 --steps 5 [--threads 2]
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlavaForConditionalGeneration
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--stage", default="instruct")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", help="frozen weights' dtype (bfloat16 on GPU)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    dtype = getattr(torch, a.dtype)
+    model = LlavaForConditionalGeneration.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").to(dev)
+    cfg = model.config
+    if a.stage == "instruct":
+        lcfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
+                          target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                          modules_to_save=["multi_modal_projector"])
+        model = get_peft_model(model, lcfg)
+    else:
+        for n, p in model.named_parameters():
+            p.requires_grad_("multi_modal_projector" in n)
+    # Trainable parameters in f32 (LoRA and projector), frozen ones in `dtype`.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    per_image = cfg.image_seq_length
+    ids = torch.randint(3, 32000, (a.batch_size, a.seq_len), generator=g)
+    ids[:, 0] = 1
+    ids[:, 1:1 + per_image] = cfg.image_token_index
+    s = cfg.vision_config.image_size
+    pix = torch.randn((a.batch_size, 3, s, s), generator=g).to(dev, dtype)
+    ids = ids.to(dev)
+    mask = torch.ones_like(ids)
+    times = []
+    for step in range(a.steps + 1):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss = out.loss.item()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if step > 0:
+            times.append((time.perf_counter() - t) * 1e3)
+    med = statistics.median(times)
+    res = {"step_ms_median": med, "tokens_per_s": a.batch_size * a.seq_len / (med / 1e3),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+           "backend": f"torch {torch.__version__} {a.device}", "threads": a.threads, "final_loss": loss}
+    if dev.type == "cuda":
+        res["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
