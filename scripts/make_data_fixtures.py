@@ -409,6 +409,9 @@ def main():
             e[tn] = proc.apply_chat_template([r["messages"]], chat_template=tt, tokenize=False)[0]
             e[tn + "_gen"] = proc.apply_chat_template([r["messages"]], chat_template=tt, tokenize=False,
                                                       add_generation_prompt=True)[0]
+        # generation-prompt ids, as processor(text, images) tokenizes them (BOS added)
+        e["llava_hf_gen_ids"] = proc(text=[e["llava_hf_gen"]], images=[pil_images(imgs, names)],
+                                     return_tensors="pt")["input_ids"][0].tolist()
         rendered.append(e)
 
     batches = [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]

@@ -627,7 +627,25 @@ impl TextProcessor {
     /// does. `add_special_tokens` is switched off when the rendered text already starts with
     /// the BOS token (as `processor.apply_chat_template(tokenize=True)` does).
     pub fn encode(&self, messages: &[Message], n_images: usize, add_special_tokens: bool, assistant: Option<AssistantSpans>) -> Result<Encoded> {
-        let rendered = self.render(messages, false)?;
+        self.encode_with(messages, n_images, add_special_tokens, false, assistant)
+    }
+
+    /// Prompt ids for generation: the template with `add_generation_prompt=true`, `<image>`
+    /// expanded, BOS as the tokenizer adds it unless the template already did.
+    pub fn encode_prompt(&self, messages: &[Message], n_images: usize) -> Result<Vec<u32>> {
+        Ok(self.encode_with(messages, n_images, true, true, None)?.input_ids)
+    }
+
+    /// `encode` with the generation prompt as an option.
+    pub fn encode_with(
+        &self,
+        messages: &[Message],
+        n_images: usize,
+        add_special_tokens: bool,
+        add_generation_prompt: bool,
+        assistant: Option<AssistantSpans>,
+    ) -> Result<Encoded> {
+        let rendered = self.render(messages, add_generation_prompt)?;
         let text = rendered.text;
         let n_in_text = text.matches(self.image.image_token.as_str()).count();
         if n_in_text != n_images {

@@ -284,3 +284,25 @@ fn bicubic_resize_matches_pillow() {
     }
     assert!(n >= 10);
 }
+
+#[test]
+fn generation_prompt_encoding_matches_rendered_reference() {
+    // The prompt of row 0's user turn: ids equal to tokenizing the reference text rendered
+    // with add_generation_prompt (the "_gen" entries come from transformers).
+    let r = reference();
+    let p = processor("llava_hf");
+    let e = &r["rendered"][0];
+    let msgs: Vec<Message> = serde_json::from_value(e["messages"].clone()).unwrap();
+    let n_img = e["images"].as_array().unwrap().len();
+    let ids = p.text.encode_prompt(&msgs, n_img).unwrap();
+    let full = p.text.encode_with(&msgs, n_img, true, true, None).unwrap();
+    assert_eq!(ids, full.input_ids);
+    assert_eq!(full.text, e["llava_hf_gen"].as_str().unwrap());
+    assert_eq!(ids.iter().filter(|&&t| t == p.text.image_token_id).count(), n_img * p.text.image.image_seq_length);
+    for e in r["rendered"].as_array().unwrap() {
+        let msgs: Vec<Message> = serde_json::from_value(e["messages"].clone()).unwrap();
+        let ids = p.text.encode_prompt(&msgs, e["images"].as_array().unwrap().len()).unwrap();
+        let want: Vec<u32> = e["llava_hf_gen_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(ids, want, "row {}", e["row"]);
+    }
+}
