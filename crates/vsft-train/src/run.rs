@@ -144,6 +144,17 @@ impl Metrics {
 
 /// Runs (or resumes) the training a recipe describes.
 pub fn train<B: AutodiffBackend>(recipe: &Recipe, inputs: &Inputs, resume: Resume, device: &B::Device) -> Result<RunSummary, TrainError> {
+    train_with::<B>(recipe, inputs, resume, device, &mut |_| Ok(()))
+}
+
+/// [`train`], calling `on_checkpoint` after each periodic checkpoint is complete (e.g. to push it).
+pub fn train_with<B: AutodiffBackend>(
+    recipe: &Recipe,
+    inputs: &Inputs,
+    resume: Resume,
+    device: &B::Device,
+    on_checkpoint: &mut dyn FnMut(&Path) -> Result<(), TrainError>,
+) -> Result<RunSummary, TrainError> {
     install_ctrlc();
     INTERRUPTED.store(false, Ordering::SeqCst);
     let t = &recipe.train;
@@ -326,7 +337,8 @@ pub fn train<B: AutodiffBackend>(recipe: &Recipe, inputs: &Inputs, resume: Resum
             }
         }
         if t.save_steps > 0 && state.global_step % t.save_steps == 0 && state.global_step < total_steps {
-            save(&out, &trainer, &state, &lora_cfg, &targeted, &recipe_toml, t.save_total_limit)?;
+            let dir = save(&out, &trainer, &state, &lora_cfg, &targeted, &recipe_toml, t.save_total_limit)?;
+            on_checkpoint(&dir)?;
         }
     }
     bar.finish_and_clear();

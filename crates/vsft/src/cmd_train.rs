@@ -54,7 +54,15 @@ pub fn train(a: TrainArgs) -> Result<ExitCode> {
         Some(dir) => Resume::Dir(PathBuf::from(dir)),
     };
     eprintln!("vsft: backend {}", crate::backend::name());
-    let summary = vsft_train::run::train::<Train>(&recipe, &inputs, resume, &device())?;
+    let hub = recipe.hub.clone();
+    let mut push_each = |dir: &Path| -> Result<(), vsft_train::TrainError> {
+        if let (Some(repo), true) = (&hub.repo, hub.push_checkpoints) {
+            let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            push_export(dir, repo, hub.private, Some(name)).map_err(|e| vsft_train::TrainError::Other(format!("{e:#}")))?;
+        }
+        Ok(())
+    };
+    let summary = vsft_train::run::train_with::<Train>(&recipe, &inputs, resume, &device(), &mut push_each)?;
     eprintln!(
         "vsft: {} steps, final loss {}, checkpoint {}",
         summary.steps,
@@ -65,16 +73,21 @@ pub fn train(a: TrainArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(130));
     }
     if let Some(repo) = &recipe.hub.repo {
-        crate::cmd_train::push_checkpoint(&summary.last_checkpoint, repo, recipe.hub.private)?;
+        push_export(&summary.last_checkpoint, repo, recipe.hub.private, None)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn push_checkpoint(dir: &Path, repo: &str, private: bool) -> Result<()> {
+/// Exports a checkpoint (adapter or projector, with its model card) next to it and pushes the
+/// export: to `main`, or to the branch `revision` (one per checkpoint).
+pub fn push_export(checkpoint: &Path, repo: &str, private: bool, revision: Option<String>) -> Result<()> {
+    let name = checkpoint.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let export_dir = checkpoint.with_file_name(format!("export-{name}"));
+    vsft_train::export::export_adapter(checkpoint, &export_dir)?;
     let client = vsft_hub::HubClient::from_env();
-    let opts = vsft_hub::PushOptions { private, message: Some(format!("vsft: upload {}", dir.display())), ..Default::default() };
-    let info = client.push_folder(dir, repo, &opts)?;
-    eprintln!("vsft: pushed {} to {repo}: {}", dir.display(), info.commit_url);
+    let opts = vsft_hub::PushOptions { private, revision, message: Some(format!("vsft: {name}")), ..Default::default() };
+    let info = client.push_folder(&export_dir, repo, &opts)?;
+    eprintln!("vsft: pushed {} to {repo}: {}", export_dir.display(), info.commit_url);
     Ok(())
 }
 

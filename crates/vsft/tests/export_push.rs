@@ -36,19 +36,29 @@ fn export_merge_push_pull() {
         .arg(root().join("tests/fixtures/data/model"))
         .arg("--out")
         .arg(&model));
+    let server = TestServer::start(TestServerConfig { lfs_threshold: 1024, multipart_threshold: 64 * 1024, chunk_size: 16 * 1024, ..Default::default() });
     let out = dir.join("run");
     let recipe = dir.join("recipe.toml");
     std::fs::write(
         &recipe,
         format!(
-            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_length = 512\n[train]\nstage = \"instruct\"\noutput_dir = \"{}\"\nmax_steps = 2\nbatch_size = 2\nlr = 1e-2\n[lora]\nr = 4\nalpha = 8\ndropout = 0.0\n",
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_length = 512\n[train]\nstage = \"instruct\"\noutput_dir = \"{}\"\nmax_steps = 2\nsave_steps = 1\nbatch_size = 2\nlr = 1e-2\n[lora]\nr = 4\nalpha = 8\ndropout = 0.0\n[hub]\nrepo = \"me/run-lora\"\npush_checkpoints = true\n",
             model.display(),
             root().join("tests/fixtures/data/llava_instruct_mix").display(),
             out.display()
         ),
     )
     .unwrap();
-    run(vsft().arg("train").arg("--config").arg(&recipe));
+    // `[hub] repo` pushes each checkpoint to its own branch and the final adapter to main.
+    run(vsft()
+        .arg("train")
+        .arg("--config")
+        .arg(&recipe)
+        .env("HF_ENDPOINT", server.endpoint())
+        .env("HF_TOKEN", server.token())
+        .env("HF_HOME", dir.join("hf-home-train")));
+    assert!(server.head(vsft_hub::RepoType::Model, "me/run-lora", "checkpoint-1").is_some(), "checkpoint-1 pushed");
+    assert!(server.head(vsft_hub::RepoType::Model, "me/run-lora", "main").is_some(), "final adapter pushed");
     let ckpt = out.join("checkpoint-2");
 
     // The adapter: PEFT's key set (same 2-layer shape and targets as the PEFT-written fixture).
@@ -100,7 +110,6 @@ fn export_merge_push_pull() {
     assert!(moved > 1e-4, "the adapter must change the model");
 
     // Push the adapter to the Hub test server, pull it back into a fresh HF cache.
-    let server = TestServer::start(TestServerConfig { lfs_threshold: 1024, multipart_threshold: 64 * 1024, chunk_size: 16 * 1024, ..Default::default() });
     let cache = dir.join("hf-home");
     let push = run(vsft()
         .arg("push")
