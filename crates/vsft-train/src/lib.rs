@@ -12,5 +12,5 @@ pub mod run;
 pub mod trainer;
 
 pub use error::TrainError;
-pub use recipe::{Recipe, Stage};
+pub use recipe::{GenerateEval, Recipe, Stage};
 pub use trainer::Trainer;

@@ -200,6 +200,9 @@ mod d {
     pub fn lora_r() -> usize { 8 }
     pub fn lora_alpha() -> f64 { 16.0 }
     pub fn lora_dropout() -> f64 { 0.05 }
+    pub fn ge_limit() -> usize { 100 }
+    pub fn ge_show() -> usize { 5 }
+    pub fn ge_tokens() -> usize { 8 }
 }
 
 /// Every key a recipe may hold, with the type it takes (for suggestions and type errors).
@@ -316,11 +319,71 @@ pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), Tra
     Ok(())
 }
 
+/// Merges `over` into `base`, table by table (values of `over` win).
+fn deep_merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => deep_merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// The optional `[generate_eval]` section: after the last stage, answer the questions of a
+/// held-out dataset by generation and report exact-match accuracy on the first word.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateEval {
+    pub data: String,
+    #[serde(default = "d::ge_limit")]
+    pub limit: usize,
+    #[serde(default = "d::ge_show")]
+    pub show: usize,
+    #[serde(default = "d::ge_tokens")]
+    pub max_new_tokens: usize,
+}
+
 impl Recipe {
-    /// Parses and validates a recipe text with `--set` overrides applied.
-    pub fn parse(text: &str, source: &str, overrides: &[String]) -> Result<Self, TrainError> {
+    /// A recipe file's stages, in order: one recipe, or one per `[[stages]]` table, each merged
+    /// over the top-level sections. Also the `[generate_eval]` section, if any.
+    pub fn parse_stages(text: &str, source: &str, overrides: &[String]) -> Result<(Vec<Self>, Option<GenerateEval>), TrainError> {
         let mut doc: toml::Table =
             toml::from_str(text).map_err(|e| TrainError::Recipe(format!("{source}: {}", e.message())))?;
+        let generate_eval = match doc.remove("generate_eval") {
+            Some(v) => Some(v.try_into::<GenerateEval>().map_err(|e| TrainError::Recipe(format!("{source}: [generate_eval]: {}", e.message())))?),
+            None => None,
+        };
+        let Some(stages) = doc.remove("stages") else {
+            return Ok((vec![Self::from_doc(doc, source, overrides)?], generate_eval));
+        };
+        let stages = stages
+            .as_array()
+            .cloned()
+            .ok_or_else(|| TrainError::Recipe(format!("{source}: stages must be an array of tables ([[stages]])")))?;
+        let mut out = Vec::new();
+        for (i, stage) in stages.into_iter().enumerate() {
+            let mut stage = match stage {
+                toml::Value::Table(t) => t,
+                _ => return Err(TrainError::Recipe(format!("{source}: stages[{i}] must be a table"))),
+            };
+            let name = stage.remove("name").and_then(|n| n.as_str().map(str::to_string)).unwrap_or_else(|| i.to_string());
+            let mut merged = doc.clone();
+            deep_merge(&mut merged, stage);
+            out.push(Self::from_doc(merged, &format!("{source} (stage {name})"), overrides)?);
+        }
+        Ok((out, generate_eval))
+    }
+
+    /// Parses and validates a recipe text with `--set` overrides applied.
+    pub fn parse(text: &str, source: &str, overrides: &[String]) -> Result<Self, TrainError> {
+        let doc: toml::Table =
+            toml::from_str(text).map_err(|e| TrainError::Recipe(format!("{source}: {}", e.message())))?;
+        Self::from_doc(doc, source, overrides)
+    }
+
+    fn from_doc(mut doc: toml::Table, source: &str, overrides: &[String]) -> Result<Self, TrainError> {
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
@@ -334,14 +397,14 @@ impl Recipe {
 
     pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self, TrainError> {
         let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-        let mut recipe = Self::parse(&text, &path.display().to_string(), overrides)?;
-        recipe.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-        Ok(recipe)
+        Self::parse(&text, &path.display().to_string(), overrides)
     }
 
-    /// Relative local paths are taken relative to the current directory, as users type them;
-    /// nothing to do here but kept as the one place to change that rule.
-    fn resolve_paths(&mut self, _recipe_dir: &Path) {}
+    /// Every stage of a recipe file (see [`Recipe::parse_stages`]).
+    pub fn stages_from_file(path: &Path, overrides: &[String]) -> Result<(Vec<Self>, Option<GenerateEval>), TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        Self::parse_stages(&text, &path.display().to_string(), overrides)
+    }
 
     fn validate(&self) -> Result<(), String> {
         let t = &self.train;
@@ -430,6 +493,20 @@ lr = 1e-3
     }
 
     #[test]
+    fn stages_merge_over_the_top_level_sections() {
+        let text = format!("{MINIMAL}\n[[stages]]\nname = \"one\"\n[stages.train]\nlr = 2e-3\n\n[[stages]]\n[stages.train]\nstage = \"instruct\"\noutput_dir = \"out2\"\n[stages.lora]\nr = 4\n");
+        let (stages, ge) = Recipe::parse_stages(&text, "r.toml", &["train.seed=7".into()]).unwrap();
+        assert!(ge.is_none());
+        assert_eq!(stages.len(), 2);
+        assert_eq!((stages[0].train.stage, stages[0].train.lr, stages[0].train.seed), (Stage::Pretrain, 2e-3, 7));
+        assert_eq!((stages[1].train.stage, stages[1].train.lr, stages[1].lora.r), (Stage::Instruct, 1e-3, 4));
+        assert_eq!(stages[1].train.output_dir, "out2");
+        let bad = format!("{MINIMAL}\n[[stages]]\n[stages.trian]\nlr = 1.0\n");
+        let err = Recipe::parse_stages(&bad, "r.toml", &[]).unwrap_err().to_string();
+        assert!(err.contains("(stage 0)") && err.contains("did you mean [train]"), "{err}");
+    }
+
+    #[test]
     fn set_overrides_any_key() {
         let r = Recipe::parse(MINIMAL, "r.toml", &["train.lr=5e-4".into(), "lora.r=16".into(), "data.label_mask=assistant".into()])
             .unwrap();
@@ -447,10 +524,8 @@ lr = 1e-3
             let p = entry.unwrap().path();
             if p.extension().is_some_and(|e| e == "toml") {
                 let text = std::fs::read_to_string(&p).unwrap();
-                if text.contains("[[stages]]") {
-                    continue;
-                }
-                Recipe::parse(&text, &p.display().to_string(), &[]).unwrap_or_else(|e| panic!("{e}"));
+                let (stages, _) = Recipe::parse_stages(&text, &p.display().to_string(), &[]).unwrap_or_else(|e| panic!("{e}"));
+                assert!(!stages.is_empty());
             }
         }
     }

@@ -35,24 +35,15 @@ pub struct GenerateArgs {
     pub chat_template: Option<PathBuf>,
 }
 
-/// Prompt ids for generation: the chat template with the generation prompt, `<image>` expanded
-/// to the model's image tokens, BOS as the tokenizer adds it (unless the template already did).
+/// Prompt ids for one user turn (an image, then the text) with the generation prompt.
 pub fn encode_prompt(processor: &Processor, prompt: &str, with_image: bool) -> Result<Vec<i64>> {
     let mut content = Vec::new();
     if with_image {
         content.push(Content::image(0));
     }
     content.push(Content::text(prompt));
-    let text = &processor.text;
-    let rendered = text.render(&[Message::new("user", content)], true)?;
-    let add_special = !text.special.bos_token.as_deref().is_some_and(|b| rendered.text.starts_with(b));
-    let enc = text.tokenizer.encode(rendered.text.as_str(), add_special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-    let mut ids = Vec::new();
-    for &id in enc.get_ids() {
-        let n = if id == text.image_token_id { text.image.image_seq_length } else { 1 };
-        ids.extend(std::iter::repeat_n(id as i64, n));
-    }
-    Ok(ids)
+    let ids = processor.text.encode_prompt(&[Message::new("user", content)], usize::from(with_image))?;
+    Ok(ids.into_iter().map(i64::from).collect())
 }
 
 /// Preprocessed pixels of one image file, `[1, 3, H, W]`.
@@ -116,4 +107,56 @@ pub fn generate(a: GenerateArgs) -> Result<ExitCode> {
     })?;
     println!();
     Ok(ExitCode::SUCCESS)
+}
+
+/// `[generate_eval]`: answer held-out questions by greedy generation; exact match on the first
+/// word of the answer, overall and per question kind (for the demo's shapes data).
+pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint: &Path) -> Result<()> {
+    let mut model = LlavaModel::<Compute>::load(model_dir, &device())?;
+    crate::cmd_train::load_adapter_or_projector(&mut model, checkpoint)?;
+    let processor = Processor::from_model_dir(model_dir, None)?;
+    let data = crate::cmd_train::resolve_data(&ge.data, "test")?;
+    let mut source = vsft_data::open_dataset(&data, Some("test"), None)?;
+    let opts = GenerateOptions { max_new_tokens: ge.max_new_tokens, eos_token_ids: eos_ids(model_dir, &processor), ..Default::default() };
+    let first_word = |s: &str| -> String {
+        s.split_whitespace().next().unwrap_or("").trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase()
+    };
+    let mut per_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    let n = source.len().min(ge.limit);
+    let started = std::time::Instant::now();
+    println!("\nHeld-out pictures: the model's answers");
+    for i in 0..n {
+        let row = source.get(i)?;
+        let Some(user) = row.messages.iter().find(|m| m.role == "user") else { continue };
+        let Some(answer) = row.messages.iter().find(|m| m.role == "assistant") else { continue };
+        let question: String = user.content.iter().filter_map(|c| c.text.clone()).collect::<Vec<_>>().join(" ");
+        let expected: String = answer.content.iter().filter_map(|c| c.text.clone()).collect::<Vec<_>>().join(" ");
+        let n_images = user.content.iter().filter(|c| c.is_image()).count();
+        let ids: Vec<i64> = processor.text.encode_prompt(std::slice::from_ref(user), n_images)?.into_iter().map(i64::from).collect();
+        let pixels = match row.images.first() {
+            Some(img) if n_images > 0 => {
+                let bytes = img.load().with_context(|| format!("{}: row {}: image", row.file.display(), row.file_row))?;
+                let px = processor.image.process_bytes(&bytes).map_err(|e| anyhow::anyhow!("{}: row {}: {e}", row.file.display(), row.file_row))?;
+                Some(Tensor::<Compute, 4>::from_data(TensorData::new(px.data, [1, 3, px.height, px.width]), &device()))
+            }
+            _ => None,
+        };
+        let out = model.generate(&ids, pixels, &opts, &mut |_| true)?;
+        let tokens: Vec<u32> = out.iter().map(|&t| t as u32).collect();
+        let text = processor.text.tokenizer.decode(&tokens, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+        let correct = first_word(&text) == first_word(&expected);
+        let kind = vsft_demo::QuestionKind::of_question(&question).map(|k| k.name().to_string()).unwrap_or_else(|| "all".into());
+        let e = per_kind.entry(kind).or_default();
+        e.0 += usize::from(correct);
+        e.1 += 1;
+        if i < ge.show {
+            println!("  Q: {question}\n  A: {}   (expected {expected}) {}", text.trim(), if correct { "✓" } else { "✗" });
+        }
+    }
+    let (right, total) = per_kind.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    println!("\nAccuracy on {total} held-out questions: {:.1}% ({right}/{total}), {:.1} s", 100.0 * right as f64 / total.max(1) as f64, started.elapsed().as_secs_f64());
+    for (kind, (r, t)) in &per_kind {
+        println!("  {kind:<10} {:>5.1}% ({r}/{t})", 100.0 * *r as f64 / (*t).max(1) as f64);
+    }
+    Ok(())
 }

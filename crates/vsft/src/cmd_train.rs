@@ -26,6 +26,9 @@ pub struct TrainArgs {
 
 /// A local path, or a Hub id downloaded into the Hugging Face cache.
 pub fn resolve_model(path: &str) -> Result<PathBuf> {
+    if path.starts_with(crate::builtin::PREFIX) {
+        return crate::builtin::resolve(path);
+    }
     if Path::new(path).exists() {
         return Ok(PathBuf::from(path));
     }
@@ -33,6 +36,9 @@ pub fn resolve_model(path: &str) -> Result<PathBuf> {
 }
 
 pub fn resolve_data(path: &str, split: &str) -> Result<String> {
+    if path.starts_with(crate::builtin::PREFIX) {
+        return Ok(crate::builtin::resolve(path)?.display().to_string());
+    }
     if Path::new(path).exists() || path.contains('*') {
         return Ok(path.to_string());
     }
@@ -42,18 +48,44 @@ pub fn resolve_data(path: &str, split: &str) -> Result<String> {
 }
 
 pub fn train(a: TrainArgs) -> Result<ExitCode> {
-    let recipe = Recipe::from_file(&a.config, &a.set)?;
+    let (stages, generate_eval) = Recipe::stages_from_file(&a.config, &a.set)?;
+    eprintln!("vsft: backend {}", crate::backend::name());
+    let started = std::time::Instant::now();
+    let mut previous: Option<PathBuf> = None;
+    let mut last_model = None;
+    for (i, mut recipe) in stages.into_iter().enumerate() {
+        // Each later stage starts from the previous stage's projector, as LLaVA's stage 2 does.
+        if let (Some(prev), None) = (&previous, &recipe.model.projector) {
+            recipe.model.projector = Some(prev.display().to_string());
+        }
+        if i > 0 {
+            eprintln!("vsft: stage {} ({:?}) from {}", i + 1, recipe.train.stage, previous.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+        }
+        let summary = train_stage(&recipe, &a.resume)?;
+        if summary.interrupted {
+            return Ok(ExitCode::from(130));
+        }
+        previous = Some(summary.last_checkpoint.clone());
+        last_model = Some((resolve_model(&recipe.model.path)?, summary.last_checkpoint));
+    }
+    eprintln!("vsft: training took {:.0} s", started.elapsed().as_secs_f64());
+    if let (Some(ge), Some((model_dir, checkpoint))) = (generate_eval, last_model) {
+        crate::cmd_generate::generate_eval(&ge, &model_dir, &checkpoint)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn train_stage(recipe: &Recipe, resume: &Option<String>) -> Result<vsft_train::run::RunSummary> {
     let inputs = Inputs {
         model_dir: resolve_model(&recipe.model.path)?,
         train: resolve_data(&recipe.data.train, "train")?,
         eval: recipe.data.eval.as_deref().map(|e| resolve_data(e, "test")).transpose()?,
     };
-    let resume = match a.resume.as_deref() {
+    let resume = match resume.as_deref() {
         None => Resume::No,
         Some("auto") => Resume::Auto,
         Some(dir) => Resume::Dir(PathBuf::from(dir)),
     };
-    eprintln!("vsft: backend {}", crate::backend::name());
     let hub = recipe.hub.clone();
     let mut push_each = |dir: &Path| -> Result<(), vsft_train::TrainError> {
         if let (Some(repo), true) = (&hub.repo, hub.push_checkpoints) {
@@ -62,20 +94,19 @@ pub fn train(a: TrainArgs) -> Result<ExitCode> {
         }
         Ok(())
     };
-    let summary = vsft_train::run::train_with::<Train>(&recipe, &inputs, resume, &device(), &mut push_each)?;
+    let summary = vsft_train::run::train_with::<Train>(recipe, &inputs, resume, &device(), &mut push_each)?;
     eprintln!(
         "vsft: {} steps, final loss {}, checkpoint {}",
         summary.steps,
         summary.final_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
         summary.last_checkpoint.display()
     );
-    if summary.interrupted {
-        return Ok(ExitCode::from(130));
+    if !summary.interrupted {
+        if let Some(repo) = &recipe.hub.repo {
+            push_export(&summary.last_checkpoint, repo, recipe.hub.private, None)?;
+        }
     }
-    if let Some(repo) = &recipe.hub.repo {
-        push_export(&summary.last_checkpoint, repo, recipe.hub.private, None)?;
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(summary)
 }
 
 /// Exports a checkpoint (adapter or projector, with its model card) next to it and pushes the

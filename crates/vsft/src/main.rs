@@ -4,6 +4,7 @@
 //! error, 130 training interrupted with Ctrl-C after saving a checkpoint.
 
 mod backend;
+mod builtin;
 mod cmd_bench;
 mod cmd_data;
 mod cmd_export;
