@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU check: vsft vs PyTorch eager (transformers + PEFT) on a LLaVA-1.5-7B-shaped random model,
+# one training step (forward, backward, AdamW) at batch 8 x 1024 tokens, LoRA r 128.
+#
+# For a GPU machine without network access. It builds nothing: pass a stripped release binary
+# built elsewhere with `cargo build --release -p vsft --features cuda`. Needs python3 with
+# torch, transformers and peft (to create the model and run the PyTorch side). ~6-8 minutes.
+#
+#   scripts/gpu_check.sh path/to/vsft-cuda [BATCH] [SEQ] [STEPS]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+VSFT=${1:?usage: scripts/gpu_check.sh path/to/vsft-cuda [BATCH] [SEQ] [STEPS]}
+B=${2:-8}; L=${3:-1024}; N=${4:-3}; R=128
+WORK=${WORK:-/tmp/vsft-gpu-check}
+mkdir -p "$WORK"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+MODEL=$WORK/llava-1.5-7b-random
+if [ ! -f "$MODEL/config.json" ]; then
+  echo "== creating a random LLaVA-1.5-7B (bf16) with transformers"
+  python3 - "$MODEL" <<'PY'
+import sys, time, torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+t = time.time()
+cfg = LlavaConfig.from_pretrained("configs/llava-1.5-7b.json")
+with torch.device("cuda"):
+    torch.manual_seed(0)
+    m = LlavaForConditionalGeneration(cfg).to(torch.bfloat16)
+m.save_pretrained(sys.argv[1], max_shard_size="5GB")
+print(f"created in {time.time()-t:.0f} s")
+PY
+fi
+
+# Peak device memory of a command: sample nvidia-smi while it runs.
+peak_of() {
+  local log=$WORK/mem.$$; nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$log" &
+  local smi=$!; "$@"; local rc=$?; kill $smi 2>/dev/null; wait $smi 2>/dev/null
+  PEAK=$(sort -n "$log" | tail -1); rm -f "$log"; return $rc
+}
+
+echo "== vsft (batch $B x $L, LoRA r $R, $N timed steps)"
+V=""; VB=$B
+for b in $B 4 2 1; do
+  [ "$b" -gt "$B" ] && continue
+  if peak_of timeout 300 "$VSFT" bench train --model "$MODEL" --batch-size "$b" --seq-len "$L" --lora-r $R --steps "$N" --json > "$WORK/vsft.json" 2> "$WORK/vsft.err"; then
+    V=$(tail -1 "$WORK/vsft.json"); VB=$b; VPEAK=$PEAK; break
+  fi
+  echo "vsft at batch $b failed: $(tail -3 "$WORK/vsft.err" | tr '\n' ' ')"
+done
+echo "== PyTorch + PEFT, bf16 frozen weights, autocast, sdpa (batch $VB x $L)"
+T=$(python3 scripts/bench_torch.py --model "$MODEL" --batch-size "$VB" --seq-len "$L" --lora-r $R --steps "$N" --device cuda --dtype bfloat16 2>"$WORK/torch.err" | tail -1)
+[ -n "$T" ] || echo "torch failed: $(tail -3 "$WORK/torch.err")"
+python3 - "$V" "$T" "${VPEAK:-0}" "$VB" "$L" <<'PY'
+import json, sys
+v = json.loads(sys.argv[1]) if sys.argv[1] else None
+t = json.loads(sys.argv[2]) if sys.argv[2] else None
+print(f"\nbatch {sys.argv[4]} x {sys.argv[5]} tokens, LoRA r 128, LLaVA-1.5-7B shape")
+print("| | step ms (median) | tokens/s | peak device MB |")
+print("|---|---|---|---|")
+if v: print(f"| vsft ({v['backend']}) | {v['step_ms_median']:.0f} | {v['tokens_per_s']:.0f} | {float(sys.argv[3]):.0f} (nvidia-smi) |")
+if t: print(f"| {t['backend']} | {t['step_ms_median']:.0f} | {t['tokens_per_s']:.0f} | {t.get('peak_device_mb', 0):.0f} (allocator) |")
+if v and t: print(f"| vsft / torch | {v['step_ms_median']/t['step_ms_median']:.2f}x time | {v['tokens_per_s']/t['tokens_per_s']:.2f}x | |")
+PY
