@@ -120,6 +120,28 @@ pub struct Object {
     pub rgb: [u8; 3],
 }
 
+const TRIANGLE_SCALE: f32 = 1.05;
+
+/// Object sizes and placement, as fractions of the picture's side. The defaults keep the two
+/// objects of a pair apart (tests/dataset.rs checks it) and make each span about 2-3 patches
+/// of 14 px at 84 px.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    /// Half-size (circle radius) of objects: uniform in `min_size..=max_size`.
+    pub min_size: f32,
+    pub max_size: f32,
+    /// Centres move by up to this much from their place's nominal centre, in x and in y.
+    pub jitter: f32,
+    /// Probability of a picture with one object (otherwise two).
+    pub p_single: f64,
+}
+
+impl Default for Geometry {
+    fn default() -> Self {
+        Geometry { min_size: 0.17, max_size: 0.21, jitter: 0.025, p_single: 0.5 }
+    }
+}
+
 /// A picture: one or two objects of distinct shapes and distinct colours.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scene {
@@ -179,13 +201,18 @@ pub const CAPTION_PROMPTS: [&str; 3] = ["Describe the picture.", "What is in the
 const COUNT_WORDS: [&str; 3] = ["zero", "one", "two"];
 
 impl Scene {
-    /// A random scene: with probability one half a lone object at one of the four places,
-    /// otherwise a left/right or top/bottom pair.
+    /// A random scene with the default [`Geometry`]: with probability one half a lone object
+    /// at one of the four places, otherwise a left/right or top/bottom pair.
     pub fn random(rng: &mut SplitMix64, size: u32) -> Scene {
+        Self::random_with(rng, size, &Geometry::default())
+    }
+
+    /// A random scene with the given object sizes and jitter.
+    pub fn random_with(rng: &mut SplitMix64, size: u32, g: &Geometry) -> Scene {
         let s = size as f32;
         let bg = rng.range(232, 255);
         let background = [0, 1, 2].map(|_| (bg + rng.range(-3, 3)).clamp(0, 255) as u8);
-        let places: Vec<Place> = if rng.chance(0.5) {
+        let places: Vec<Place> = if rng.chance(g.p_single) {
             vec![*rng.pick(&Place::ALL)]
         } else if rng.chance(0.5) {
             vec![Place::Left, Place::Right]
@@ -194,7 +221,7 @@ impl Scene {
         };
         let shapes = rng.distinct(Shape::ALL.len(), places.len());
         let colours = rng.distinct(Colour::ALL.len(), places.len());
-        let jitter = (0.06 * s).round() as i64;
+        let jitter = (g.jitter * s).round() as i64;
         let objects = places
             .iter()
             .enumerate()
@@ -202,28 +229,26 @@ impl Scene {
                 let (fx, fy) = place.centre();
                 let colour = Colour::ALL[colours[i]];
                 let rgb = colour.rgb().map(|c| (c as i64 + rng.range(-10, 10)).clamp(0, 255) as u8);
-                Object {
-                    shape: Shape::ALL[shapes[i]],
-                    colour,
-                    place,
-                    cx: fx * s + rng.range(-jitter, jitter) as f32,
-                    cy: fy * s + rng.range(-jitter, jitter) as f32,
-                    r: s * (0.12 + 0.045 * rng.below(1001) as f32 / 1000.0),
-                    rgb,
-                }
+                let r = s * (g.min_size + (g.max_size - g.min_size) * rng.below(1001) as f32 / 1000.0);
+                // Jittered, but kept inside the picture (the triangle reaches 1.05 r up).
+                let m = (TRIANGLE_SCALE * r + 1.0).min(s / 2.0);
+                let cx = (fx * s + rng.range(-jitter, jitter) as f32).clamp(m, s - m);
+                let cy = (fy * s + rng.range(-jitter, jitter) as f32).clamp(m, s - m);
+                Object { shape: Shape::ALL[shapes[i]], colour, place, cx, cy, r, rgb }
             })
             .collect();
         Scene { size, background, objects }
     }
 
-    fn covers(o: &Object, x: f32, y: f32) -> bool {
+    /// Whether object `o` covers point `(x, y)` (pixel centres are at `i + 0.5`).
+    pub fn covers(o: &Object, x: f32, y: f32) -> bool {
         let (dx, dy) = (x - o.cx, y - o.cy);
         match o.shape {
             Shape::Circle => dx * dx + dy * dy <= o.r * o.r,
             Shape::Square => dx.abs() <= 0.87 * o.r && dy.abs() <= 0.87 * o.r,
             Shape::Triangle => {
-                // Apex up, base at the bottom; a little larger so the areas are alike.
-                let r = 1.15 * o.r;
+                // Apex up, base at the bottom; a little larger so the areas are closer.
+                let r = TRIANGLE_SCALE * o.r;
                 let t = (dy + r) / (2.0 * r); // 0 at the apex, 1 at the base
                 (0.0..=1.0).contains(&t) && dx.abs() <= t * r
             }
@@ -278,9 +303,10 @@ impl Scene {
         q
     }
 
-    /// Up to `k` distinct questions, drawing the kind uniformly first so kinds are balanced.
-    fn draw_questions(&self, rng: &mut SplitMix64, k: usize) -> Vec<(QuestionKind, String, String)> {
-        let mut pool = self.questions();
+    /// Up to `k` distinct questions of the given kinds, drawing the kind uniformly first so
+    /// kinds are balanced.
+    fn draw_questions(&self, rng: &mut SplitMix64, k: usize, kinds: &[QuestionKind]) -> Vec<(QuestionKind, String, String)> {
+        let mut pool: Vec<_> = self.questions().into_iter().filter(|q| kinds.contains(&q.0)).collect();
         let mut out = Vec::new();
         while out.len() < k && !pool.is_empty() {
             let mut kinds: Vec<QuestionKind> = pool.iter().map(|x| x.0).collect();
@@ -307,11 +333,44 @@ pub struct ShapesSpec {
     /// Question/answer turns per training conversation: 1 to this many.
     pub max_turns: usize,
     pub row_group_size: usize,
+    pub geometry: Geometry,
+    /// The kinds of questions asked (train and test), all by default.
+    pub kinds: Vec<QuestionKind>,
 }
 
 impl Default for ShapesSpec {
     fn default() -> Self {
-        ShapesSpec { seed: 2024, image_size: 84, n_captions: 2000, n_qa_train: 3000, n_qa_test: 200, max_turns: 3, row_group_size: 500 }
+        ShapesSpec {
+            seed: 2024,
+            image_size: 84,
+            n_captions: 4000,
+            n_qa_train: 12000,
+            n_qa_test: 200,
+            max_turns: 5,
+            row_group_size: 500,
+            geometry: Geometry::default(),
+            kinds: QuestionKind::ALL.to_vec(),
+        }
+    }
+}
+
+impl ShapesSpec {
+    /// Checks the values make sense (sizes, fractions, at least one kind and turn).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let g = &self.geometry;
+        if self.image_size < 16 {
+            return Err(format!("image_size {} is below 16", self.image_size));
+        }
+        if !(0.0 < g.min_size && g.min_size <= g.max_size && g.max_size <= 0.25) {
+            return Err(format!("need 0 < min_size <= max_size <= 0.25, got {} and {}", g.min_size, g.max_size));
+        }
+        if !(0.0..=0.2).contains(&g.jitter) || !(0.0..=1.0).contains(&g.p_single) {
+            return Err(format!("jitter {} must be in 0..=0.2 and p_single {} in 0..=1", g.jitter, g.p_single));
+        }
+        if self.kinds.is_empty() || self.max_turns == 0 || self.row_group_size == 0 {
+            return Err("kinds, max_turns and row_group_size must not be empty or zero".into());
+        }
+        Ok(())
     }
 }
 
@@ -342,7 +401,7 @@ pub(crate) fn caption_rows(spec: &ShapesSpec) -> Result<Vec<ConvRow>> {
     let mut rng = stream(spec.seed, CAPTIONS_STREAM);
     (0..spec.n_captions)
         .map(|_| {
-            let scene = Scene::random(&mut rng, spec.image_size);
+            let scene = Scene::random_with(&mut rng, spec.image_size, &spec.geometry);
             let prompt = rng.pick(&CAPTION_PROMPTS).to_string();
             Ok(ConvRow { turns: vec![(prompt, scene.caption())], png: scene.png()? })
         })
@@ -353,21 +412,21 @@ pub(crate) fn qa_train_rows(spec: &ShapesSpec) -> Result<Vec<ConvRow>> {
     let mut rng = stream(spec.seed, QA_TRAIN_STREAM);
     (0..spec.n_qa_train)
         .map(|_| {
-            let scene = Scene::random(&mut rng, spec.image_size);
+            let scene = Scene::random_with(&mut rng, spec.image_size, &spec.geometry);
             let k = 1 + rng.below(spec.max_turns.max(1));
-            let turns = scene.draw_questions(&mut rng, k).into_iter().map(|(_, q, a)| (q, a)).collect();
+            let turns = scene.draw_questions(&mut rng, k, &spec.kinds).into_iter().map(|(_, q, a)| (q, a)).collect();
             Ok(ConvRow { turns, png: scene.png()? })
         })
         .collect()
 }
 
-/// Test rows: one question each, the kinds in turn (so each kind has a fifth of them).
+/// Test rows: one question each, the kinds in turn (so each kind has an equal share).
 pub(crate) fn qa_test_rows(spec: &ShapesSpec) -> Result<Vec<ConvRow>> {
     let mut rng = stream(spec.seed, QA_TEST_STREAM);
     (0..spec.n_qa_test)
         .map(|i| {
-            let scene = Scene::random(&mut rng, spec.image_size);
-            let kind = QuestionKind::ALL[i % QuestionKind::ALL.len()];
+            let scene = Scene::random_with(&mut rng, spec.image_size, &spec.geometry);
+            let kind = spec.kinds[i % spec.kinds.len()];
             let cands: Vec<_> = scene.questions().into_iter().filter(|x| x.0 == kind).collect();
             let (_, q, a) = cands[rng.below(cands.len())].clone();
             Ok(ConvRow { turns: vec![(q, a)], png: scene.png()? })
@@ -378,6 +437,7 @@ pub(crate) fn qa_test_rows(spec: &ShapesSpec) -> Result<Vec<ConvRow>> {
 /// Generates the dataset under `dir` (see the crate docs for the layout). Deterministic:
 /// the same spec gives the same bytes.
 pub fn write_shapes_dataset(dir: &Path, spec: &ShapesSpec) -> Result<DemoFiles> {
+    spec.validate().map_err(|m| DemoError::data(dir, format!("bad ShapesSpec: {m}")))?;
     let captions_dir = dir.join("captions");
     let qa_dir = dir.join("qa");
     let files = DemoFiles {
