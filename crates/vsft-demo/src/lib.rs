@@ -39,7 +39,7 @@ mod tokenizer;
 pub use error::{DemoError, Result};
 pub use rng::SplitMix64;
 pub use shapes::{
-    held_out_questions, write_shapes_dataset, Colour, DemoFiles, DemoQuestion, Geometry, Object, Place, QuestionKind, Scene, Shape, ShapesSpec,
+    held_out_questions, write_shapes_dataset, Colour, DemoFiles, DemoQuestion, Geometry, Object, Place, QuestionKind, Scene, Score, Shape, ShapesSpec,
 };
 pub use tokenizer::{
     all_texts, chat_template, demo_model_config, demo_vocab_ids, pre_tokenize, vocabulary, write_demo_model_files, write_demo_tokenizer, write_processor_files,

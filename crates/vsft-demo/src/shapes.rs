@@ -539,3 +539,47 @@ pub(crate) fn all_scenes() -> Vec<Scene> {
     }
     out
 }
+
+/// Exact-match accuracy of generated answers, per question kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Score {
+    /// (correct, asked) per kind.
+    pub per_kind: std::collections::BTreeMap<QuestionKind, (usize, usize)>,
+}
+
+impl Score {
+    /// Scores `generated[i]` against `questions[i]` with [`DemoQuestion::is_correct`].
+    pub fn new(questions: &[DemoQuestion], generated: &[impl AsRef<str>]) -> Score {
+        let mut s = Score::default();
+        for (q, g) in questions.iter().zip(generated) {
+            let e = s.per_kind.entry(q.kind).or_default();
+            e.0 += q.is_correct(g.as_ref()) as usize;
+            e.1 += 1;
+        }
+        s
+    }
+    /// Fraction correct over all kinds (0 when nothing was asked).
+    pub fn overall(&self) -> f64 {
+        let (c, n) = self.per_kind.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+        if n == 0 {
+            0.0
+        } else {
+            c as f64 / n as f64
+        }
+    }
+    /// Fraction correct for one kind, if asked.
+    pub fn of(&self, kind: QuestionKind) -> Option<f64> {
+        self.per_kind.get(&kind).filter(|v| v.1 > 0).map(|&(c, n)| c as f64 / n as f64)
+    }
+}
+
+/// `colour 38/40 (95%), shape 30/40 (75%), ..., all 170/200 (85%)`
+impl std::fmt::Display for Score {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (k, (c, n)) in &self.per_kind {
+            write!(f, "{} {c}/{n} ({:.0}%), ", k.name(), 100.0 * *c as f64 / (*n).max(1) as f64)?;
+        }
+        let (c, n) = self.per_kind.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+        write!(f, "all {c}/{n} ({:.0}%)", 100.0 * self.overall())
+    }
+}

@@ -156,6 +156,15 @@ fn held_out_questions_read_back() {
         assert!(!q.is_correct("purplish."));
     }
     assert!(held_out_questions(&root.join("nowhere")).unwrap_err().to_string().contains("nowhere"));
+    // Scoring: the right answers score 100%, "red" everywhere scores the red answers only.
+    let right: Vec<&str> = qs.iter().map(|q| q.answer.as_str()).collect();
+    let s = vsft_demo::Score::new(&qs, &right);
+    assert_eq!(s.overall(), 1.0);
+    assert_eq!(s.to_string().matches("(100%)").count(), 6, "{s}");
+    let red = vsft_demo::Score::new(&qs, &vec!["red."; qs.len()]);
+    let n_red = qs.iter().filter(|q| q.answer == "red.").count();
+    assert_eq!(red.overall(), n_red as f64 / qs.len() as f64);
+    assert_eq!(red.of(QuestionKind::Count), Some(0.0));
 }
 
 /// The pictures hold what the text says: sample the pixel at each object's centre.
