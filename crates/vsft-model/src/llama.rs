@@ -152,7 +152,11 @@ impl<B: Backend> LlamaForCausalLM<B> {
             let norm = RmsNorm::new(&mut m, "norm", h, eps);
             LlamaModel { embed_tokens, layers, norm, rope_theta: cfg.rope_theta() }
         };
-        let lm_head = (!tie_word_embeddings).then(|| Linear::new(&mut lm, "lm_head", h, cfg.vocab_size, false));
+        // A random model's head gets std 1/√hidden rather than transformers' 0.02: with a frozen
+        // head after RMSNorm, 0.02 caps every logit near ±2.6, and a LoRA-only run (the demo) could
+        // then never become confident. Checkpoints are unaffected.
+        let head_init = crate::weights::Init::Normal(1.0 / (h as f64).sqrt());
+        let lm_head = (!tie_word_embeddings).then(|| Linear::with_init(&mut lm, "lm_head", h, cfg.vocab_size, false, head_init));
         Self { model, lm_head }
     }
 

@@ -64,8 +64,13 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     pub fn new(b: &mut Builder<'_, B>, name: &str, d_in: usize, d_out: usize, bias: bool) -> Self {
+        Self::with_init(b, name, d_in, d_out, bias, Init::Normal(0.02))
+    }
+
+    /// `weight_init` applies when the model is randomly initialised (checkpoints ignore it).
+    pub fn with_init(b: &mut Builder<'_, B>, name: &str, d_in: usize, d_out: usize, bias: bool, weight_init: Init) -> Self {
         let mut s = b.scope(name);
-        let weight = s.param([d_out, d_in], "weight", Init::Normal(0.02));
+        let weight = s.param([d_out, d_in], "weight", weight_init);
         let bias = bias.then(|| s.param([d_out], "bias", Init::Zeros));
         Self { weight, bias, lora: None }
     }

@@ -51,7 +51,7 @@ pub fn resolve(name: &str) -> Result<PathBuf> {
     let what = name.strip_prefix(PREFIX).unwrap_or(name);
     match what {
         "demo-tiny-llava" => {
-            let dir = cache_root().join("builtin/demo-tiny-llava-v1");
+            let dir = cache_root().join("builtin/demo-tiny-llava-v2");
             materialise(&dir, |tmp| {
                 let vocab = vsft_demo::write_demo_model_files(tmp)?;
                 let cfg: LlavaConfig = serde_json::from_value(vsft_demo::demo_model_config(&vocab))?;
