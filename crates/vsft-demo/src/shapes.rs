@@ -322,6 +322,10 @@ impl Scene {
 
 /// What to generate. Each split has its own random stream (derived from `seed`), so
 /// changing one split's size leaves the other splits unchanged.
+///
+/// The default sizes suit a demo of about 1000 steps of batch 16 (1 epoch of captions, a few
+/// of Q&A). For longer runs use more Q&A rows rather than more epochs: on 3000 rows, 10
+/// epochs overfit (held-out accuracy stalls near 75% while the training loss keeps falling).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShapesSpec {
     pub seed: u64,
@@ -343,10 +347,10 @@ impl Default for ShapesSpec {
         ShapesSpec {
             seed: 2024,
             image_size: 84,
-            n_captions: 4000,
-            n_qa_train: 12000,
+            n_captions: 2000,
+            n_qa_train: 3000,
             n_qa_test: 200,
-            max_turns: 5,
+            max_turns: 3,
             row_group_size: 500,
             geometry: Geometry::default(),
             kinds: QuestionKind::ALL.to_vec(),

@@ -94,7 +94,7 @@ fn every_row_processes_with_the_demo_model_files() {
         }
     }
     // Captions are longer than answers; the whole thing stays short for a CPU demo.
-    assert!(max_len <= 128, "longest example {max_len} tokens");
+    assert!(max_len <= 96, "longest example {max_len} tokens");
 }
 
 #[test]
