@@ -89,7 +89,10 @@ impl<B: Backend> ClipVisionTower<B> {
             ClipEmbeddings {
                 class_embedding,
                 patch_embedding: PatchConv { weight: patch_weight, patch_size: cfg.patch_size },
-                position_embedding: crate::nn::Embedding::new(&mut e, "position_embedding", num_positions, h),
+                // A random tower's positions get std 0.5 rather than 0.02, comparable to the patch
+                // content after the conv, so that the features say where a patch is (a trained
+                // CLIP's do); checkpoints are unaffected.
+                position_embedding: crate::nn::Embedding::with_init(&mut e, "position_embedding", num_positions, h, Init::Normal(0.5)),
             }
         };
         let pre_layrnorm = LayerNorm::new(&mut b, "pre_layrnorm", h, eps);

@@ -160,8 +160,13 @@ pub struct Embedding<B: Backend> {
 
 impl<B: Backend> Embedding<B> {
     pub fn new(b: &mut Builder<'_, B>, name: &str, vocab: usize, dim: usize) -> Self {
+        Self::with_init(b, name, vocab, dim, Init::Normal(0.02))
+    }
+
+    /// `init` applies when the model is randomly initialised (checkpoints ignore it).
+    pub fn with_init(b: &mut Builder<'_, B>, name: &str, vocab: usize, dim: usize, init: Init) -> Self {
         let mut s = b.scope(name);
-        Self { weight: s.param([vocab, dim], "weight", Init::Normal(0.02)) }
+        Self { weight: s.param([vocab, dim], "weight", init) }
     }
 
     /// `ids: [batch, seq]` → `[batch, seq, dim]`.

@@ -38,7 +38,7 @@ fn materialise(dir: &Path, make: impl FnOnce(&Path) -> Result<()>) -> Result<Pat
 }
 
 fn shapes_root() -> Result<PathBuf> {
-    let dir = cache_root().join("builtin/shapes-v1");
+    let dir = cache_root().join("builtin/shapes-v2");
     materialise(&dir, |tmp| {
         eprintln!("vsft: generating the synthetic shapes dataset in {}", dir.display());
         vsft_demo::write_shapes_dataset(tmp, &vsft_demo::ShapesSpec::default())?;
@@ -51,7 +51,7 @@ pub fn resolve(name: &str) -> Result<PathBuf> {
     let what = name.strip_prefix(PREFIX).unwrap_or(name);
     match what {
         "demo-tiny-llava" => {
-            let dir = cache_root().join("builtin/demo-tiny-llava-v2");
+            let dir = cache_root().join("builtin/demo-tiny-llava-v3");
             materialise(&dir, |tmp| {
                 let vocab = vsft_demo::write_demo_model_files(tmp)?;
                 let cfg: LlavaConfig = serde_json::from_value(vsft_demo::demo_model_config(&vocab))?;
