@@ -61,6 +61,22 @@ fn export_merge_push_pull() {
     assert!(server.head(vsft_hub::RepoType::Model, "me/run-lora", "main").is_some(), "final adapter pushed");
     let ckpt = out.join("checkpoint-2");
 
+    // A stage-1 checkpoint exports the projector under transformers' names.
+    let pre = dir.join("pretrain.toml");
+    std::fs::write(
+        &pre,
+        std::fs::read_to_string(&recipe).unwrap().replace("stage = \"instruct\"", "stage = \"pretrain\"").replace(&out.display().to_string(), &dir.join("pre").display().to_string()).replace("[hub]\nrepo = \"me/run-lora\"\npush_checkpoints = true\n", ""),
+    )
+    .unwrap();
+    run(vsft().arg("train").arg("--config").arg(&pre));
+    run(vsft().arg("export").arg("--checkpoint").arg(dir.join("pre/checkpoint-2")).arg("--out").arg(dir.join("projector")));
+    let proj = read_tensor_file(&dir.join("projector/projector.safetensors")).unwrap();
+    assert_eq!(
+        proj.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+        ["multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.bias", "multi_modal_projector.linear_2.weight"]
+    );
+    assert!(std::fs::read_to_string(dir.join("projector/README.md")).unwrap().contains("projector pretraining"));
+
     // The adapter: PEFT's key set (same 2-layer shape and targets as the PEFT-written fixture).
     let adapter = dir.join("adapter");
     run(vsft().arg("export").arg("--checkpoint").arg(&ckpt).arg("--out").arg(&adapter));

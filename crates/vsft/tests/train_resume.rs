@@ -76,6 +76,17 @@ dropout = 0.1
     p
 }
 
+/// The newest complete checkpoint's step.
+fn vsft_last_step(out: &Path) -> usize {
+    std::fs::read_dir(out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("trainer_state.json").exists())
+        .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("checkpoint-").and_then(|s| s.parse().ok()))
+        .max()
+        .unwrap()
+}
+
 /// step → loss (the last line written for each step wins: a resumed run appends).
 fn losses(out: &Path) -> BTreeMap<u64, f64> {
     let mut m = BTreeMap::new();
@@ -163,6 +174,46 @@ fn resume_kill_and_eval() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("changes what is trained"), "{err}");
+
+    // Ctrl-C: a checkpoint at the step reached, exit code 130, and the run resumes from it.
+    let int_out = dir.join("interrupted");
+    let r = recipe(&dir, &model, &int_out);
+    let mut child = vsft()
+        .arg("train")
+        .arg("--config")
+        .arg(&r)
+        .env("VSFT_TEST_PAUSE_IN_CHECKPOINT_MS", "800")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !int_out.join("checkpoint-2/trainer_state.json").exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "checkpoint-2 never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
+    assert!(st.success());
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(130), "Ctrl-C exits with 130 after saving");
+    let saved = vsft_last_step(&int_out);
+    assert!((2..6).contains(&saved), "the interrupt saved step {saved}");
+    train(&r, &["--resume", "auto"]);
+    let after = losses(&int_out);
+    for step in (saved as u64 + 1)..=6 {
+        assert!((after[&step] - full[&step]).abs() <= 1e-6, "step {step} after Ctrl-C + resume");
+    }
+
+    // A loss that overflows stops the run with an error naming the step.
+    let out = vsft()
+        .arg("train")
+        .arg("--config")
+        .arg(&r)
+        .args(["--set", "train.lr=1e30", "--set", "train.max_grad_norm=0", "--set", &format!("train.output_dir=\"{}\"", dir.join("nan").display())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("step ") && err.contains("the loss is") && err.contains("on_nan"), "{err}");
 
     // `vsft eval` with the final adapter gives training's final eval loss.
     let state: serde_json::Value =
