@@ -214,10 +214,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
     }
 }
 
-/// Keys and values of past positions, per layer (`[1, kv_heads, past, head_dim]`, keys after RoPE).
+/// One layer's cached keys and values (`[1, kv_heads, past, head_dim]`, keys after RoPE).
+pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+/// Keys and values of past positions, per layer.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache<B: Backend> {
-    pub layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    pub layers: Vec<LayerCache<B>>,
     /// Positions already in the cache.
     pub len: usize,
 }
@@ -233,7 +236,7 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         mask: Option<Tensor<B, 4, Bool>>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let h = self.self_attn.forward_cached(self.input_layernorm.forward(x.clone()), rope, mask, cache);
         let x = x + h;
@@ -255,7 +258,7 @@ impl<B: Backend> LlamaAttention<B> {
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         mask: Option<Tensor<B, 4, Bool>>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);

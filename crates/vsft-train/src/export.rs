@@ -119,14 +119,18 @@ pub fn model_card(recipe: &Recipe, state: &TrainerState, merged: bool) -> String
     s
 }
 
+/// A checkpoint's trainer state and the recipe it was trained with.
+fn read_checkpoint(checkpoint: &Path) -> Result<(TrainerState, Recipe), TrainError> {
+    let state = read_state(checkpoint)?;
+    let recipe_path = checkpoint.join("recipe.toml");
+    let text = std::fs::read_to_string(&recipe_path).map_err(io(&recipe_path))?;
+    let recipe = Recipe::parse(&text, &recipe_path.display().to_string(), &[])?;
+    Ok((state, recipe))
+}
+
 /// `vsft export --checkpoint DIR --out DIR`: the adapter (instruct) or the projector (pretrain).
 pub fn export_adapter(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError> {
-    let state = read_state(checkpoint)?;
-    let recipe = Recipe::parse(
-        &std::fs::read_to_string(checkpoint.join("recipe.toml")).map_err(io(checkpoint))?,
-        &checkpoint.join("recipe.toml").display().to_string(),
-        &[],
-    )?;
+    let (state, recipe) = read_checkpoint(checkpoint)?;
     let tmp = staging(out)?;
     match state.stage {
         Stage::Instruct => {
@@ -154,12 +158,7 @@ pub fn export_merged<B: Backend>(
     max_shard_bytes: u64,
     device: &B::Device,
 ) -> Result<ExportSummary, TrainError> {
-    let state = read_state(checkpoint)?;
-    let recipe = Recipe::parse(
-        &std::fs::read_to_string(checkpoint.join("recipe.toml")).map_err(io(checkpoint))?,
-        &checkpoint.join("recipe.toml").display().to_string(),
-        &[],
-    )?;
+    let (state, recipe) = read_checkpoint(checkpoint)?;
     let mut model = LlavaModel::<B>::load(base_dir, device)?;
     match state.stage {
         Stage::Instruct => {
