@@ -42,19 +42,25 @@ impl Processor {
         Ok(Processor { image, text })
     }
 
+    /// Decodes the images of a row; errors name the image field.
+    fn decode_row_images(&self, row: &Row) -> Result<Vec<RgbImage>> {
+        row.images
+            .iter()
+            .enumerate()
+            .map(|(k, src)| {
+                let bytes = src.load().map_err(|e| {
+                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), BadRowKind::MissingImageFile, e.to_string())
+                })?;
+                decode_image(&bytes).map_err(|e| {
+                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, format!("cannot decode image: {e}"))
+                })
+            })
+            .collect()
+    }
+
     /// Decodes and preprocesses the images of a row; errors name the image field.
     pub fn row_images(&self, row: &Row) -> Result<Vec<PixelValues>> {
-        let mut out = Vec::with_capacity(row.images.len());
-        for (k, src) in row.images.iter().enumerate() {
-            let bytes = src.load().map_err(|e| {
-                DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), BadRowKind::MissingImageFile, e.to_string())
-            })?;
-            let img = decode_image(&bytes).map_err(|e| {
-                DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, format!("cannot decode image: {e}"))
-            })?;
-            out.push(self.image.preprocess(&img));
-        }
-        Ok(out)
+        Ok(self.decode_row_images(row)?.iter().map(|img| self.image.preprocess(img)).collect())
     }
 
     /// Validates, tokenizes and truncates a row (no images touched).
@@ -87,17 +93,7 @@ impl Processor {
 
     /// Decoded, resized and cropped 8-bit images of a row; errors name the image field.
     pub fn row_images_u8(&self, row: &Row) -> Result<Vec<RgbImage>> {
-        let mut out = Vec::with_capacity(row.images.len());
-        for (k, src) in row.images.iter().enumerate() {
-            let bytes = src.load().map_err(|e| {
-                DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), BadRowKind::MissingImageFile, e.to_string())
-            })?;
-            let img = decode_image(&bytes).map_err(|e| {
-                DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, format!("cannot decode image: {e}"))
-            })?;
-            out.push(self.image.resize_and_crop(&img));
-        }
-        Ok(out)
+        Ok(self.decode_row_images(row)?.iter().map(|img| self.image.resize_and_crop(img)).collect())
     }
 
     /// Like `process_row`, stopping before normalisation.

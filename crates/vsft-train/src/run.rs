@@ -200,7 +200,8 @@ pub fn train_with<B: AutodiffBackend>(
     let processor = Arc::new(Processor::from_model_dir(&inputs.model_dir, chat_template)?);
     let image_root = recipe.data.image_folder.as_deref().map(Path::new);
     let open_train = || open_dataset(&inputs.train, Some("train"), image_root);
-    let rows = open_train()?.len();
+    let first_source = open_train()?;
+    let rows = first_source.len();
     let lcfg = loader_config(recipe, t.batch_size, t.shuffle)?;
     let batches_per_epoch = rows.div_ceil(t.batch_size).max(1);
     let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum).max(1);
@@ -259,7 +260,7 @@ pub fn train_with<B: AutodiffBackend>(
     let started = Instant::now();
     let mut window = (0.0f64, 0usize, 0usize, 0usize, Instant::now()); // loss sum, steps, tokens, samples, since
     let mut losses = Vec::new();
-    let mut loader = DataLoader::new(open_train()?, processor.clone(), lcfg.clone(), state.cursor);
+    let mut loader = DataLoader::new(first_source, processor.clone(), lcfg.clone(), state.cursor);
     let mut skips = vsft_data::SkipStats::default();
     let rows_skipped_before = state.rows_skipped;
     let mut interrupted = false;

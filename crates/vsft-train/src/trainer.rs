@@ -97,8 +97,9 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Parameter counts per group, for the start-of-run log (Prismatic's explicit stage report).
     pub fn group_report(&self) -> Vec<GroupReport> {
+        let named = vsft_model::weights::NamedParams::collect(&self.model);
         let count = |prefix: &str, lora: Option<bool>| -> usize {
-            vsft_model::weights::NamedParams::collect(&self.model)
+            named
                 .iter()
                 .filter(|(n, _, _)| n.starts_with(prefix) && lora.is_none_or(|l| n.contains(".lora.") == l))
                 .map(|(_, _, t)| t.shape.iter().product::<usize>())
@@ -149,9 +150,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let loss = sum / num_items as f64;
             loss_total += loss.clone().into_scalar().elem::<f64>();
             let grads = loss.backward();
-            let mut collector = GradCollector::<B> { path: Vec::new(), grads: &grads, trainable: &self.trainable, out: BTreeMap::new() };
-            self.model.visit(&mut collector);
-            for (name, g) in collector.out {
+            for (name, g) in TrainableCollector::collect(&self.model, &self.trainable, Some(&grads)) {
                 let merged = match acc.remove(&name) {
                     Some(prev) => prev + g,
                     None => g,
@@ -184,9 +183,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Current values of the trainable parameters, flattened, by name.
     pub fn trainable_values(&self) -> BTreeMap<String, Tensor<B::InnerBackend, 1>> {
-        let mut v = ValueCollector::<B> { path: Vec::new(), trainable: &self.trainable, out: BTreeMap::new() };
-        self.model.visit(&mut v);
-        v.out
+        TrainableCollector::collect(&self.model, &self.trainable, None)
     }
 
     /// Replaces trainable parameters by name (keeps their ids, shapes and `require_grad`).
@@ -234,14 +231,24 @@ impl<B: Backend> ModuleMapper<B> for Freezer {
     }
 }
 
-struct GradCollector<'a, B: AutodiffBackend> {
+/// Collects the trainable parameters, flattened by name: their gradients when `grads` is given,
+/// else their values.
+struct TrainableCollector<'a, B: AutodiffBackend> {
     path: Vec<String>,
-    grads: &'a B::Gradients,
+    grads: Option<&'a B::Gradients>,
     trainable: &'a BTreeMap<String, GroupSettings>,
     out: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
+impl<'a, B: AutodiffBackend> TrainableCollector<'a, B> {
+    fn collect(model: &LlavaModel<B>, trainable: &'a BTreeMap<String, GroupSettings>, grads: Option<&'a B::Gradients>) -> BTreeMap<String, Tensor<B::InnerBackend, 1>> {
+        let mut c = Self { path: Vec::new(), grads, trainable, out: BTreeMap::new() };
+        model.visit(&mut c);
+        c.out
+    }
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for TrainableCollector<'_, B> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.push(name.to_string());
     }
@@ -250,34 +257,16 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let name = self.path.join(".");
-        if self.trainable.contains_key(&name) {
-            if let Some(g) = param.val().grad(self.grads) {
-                let n = g.shape().num_elements();
-                self.out.insert(name, g.reshape([n]));
-            }
+        if !self.trainable.contains_key(&name) {
+            return;
         }
-    }
-}
-
-struct ValueCollector<'a, B: AutodiffBackend> {
-    path: Vec<String>,
-    trainable: &'a BTreeMap<String, GroupSettings>,
-    out: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for ValueCollector<'_, B> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let name = self.path.join(".");
-        if self.trainable.contains_key(&name) {
-            let v = param.val().inner();
-            let n = v.shape().num_elements();
-            self.out.insert(name, v.reshape([n]));
+        let tensor = match self.grads {
+            Some(grads) => param.val().grad(grads),
+            None => Some(param.val().inner()),
+        };
+        if let Some(t) = tensor {
+            let n = t.shape().num_elements();
+            self.out.insert(name, t.reshape([n]));
         }
     }
 }

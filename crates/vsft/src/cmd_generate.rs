@@ -133,12 +133,8 @@ pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint
         let expected: String = answer.content.iter().filter_map(|c| c.text.clone()).collect::<Vec<_>>().join(" ");
         let n_images = user.content.iter().filter(|c| c.is_image()).count();
         let ids: Vec<i64> = processor.text.encode_prompt(std::slice::from_ref(user), n_images)?.into_iter().map(i64::from).collect();
-        let pixels = match row.images.first() {
-            Some(img) if n_images > 0 => {
-                let bytes = img.load().with_context(|| format!("{}: row {}: image", row.file.display(), row.file_row))?;
-                let px = processor.image.process_bytes(&bytes).map_err(|e| anyhow::anyhow!("{}: row {}: {e}", row.file.display(), row.file_row))?;
-                Some(Tensor::<Compute, 4>::from_data(TensorData::new(px.data, [1, 3, px.height, px.width]), &device()))
-            }
+        let pixels = match processor.row_images(&row)?.into_iter().next() {
+            Some(px) if n_images > 0 => Some(Tensor::<Compute, 4>::from_data(TensorData::new(px.data, [1, 3, px.height, px.width]), &device())),
             _ => None,
         };
         let out = model.generate(&ids, pixels, &opts, &mut |_| true)?;
