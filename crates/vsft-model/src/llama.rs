@@ -1,6 +1,9 @@
 //! The Llama decoder as transformers' `LlamaModel` computes it: RMSNorm, RoPE with rotate_half,
 //! grouped-query attention with a causal + key-padding mask, SiLU-gated MLP.
 
+use std::cell::OnceCell;
+use std::sync::Arc;
+
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{activation, Bool, Int, Tensor, TensorData};
@@ -57,6 +60,9 @@ pub struct Rope<B: Backend> {
     /// `[1, 1, seq, head_dim]`.
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
+    /// The same tables on the host, `[seq, head_dim]`, for the fused attention kernel.
+    pub host_cos: Arc<Vec<f32>>,
+    pub host_sin: Arc<Vec<f32>>,
 }
 
 impl<B: Backend> Rope<B> {
@@ -78,8 +84,10 @@ impl<B: Backend> Rope<B> {
         }
         let shape = [1, 1, seq, head_dim];
         Self {
-            cos: Tensor::from_data(TensorData::new(cos, shape), device),
-            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            cos: Tensor::from_data(TensorData::new(cos.clone(), shape), device),
+            sin: Tensor::from_data(TensorData::new(sin.clone(), shape), device),
+            host_cos: Arc::new(cos),
+            host_sin: Arc::new(sin),
         }
     }
 
@@ -90,6 +98,33 @@ impl<B: Backend> Rope<B> {
         let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// The causal + key-padding mask of a full forward pass, in the two forms the attention paths
+/// use: the fused kernel reads which keys are padding; Burn's composed attention a dense
+/// `[batch, 1, seq, seq]` boolean mask, built only if some layer needs it.
+pub struct CausalMask<B: Backend> {
+    attention_mask: Tensor<B, 2, Int>,
+    /// `[batch, seq]`, true where attention_mask is 0; `None` when nothing is padded or the
+    /// fused kernel cannot run on this backend (then the mask is not read back to the host).
+    key_padding: Option<Arc<Vec<bool>>>,
+    dense: OnceCell<Tensor<B, 4, Bool>>,
+}
+
+impl<B: Backend> CausalMask<B> {
+    /// `attention_mask: [batch, seq]` of 0/1.
+    pub fn new(attention_mask: Tensor<B, 2, Int>, read_padding: bool) -> Self {
+        let key_padding = read_padding
+            .then(|| attention_mask.to_data().iter::<i64>().map(|m| m == 0).collect::<Vec<bool>>())
+            .filter(|pad| pad.iter().any(|&p| p))
+            .map(Arc::new);
+        Self { attention_mask, key_padding, dense: OnceCell::new() }
+    }
+
+    /// `[batch, 1, seq, seq]`, true where attention is forbidden.
+    pub fn dense(&self) -> Tensor<B, 4, Bool> {
+        self.dense.get_or_init(|| causal_padding_mask(self.attention_mask.clone())).clone()
     }
 }
 
@@ -167,10 +202,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let head_dim = self.model.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
         let positions: Vec<usize> = (0..seq).collect();
         let rope = Rope::new(&positions, head_dim, self.model.rope_theta, &device);
-        let mask = causal_padding_mask(attention_mask);
+        let mask = CausalMask::new(attention_mask, vsft_kernels::supported(&[&inputs_embeds]));
         let mut x = inputs_embeds;
         for layer in &self.model.layers {
-            x = layer.forward(x, &rope, mask.clone());
+            x = layer.forward(x, &rope, &mask);
         }
         self.model.norm.forward(x)
     }
@@ -226,8 +261,9 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> LlamaDecoderLayer<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
-        self.forward_cached(x, rope, Some(mask), None)
+    /// A full causal pass (training, scoring).
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, mask: &CausalMask<B>) -> Tensor<B, 3> {
+        self.residual_blocks(x, |n| self.self_attn.forward(n, rope, mask))
     }
 
     /// With `cache`, this layer's past keys/values are prepended and the new ones appended.
@@ -238,18 +274,39 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = self.self_attn.forward_cached(self.input_layernorm.forward(x.clone()), rope, mask, cache);
-        let x = x + h;
+        self.residual_blocks(x, |n| self.self_attn.forward_cached(n, rope, mask, cache))
+    }
+
+    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`.
+    fn residual_blocks(&self, x: Tensor<B, 3>, attention: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x.clone() + attention(self.input_layernorm.forward(x));
         let n = self.post_attention_layernorm.forward(x.clone());
         let mlp = &self.mlp;
-        let gated = activation::silu(mlp.gate_proj.forward(n.clone())) * mlp.up_proj.forward(n);
+        let (gate, up) = (mlp.gate_proj.forward(n.clone()), mlp.up_proj.forward(n));
+        let gated = match vsft_kernels::swiglu(gate, up) {
+            Ok(y) => y,
+            Err((gate, up)) => activation::silu(gate) * up,
+        };
         x + mlp.down_proj.forward(gated)
     }
 }
 
 impl<B: Backend> LlamaAttention<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
-        self.forward_cached(x, rope, Some(mask), None)
+    /// A full causal pass: the fused kernel on the CPU backend, Burn's ops elsewhere.
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, mask: &CausalMask<B>) -> Tensor<B, 3> {
+        let (q, k, v) = (self.q_proj.forward(x.clone()), self.k_proj.forward(x.clone()), self.v_proj.forward(x));
+        let spec = vsft_kernels::AttentionSpec {
+            num_heads: self.num_heads,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            cos: rope.host_cos.clone(),
+            sin: rope.host_sin.clone(),
+            key_padding: mask.key_padding.clone(),
+        };
+        match vsft_kernels::causal_attention(q, k, v, &spec) {
+            Ok(ctx) => self.o_proj.forward(ctx),
+            Err((q, k, v)) => self.attend(q, k, v, rope, Some(mask.dense()), None),
+        }
     }
 
     /// `mask: [b|1, 1, t, past + t]`, true where attention is forbidden (`None`: attend to all).
@@ -260,11 +317,26 @@ impl<B: Backend> LlamaAttention<B> {
         mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let [b, t, _] = x.dims();
+        let (q, k, v) = (self.q_proj.forward(x.clone()), self.k_proj.forward(x.clone()), self.v_proj.forward(x));
+        self.attend(q, k, v, rope, mask, cache)
+    }
+
+    /// Burn's composed attention over projected `q, k, v: [b, t, heads·head_dim]`: the
+    /// reference for the fused kernel, and the path with a KV cache.
+    fn attend(
+        &self,
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = q.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, nh, hd]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+        let q = q.reshape([b, t, nh, hd]).swap_dims(1, 2);
+        let k = k.reshape([b, t, nkv, hd]).swap_dims(1, 2);
+        let v = v.reshape([b, t, nkv, hd]).swap_dims(1, 2);
         let q = rope.apply(q);
         let mut k = rope.apply(k);
         let mut v = v;

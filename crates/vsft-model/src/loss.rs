@@ -23,7 +23,30 @@ impl<B: Backend> LossSum<B> {
 }
 
 /// `logits: [batch, seq, vocab]`, `labels: [batch, seq]` (unshifted, -100 = ignore).
+///
+/// On the CPU backend this is one fused kernel ([`vsft_kernels::cross_entropy_sum`]): the
+/// shifted targets are built on the host, so nothing is sliced, and backward keeps one
+/// `[rows, vocab]` buffer. Elsewhere it is [`causal_lm_loss_composed`].
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> LossSum<B> {
+    let [batch, seq, _] = logits.dims();
+    if seq < 2 || !vsft_kernels::supported(&[&logits]) {
+        return causal_lm_loss_composed(logits, labels);
+    }
+    let labels: Vec<i64> = labels.into_data().iter::<i64>().collect();
+    // Row (b, t) predicts label (b, t + 1); the last position of each row predicts nothing.
+    let targets: Vec<i64> = (0..batch * seq)
+        .map(|i| if (i + 1) % seq == 0 { IGNORE_INDEX } else { labels[i + 1] })
+        .collect();
+    let label_tokens = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+    match vsft_kernels::cross_entropy_sum(logits, &targets) {
+        Ok(sum) => LossSum { sum, label_tokens },
+        Err(_) => unreachable!("supported() was checked"),
+    }
+}
+
+/// The loss from Burn's own ops (log_softmax, gather): the reference the fused kernel is
+/// tested against, and the path on GPU backends.
+pub fn causal_lm_loss_composed<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> LossSum<B> {
     let [batch, seq, vocab] = logits.dims();
     let device = logits.device();
     if seq < 2 {

@@ -145,7 +145,16 @@ impl<B: Backend> RmsNorm<B> {
         Self { weight: s.param([dim], "weight", Init::Ones), eps }
     }
 
+    /// Fused on the CPU backend ([`vsft_kernels::rms_norm`]), composed elsewhere.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match vsft_kernels::rms_norm(x, self.weight.val(), self.eps) {
+            Ok(y) => y,
+            Err((x, _)) => self.forward_composed(x),
+        }
+    }
+
+    /// Burn's own ops: the reference for the fused kernel.
+    pub fn forward_composed<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let ms = x.clone().powi_scalar(2).mean_dim(D - 1);
         let normed = x * (ms + self.eps).sqrt().recip();
         normed * self.weight.val().unsqueeze()

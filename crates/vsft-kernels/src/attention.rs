@@ -1,0 +1,325 @@
+//! Causal self-attention with RoPE and grouped-query heads, forward and backward in one node.
+//!
+//! Inputs stay in the projections' layout, `[batch, seq, heads·head_dim]`; every matmul reads
+//! them through strides. Work is split over (batch, kv head) pairs, so the query heads that
+//! share a kv head accumulate their K and V gradients without contention. Only the causal
+//! lower triangle is computed, in row blocks of [`BLOCK`].
+
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_flex::{Flex, FlexTensor};
+use rayon::prelude::*;
+
+use crate::cpu::{self, gemm, Mat, Shared, SharedMut};
+use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, Host};
+
+/// Query rows per block of the causal triangle.
+const BLOCK: usize = 64;
+
+/// What the attention needs besides Q, K and V.
+#[derive(Clone, Debug)]
+pub struct AttentionSpec {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// RoPE tables, `[seq, head_dim]` each (transformers' `cat(freqs, freqs)` layout).
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    /// `[batch, seq]`, true where the key is padding (attention_mask 0); `None`: no padding.
+    pub key_padding: Option<Arc<Vec<bool>>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    kv: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn group(&self) -> usize {
+        self.h / self.kv
+    }
+}
+
+/// `softmax(rope(Q)·rope(K)ᵀ/√d + causal & padding mask)·V`, returned as `[batch, seq,
+/// heads·head_dim]` (ready for `o_proj`). `q: [batch, seq, heads·head_dim]`, `k`, `v: [batch,
+/// seq, kv_heads·head_dim]`. A query with no visible key attends uniformly to every key, as
+/// the composed path (a mask filled with `f32::MIN`) does. Gives the inputs back when the
+/// backend is not Flex.
+#[allow(clippy::type_complexity)]
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    spec: &AttentionSpec,
+) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>)> {
+    if !supported(&[&q, &k, &v]) {
+        return Err((q, k, v));
+    }
+    let [b, t, hd] = q.dims();
+    let dims = Dims { b, t, h: spec.num_heads, kv: spec.num_kv_heads, d: spec.head_dim };
+    assert_eq!(hd, dims.h * dims.d, "attention: q has {hd} features for {} heads of {}", dims.h, dims.d);
+    assert_eq!(k.dims(), [b, t, dims.kv * dims.d], "attention: k's shape");
+    assert_eq!(v.dims(), [b, t, dims.kv * dims.d], "attention: v's shape");
+    assert!(dims.h % dims.kv == 0 && dims.d % 2 == 0, "attention: heads {} / kv heads {} / head_dim {}", dims.h, dims.kv, dims.d);
+    assert_eq!(spec.cos.len(), t * dims.d, "attention: RoPE tables for another length");
+    if let Some(p) = &spec.key_padding {
+        assert_eq!(p.len(), b * t, "attention: key padding for another shape");
+    }
+    let (q, k, v) = (to_host(q), to_host(k), to_host(v));
+    let keep = q.requires_grad() || k.requires_grad() || v.requires_grad();
+    let (qs, ks, vs) = (contiguous(q.flex()), contiguous(k.flex()), contiguous(v.flex()));
+    let (out, saved) = forward(slice(&qs), slice(&ks), slice(&vs), dims, spec, keep);
+    let out = flex_from_vec(out, &[b, t, dims.h * dims.d]);
+    Ok(from_host(match (q, k, v) {
+        (Host::Tracked(q), Host::Tracked(k), Host::Tracked(v)) => {
+            let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+            Host::Tracked(match AttentionBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let saved = saved.expect("kept for backward");
+                    prep.finish(AttentionState { saved, v: vs, dims, spec: spec.clone() }, out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            })
+        }
+        _ => Host::Plain(out),
+    }))
+}
+
+/// What the forward keeps for the backward.
+#[derive(Clone, Debug)]
+struct Saved {
+    /// `[b, h, t, d]`, rotated queries.
+    qr: Arc<Vec<f32>>,
+    /// `[b, kv, t, d]`, rotated keys.
+    kr: Arc<Vec<f32>>,
+    /// `[b, h, t, t]`, probabilities (zero above the diagonal).
+    p: Arc<Vec<f32>>,
+}
+
+/// First key index that is not padding, per batch row (`t` when all are padding).
+fn first_visible(dims: Dims, spec: &AttentionSpec) -> Vec<usize> {
+    (0..dims.b)
+        .map(|bi| match &spec.key_padding {
+            None => 0,
+            Some(p) => p[bi * dims.t..(bi + 1) * dims.t].iter().position(|&pad| !pad).unwrap_or(dims.t),
+        })
+        .collect()
+}
+
+/// `y = x·cos + rotate_half(x)·sin`.
+#[inline]
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        y[i] = x[i] * cos[i] - x[i + half] * sin[i];
+        y[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+    }
+}
+
+/// The transpose of [`rotate`]: the gradient of `x` from the gradient of `y`.
+#[inline]
+fn rotate_back(dy: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
+    let half = dy.len() / 2;
+    for i in 0..half {
+        dx[i] = dy[i] * cos[i] + dy[i + half] * sin[i + half];
+        dx[i + half] = dy[i + half] * cos[i + half] - dy[i] * sin[i];
+    }
+}
+
+/// Columns a block of query rows `[i0, i1)` reads: the causal triangle, or every key when a
+/// row in it sees none (it then attends uniformly to all).
+fn block_cols(i0: usize, i1: usize, first: usize, t: usize) -> usize {
+    if i0 < first {
+        t
+    } else {
+        i1
+    }
+}
+
+fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, keep: bool) -> (Vec<f32>, Option<Saved>) {
+    let Dims { b, t, h, kv, d } = dims;
+    let group = dims.group();
+    let scale = (d as f32).powf(-0.5);
+    let first = first_visible(dims, spec);
+    let mut out = vec![0f32; b * t * h * d];
+    let mut qr = vec![0f32; b * h * t * d];
+    let mut kr = vec![0f32; b * kv * t * d];
+    let mut p = if keep { vec![0f32; b * h * t * t] } else { Vec::new() };
+    let (out_ptr, qr_ptr, kr_ptr, p_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(qr.as_mut_ptr()), SharedMut(kr.as_mut_ptr()), SharedMut(p.as_mut_ptr()));
+    let (cos, sin) = (&spec.cos[..], &spec.sin[..]);
+    let padding = spec.key_padding.as_deref();
+    (0..b * kv).into_par_iter().for_each(|task| {
+        let (bi, g) = (task / kv, task % kv);
+        // SAFETY: each task writes only its own (batch, kv head)'s slices of kr, and its own
+        // query heads' slices of qr, p and out.
+        let kr_bg = unsafe { std::slice::from_raw_parts_mut({ kr_ptr }.0.add((bi * kv + g) * t * d), t * d) };
+        for ti in 0..t {
+            let src = &k[((bi * t + ti) * kv + g) * d..][..d];
+            rotate(src, &cos[ti * d..][..d], &sin[ti * d..][..d], &mut kr_bg[ti * d..][..d]);
+        }
+        let mut scratch = if keep { Vec::new() } else { vec![0f32; t * t] };
+        for hh in 0..group {
+            let head = g * group + hh;
+            let qr_bh = unsafe { std::slice::from_raw_parts_mut({ qr_ptr }.0.add((bi * h + head) * t * d), t * d) };
+            for ti in 0..t {
+                let src = &q[((bi * t + ti) * h + head) * d..][..d];
+                rotate(src, &cos[ti * d..][..d], &sin[ti * d..][..d], &mut qr_bh[ti * d..][..d]);
+            }
+            let p_bh: &mut [f32] =
+                if keep { unsafe { std::slice::from_raw_parts_mut({ p_ptr }.0.add((bi * h + head) * t * t), t * t) } } else { &mut scratch };
+            for i0 in (0..t).step_by(BLOCK) {
+                let i1 = (i0 + BLOCK).min(t);
+                let n = block_cols(i0, i1, first[bi], t);
+                unsafe {
+                    gemm(i1 - i0, n, d, p_bh.as_mut_ptr().add(i0 * t), t, false, Mat::rows(qr_bh.as_ptr().add(i0 * d), d), Mat::t(kr_bg.as_ptr(), d), scale);
+                }
+                for i in i0..i1 {
+                    let row = &mut p_bh[i * t..i * t + n];
+                    let visible = |j: usize| j <= i && !padding.is_some_and(|pad| pad[bi * t + j]);
+                    if i < first[bi] {
+                        row.fill(1.0 / t as f32);
+                        continue;
+                    }
+                    let mut m = f32::NEG_INFINITY;
+                    for (j, &s) in row.iter().enumerate() {
+                        if visible(j) {
+                            m = m.max(s);
+                        }
+                    }
+                    let mut sum = 0f32;
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = if visible(j) { cpu::exp(*s - m) } else { 0.0 };
+                        sum += *s;
+                    }
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|s| *s *= inv);
+                }
+                unsafe {
+                    gemm(
+                        i1 - i0,
+                        d,
+                        n,
+                        { out_ptr }.0.add(((bi * t + i0) * h + head) * d),
+                        h * d,
+                        false,
+                        Mat::rows(p_bh.as_ptr().add(i0 * t), t),
+                        Mat::rows(v.as_ptr().add((bi * t * kv + g) * d), kv * d),
+                        1.0,
+                    );
+                }
+            }
+        }
+    });
+    let saved = keep.then(|| Saved { qr: Arc::new(qr), kr: Arc::new(kr), p: Arc::new(p) });
+    (out, saved)
+}
+
+#[derive(Clone, Debug)]
+struct AttentionState {
+    saved: Saved,
+    v: FlexTensor,
+    dims: Dims,
+    spec: AttentionSpec,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let s = ops.state;
+        let (dq, dk, dv) = backward(slice(&grad), slice(&s.v), &s.saved, s.dims, &s.spec);
+        let Dims { b, t, h, kv, d } = s.dims;
+        let [pq, pk, pv] = ops.parents;
+        if let Some(node) = pq {
+            grads.register::<Flex>(node.id, flex_from_vec(dq, &[b, t, h * d]));
+        }
+        if let Some(node) = pk {
+            grads.register::<Flex>(node.id, flex_from_vec(dk, &[b, t, kv * d]));
+        }
+        if let Some(node) = pv {
+            grads.register::<Flex>(node.id, flex_from_vec(dv, &[b, t, kv * d]));
+        }
+    }
+}
+
+fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &AttentionSpec) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Dims { b, t, h, kv, d } = dims;
+    let group = dims.group();
+    let scale = (d as f32).powf(-0.5);
+    let first = first_visible(dims, spec);
+    let mut dq = vec![0f32; b * t * h * d];
+    let mut dk = vec![0f32; b * t * kv * d];
+    let mut dv = vec![0f32; b * t * kv * d];
+    let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    let (qr, kr, p) = (Shared(saved.qr.as_ptr()), Shared(saved.kr.as_ptr()), Shared(saved.p.as_ptr()));
+    let (cos, sin) = (&spec.cos[..], &spec.sin[..]);
+    (0..b * kv).into_par_iter().for_each(|task| {
+        let (bi, g) = (task / kv, task % kv);
+        let kr_bg = unsafe { { kr }.0.add((bi * kv + g) * t * d) };
+        let v_bg = unsafe { v.as_ptr().add((bi * t * kv + g) * d) };
+        let mut ds = vec![0f32; BLOCK * t];
+        let mut dqr = vec![0f32; t * d];
+        let mut dk_acc = vec![0f32; t * d];
+        let mut dv_acc = vec![0f32; t * d];
+        for hh in 0..group {
+            let head = g * group + hh;
+            let qr_bh = unsafe { { qr }.0.add((bi * h + head) * t * d) };
+            let p_bh = unsafe { { p }.0.add((bi * h + head) * t * t) };
+            for i0 in (0..t).step_by(BLOCK) {
+                let (i1, m) = ((i0 + BLOCK).min(t), (i0 + BLOCK).min(t) - i0);
+                let n = block_cols(i0, i1, first[bi], t);
+                let d_out = Mat::rows(unsafe { dout.as_ptr().add(((bi * t + i0) * h + head) * d) }, h * d);
+                let p_blk = unsafe { p_bh.add(i0 * t) };
+                // SAFETY (all gemms): views lie inside their buffers; scratch is task-local.
+                unsafe {
+                    // dP = dO·Vᵀ
+                    gemm(m, n, d, ds.as_mut_ptr(), t, false, d_out, Mat::t(v_bg, kv * d), 1.0);
+                }
+                // dS = P ⊙ (dP − rowsum(P ⊙ dP))
+                for r in 0..m {
+                    let prow = unsafe { std::slice::from_raw_parts(p_blk.add(r * t), n) };
+                    let drow = &mut ds[r * t..r * t + n];
+                    let dot: f32 = prow.iter().zip(drow.iter()).map(|(p, dp)| p * dp).sum();
+                    for (dp, &p) in drow.iter_mut().zip(prow) {
+                        *dp = p * (*dp - dot);
+                    }
+                }
+                unsafe {
+                    // dQr = scale · dS·Kr
+                    gemm(m, d, n, dqr.as_mut_ptr().add(i0 * d), d, false, Mat::rows(ds.as_ptr(), t), Mat::rows(kr_bg, d), scale);
+                    // dKr += scale · dSᵀ·Qr
+                    gemm(n, d, m, dk_acc.as_mut_ptr(), d, true, Mat::t(ds.as_ptr(), t), Mat::rows(qr_bh.add(i0 * d), d), scale);
+                    // dV += Pᵀ·dO
+                    gemm(n, d, m, dv_acc.as_mut_ptr(), d, true, Mat::t(p_blk, t), d_out, 1.0);
+                }
+            }
+            for ti in 0..t {
+                // SAFETY: this (batch, head)'s rows of dq belong to this task alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut({ dq_ptr }.0.add(((bi * t + ti) * h + head) * d), d) };
+                rotate_back(&dqr[ti * d..][..d], &cos[ti * d..][..d], &sin[ti * d..][..d], dst);
+            }
+        }
+        for ti in 0..t {
+            let at = ((bi * t + ti) * kv + g) * d;
+            // SAFETY: this (batch, kv head)'s rows of dk and dv belong to this task alone.
+            let (dk_dst, dv_dst) = unsafe { (std::slice::from_raw_parts_mut({ dk_ptr }.0.add(at), d), std::slice::from_raw_parts_mut({ dv_ptr }.0.add(at), d)) };
+            rotate_back(&dk_acc[ti * d..][..d], &cos[ti * d..][..d], &sin[ti * d..][..d], dk_dst);
+            dv_dst.copy_from_slice(&dv_acc[ti * d..][..d]);
+        }
+    });
+    (dq, dk, dv)
+}

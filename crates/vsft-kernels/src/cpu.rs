@@ -1,0 +1,112 @@
+//! Scalar building blocks the kernels share: a vectorisable `exp`, a strided GEMM call, and a
+//! pointer that parallel tasks writing disjoint rows may share.
+
+/// `exp(x)` for f32 without a libm call, so loops over it vectorise: Cody–Waite range
+/// reduction to `r ∈ [−ln2/2, ln2/2]`, a degree-6 polynomial, and the exponent set by bits.
+/// Relative error below 3e-7 over the range softmax uses; `x < −87` gives 0.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest with the 1.5·2^23 trick (branch-free, vectorises).
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// `1 / (1 + exp(−x))`.
+#[inline(always)]
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// A matrix view: base pointer, row stride, column stride (elements).
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl Mat {
+    pub fn rows(ptr: *const f32, rs: usize) -> Self {
+        Self { ptr, rs: rs as isize, cs: 1 }
+    }
+    /// The transpose of a row-major view with row stride `rs`.
+    pub fn t(ptr: *const f32, rs: usize) -> Self {
+        Self { ptr, rs: 1, cs: rs as isize }
+    }
+}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + scale · lhs[m×k] · rhs[k×n]`, single-threaded (the
+/// kernels parallelise over heads and rows). `dst` is row-major with row stride `dst_rs`.
+///
+/// # Safety
+/// Every view must be valid for the given sizes and `dst` must not alias `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: Mat, rhs: Mat, scale: f32) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n).fill(0.0);
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// A raw pointer that parallel tasks share to write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub *mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// Read-only counterpart of [`SharedMut`].
+#[derive(Clone, Copy)]
+pub(crate) struct Shared(pub *const f32);
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exp_matches_libm() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (super::exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_3;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+    }
+}

@@ -1,0 +1,206 @@
+//! Row-wise kernels: RMSNorm and the SiLU-gated product of Llama's MLP.
+
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Shape, Tensor};
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{binary, Backward, Ops, OpsKind};
+use burn_flex::{Flex, FlexTensor};
+use rayon::prelude::*;
+
+use crate::cpu;
+use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, Host};
+
+/// Rows per parallel task for the row-wise kernels.
+const ROWS_PER_TASK: usize = 16;
+
+/// Finishes a two-input node: plain for inference, tracked when either input needs a gradient.
+fn finish2<BO, S>(op: BO, a: Host, b: Host, out: FlexTensor, state: impl FnOnce() -> S) -> Host
+where
+    BO: Backward<Flex, 2, State = S>,
+    S: Clone + Send + std::fmt::Debug + 'static,
+{
+    match (a, b) {
+        (Host::Tracked(a), Host::Tracked(b)) => {
+            Host::Tracked(match op.prepare::<NoCheckpointing>([a.node.clone(), b.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(state(), out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            })
+        }
+        _ => Host::Plain(out),
+    }
+}
+
+/// Llama's RMSNorm, `weight · x / sqrt(mean(x²) + eps)` over the last dimension, with f32
+/// statistics as transformers computes them. Gives the inputs back when unsupported.
+#[allow(clippy::type_complexity)]
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 1>)> {
+    if !supported(&[&x]) || weight.dtype() != DType::F32 {
+        return Err((x, weight));
+    }
+    let shape = x.shape();
+    let dim = shape[D - 1];
+    let (x, w) = (to_host(x), to_host(weight));
+    let (xs, ws) = (contiguous(x.flex()), contiguous(w.flex()));
+    let (xv, wv) = (slice(&xs), slice(&ws));
+    let rows = xv.len() / dim.max(1);
+    let mut out = vec![0f32; xv.len()];
+    let mut rstd = vec![0f32; rows];
+    out.par_chunks_mut(dim * ROWS_PER_TASK)
+        .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+        .zip(xv.par_chunks(dim * ROWS_PER_TASK))
+        .for_each(|((o, r), xc)| {
+            for ((orow, r), xrow) in o.chunks_mut(dim).zip(r.iter_mut()).zip(xc.chunks(dim)) {
+                let ms = xrow.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+                *r = 1.0 / (ms + eps as f32).sqrt();
+                for ((o, &xv), &wv) in orow.iter_mut().zip(xrow).zip(wv) {
+                    *o = (xv * *r) * wv;
+                }
+            }
+        });
+    let out = flex_from_vec(out, shape.as_slice());
+    let state = || RmsNormState { x: xs.clone(), weight: ws.clone(), rstd: Arc::new(rstd), dim };
+    Ok(from_host(finish2(RmsNormBackward, x, w, out, state)))
+}
+
+#[derive(Clone, Debug)]
+struct RmsNormState {
+    x: FlexTensor,
+    weight: FlexTensor,
+    rstd: Arc<Vec<f32>>,
+    dim: usize,
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Flex, 2> for RmsNormBackward {
+    type State = RmsNormState;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let s = ops.state;
+        let shape = s.x.layout().shape().clone();
+        let s2 = s.clone();
+        binary::<Flex, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            move |grad| {
+                let g = contiguous(&grad);
+                let (gv, xv, wv, dim) = (slice(&g), slice(&s.x), slice(&s.weight), s.dim);
+                let mut dx = vec![0f32; xv.len()];
+                dx.par_chunks_mut(dim * ROWS_PER_TASK)
+                    .zip(gv.par_chunks(dim * ROWS_PER_TASK))
+                    .zip(xv.par_chunks(dim * ROWS_PER_TASK))
+                    .zip(s.rstd.par_chunks(ROWS_PER_TASK))
+                    .for_each(|(((d, gc), xc), rc)| {
+                        for (((drow, grow), xrow), &r) in d.chunks_mut(dim).zip(gc.chunks(dim)).zip(xc.chunks(dim)).zip(rc) {
+                            let dot: f32 = grow.iter().zip(wv).zip(xrow).map(|((g, w), x)| g * w * x).sum();
+                            let c = r * r * r * dot / dim as f32;
+                            for (((d, &g), &w), &x) in drow.iter_mut().zip(grow).zip(wv).zip(xrow) {
+                                *d = r * g * w - x * c;
+                            }
+                        }
+                    });
+                flex_from_vec(dx, shape.as_slice())
+            },
+            move |grad| {
+                let g = contiguous(&grad);
+                let (gv, xv, dim) = (slice(&g), slice(&s2.x), s2.dim);
+                let dw = gv
+                    .par_chunks(dim * ROWS_PER_TASK)
+                    .zip(xv.par_chunks(dim * ROWS_PER_TASK))
+                    .zip(s2.rstd.par_chunks(ROWS_PER_TASK))
+                    .fold(
+                        || vec![0f32; dim],
+                        |mut acc, ((gc, xc), rc)| {
+                            for ((grow, xrow), &r) in gc.chunks(dim).zip(xc.chunks(dim)).zip(rc) {
+                                for ((a, &g), &x) in acc.iter_mut().zip(grow).zip(xrow) {
+                                    *a += g * x * r;
+                                }
+                            }
+                            acc
+                        },
+                    )
+                    .reduce(|| vec![0f32; dim], |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect());
+                flex_from_vec(dw, &[dim])
+            },
+        );
+    }
+}
+
+/// `silu(gate) · up`, Llama's gated MLP activation. Gives the inputs back when unsupported.
+#[allow(clippy::type_complexity)]
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    if !supported(&[&gate, &up]) || gate.dims() != up.dims() {
+        return Err((gate, up));
+    }
+    let shape = gate.shape();
+    let (g, u) = (to_host(gate), to_host(up));
+    let (gs, us) = (contiguous(g.flex()), contiguous(u.flex()));
+    let mut out = vec![0f32; shape.num_elements()];
+    out.par_chunks_mut(CHUNK).zip(slice(&gs).par_chunks(CHUNK)).zip(slice(&us).par_chunks(CHUNK)).for_each(|((o, gc), uc)| {
+        for ((o, &g), &u) in o.iter_mut().zip(gc).zip(uc) {
+            *o = g * cpu::sigmoid(g) * u;
+        }
+    });
+    let out = flex_from_vec(out, shape.as_slice());
+    let state = || (gs.clone(), us.clone());
+    Ok(from_host(finish2(SwigluBackward, g, u, out, state)))
+}
+
+/// Elements per parallel task for element-wise loops.
+const CHUNK: usize = 1 << 14;
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl Backward<Flex, 2> for SwigluBackward {
+    /// gate, up.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (g, u) = ops.state;
+        let shape: Shape = g.layout().shape().clone();
+        let (g2, shape2) = (g.clone(), shape.clone());
+        binary::<Flex, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            move |grad| {
+                // d/dgate: dy · up · σ(g)·(1 + g·(1 − σ(g)))
+                let dy = contiguous(&grad);
+                let mut out = vec![0f32; shape.num_elements()];
+                out.par_chunks_mut(CHUNK)
+                    .zip(slice(&dy).par_chunks(CHUNK))
+                    .zip(slice(&g).par_chunks(CHUNK))
+                    .zip(slice(&u).par_chunks(CHUNK))
+                    .for_each(|(((o, d), gc), uc)| {
+                        for (((o, &d), &g), &u) in o.iter_mut().zip(d).zip(gc).zip(uc) {
+                            let s = cpu::sigmoid(g);
+                            *o = d * u * s * (1.0 + g * (1.0 - s));
+                        }
+                    });
+                flex_from_vec(out, shape.as_slice())
+            },
+            move |grad| {
+                // d/dup: dy · silu(g)
+                let dy = contiguous(&grad);
+                let mut out = vec![0f32; shape2.num_elements()];
+                out.par_chunks_mut(CHUNK).zip(slice(&dy).par_chunks(CHUNK)).zip(slice(&g2).par_chunks(CHUNK)).for_each(|((o, d), gc)| {
+                    for ((o, &d), &g) in o.iter_mut().zip(d).zip(gc) {
+                        *o = d * g * cpu::sigmoid(g);
+                    }
+                });
+                flex_from_vec(out, shape2.as_slice())
+            },
+        );
+    }
+}
