@@ -44,12 +44,38 @@ impl Mat {
 }
 
 /// `dst[m×n] = (accumulate ? dst : 0) + scale · lhs[m×k] · rhs[k×n]`, single-threaded (the
-/// kernels parallelise over heads and rows). `dst` is row-major with row stride `dst_rs`.
+/// attention kernel parallelises over heads). `dst` is row-major with row stride `dst_rs`.
 ///
 /// # Safety
 /// Every view must be valid for the given sizes and `dst` must not alias `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: Mat, rhs: Mat, scale: f32) {
+    gemm_with(m, n, k, dst, dst_rs, accumulate, lhs, rhs, scale, gemm::Parallelism::None)
+}
+
+/// [`gemm`] on every core (for the big projections), or on one below ~1 MFLOP.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_parallel(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: Mat, rhs: Mat, scale: f32) {
+    let par = if m * n * k >= 1 << 20 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    gemm_with(m, n, k, dst, dst_rs, accumulate, lhs, rhs, scale, par)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -80,7 +106,7 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: u
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        parallelism,
     )
 }
 

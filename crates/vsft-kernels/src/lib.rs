@@ -6,6 +6,7 @@
 //!
 //! | kernel | replaces | backward keeps |
 //! |---|---|---|
+//! | [`linear`] | `x·Wᵀ`, bias add, and LoRA's two matmuls, scale and add | the input, `scale·x·Aᵀ` |
 //! | [`cross_entropy_sum`] | log_softmax, gather, mask, sum over a 32k vocabulary | `softmax − onehot`, written over the logits in place |
 //! | [`rms_norm`] | square, mean, sqrt, recip, two muls | the input and one 1/rms per row |
 //! | [`swiglu`] | sigmoid, two muls | gate and up |
@@ -28,8 +29,10 @@ mod cpu;
 mod cross_entropy;
 mod dispatch;
 mod elementwise;
+mod linear;
 
 pub use attention::{causal_attention, AttentionSpec};
 pub use cross_entropy::cross_entropy_sum;
 pub use dispatch::{enabled, fused_calls, set_enabled, supported};
 pub use elementwise::{rms_norm, swiglu};
+pub use linear::{linear, LoraBranch};

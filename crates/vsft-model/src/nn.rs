@@ -82,11 +82,27 @@ impl<B: Backend> Linear<B> {
         self.weight.val().dims()[0]
     }
 
+    /// One fused node on the CPU backend ([`vsft_kernels::linear`], unless LoRA dropout is on),
+    /// Burn's matmuls elsewhere.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let mut dims = x.dims();
         let d_in = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.reshape([rows, d_in]);
+        let no_dropout = self.lora.as_ref().is_none_or(|l| l.dropout.prob == 0.0);
+        let y = match no_dropout && vsft_kernels::supported(&[&x2]) {
+            true => {
+                let lora = self.lora.as_ref().map(|l| vsft_kernels::LoraBranch { a: l.lora_a.val(), b: l.lora_b.val(), scale: l.scale });
+                vsft_kernels::linear(x2, self.weight.val(), self.bias.as_ref().map(|b| b.val()), lora).unwrap_or_else(|x2| self.forward_composed(x2))
+            }
+            false => self.forward_composed(x2),
+        };
+        dims[D - 1] = y.dims()[1];
+        y.reshape(dims)
+    }
+
+    /// Burn's own ops over `[rows, in]`: the reference for the fused kernel.
+    pub fn forward_composed(&self, x2: Tensor<B, 2>) -> Tensor<B, 2> {
         let mut y = x2.clone().matmul(self.weight.val().transpose());
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze_dim(0);
@@ -96,8 +112,7 @@ impl<B: Backend> Linear<B> {
             let h = lora.dropout.forward(x2).matmul(lora.lora_a.val().transpose());
             y = y + h.matmul(lora.lora_b.val().transpose()) * lora.scale;
         }
-        dims[D - 1] = y.dims()[1];
-        y.reshape(dims)
+        y
     }
 
     /// `W + scale · B·A` (PEFT's `merge_and_unload`), for export.

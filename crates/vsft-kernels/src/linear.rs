@@ -1,0 +1,187 @@
+//! `y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ` (a linear layer with an optional LoRA branch) in one node.
+//!
+//! Burn's composed version spends more on the LoRA branch's element-wise scale and add, and
+//! on summing `dx` from two matmuls, than on the rank-r matmuls themselves; its CPU matmul also
+//! zero-fills and then copies every output buffer (an alignment fix-up in `FlexTensor::empty`).
+//! Here every product is one GEMM that writes or accumulates into its final buffer.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_flex::{Flex, FlexTensor};
+
+use crate::cpu::{gemm_parallel, Mat};
+use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, Host};
+
+/// A LoRA branch: `a: [r, in]`, `b: [out, r]`, `scale = alpha / r`.
+pub struct LoraBranch<B: Backend> {
+    pub a: Tensor<B, 2>,
+    pub b: Tensor<B, 2>,
+    pub scale: f64,
+}
+
+/// `x: [rows, in]`, `weight: [out, in]` (PyTorch's layout), `bias: [out]`. With a LoRA branch
+/// the weight and bias must be frozen (LoRA's premise); otherwise any of them may train.
+/// Gives `x` back when the backend is not Flex or the combination is not covered.
+pub fn linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    lora: Option<LoraBranch<B>>,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let frozen_base = !weight.is_require_grad() && !bias.as_ref().is_some_and(|b| b.is_require_grad());
+    let f32s = weight.dtype() == DType::F32
+        && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32)
+        && lora.as_ref().is_none_or(|l| l.a.dtype() == DType::F32 && l.b.dtype() == DType::F32);
+    if !supported(&[&x]) || !f32s || (lora.is_some() && !frozen_base) {
+        return Err(x);
+    }
+    let [rows, d_in] = x.dims();
+    let d_out = weight.dims()[0];
+    let x = to_host(x);
+    let w = to_host(weight);
+    let xs = contiguous(x.flex());
+    let ws = contiguous(w.flex());
+    let (xv, wv) = (slice(&xs), slice(&ws));
+    let mut y = vec![0f32; rows * d_out];
+    // SAFETY (every gemm here): the views cover exactly the buffers' shapes.
+    unsafe { gemm_parallel(rows, d_out, d_in, y.as_mut_ptr(), d_out, false, Mat::rows(xv.as_ptr(), d_in), Mat::t(wv.as_ptr(), d_in), 1.0) };
+    let bias = bias.map(to_host);
+    if let Some(b) = &bias {
+        let bs = contiguous(b.flex());
+        let bv = slice(&bs);
+        y.chunks_mut(d_out).for_each(|row| row.iter_mut().zip(bv).for_each(|(y, b)| *y += b));
+    }
+    let out = |y: Vec<f32>| flex_from_vec(y, &[rows, d_out]);
+    match lora {
+        None => {
+            let y = out(y);
+            Ok(from_host(match (x, w, bias) {
+                (Host::Tracked(x), Host::Tracked(w), None) => Host::Tracked(
+                    match LinearBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+                        OpsKind::Tracked(prep) => prep.finish(LinearState { x: xs, weight: ws, lora: None }, y),
+                        OpsKind::UnTracked(prep) => prep.finish(y),
+                    },
+                ),
+                (Host::Tracked(x), Host::Tracked(w), Some(Host::Tracked(b))) => Host::Tracked(
+                    match LinearBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), b.node.clone()]).compute_bound().stateful() {
+                        OpsKind::Tracked(prep) => prep.finish(LinearState { x: xs, weight: ws, lora: None }, y),
+                        OpsKind::UnTracked(prep) => prep.finish(y),
+                    },
+                ),
+                _ => Host::Plain(y),
+            }))
+        }
+        Some(LoraBranch { a, b, scale }) => {
+            let r = a.dims()[0];
+            let (a, b) = (to_host(a), to_host(b));
+            let (a_s, b_s) = (contiguous(a.flex()), contiguous(b.flex()));
+            // hs = scale · x·Aᵀ, kept for dB; y += hs·Bᵀ.
+            let mut hs = vec![0f32; rows * r];
+            unsafe {
+                gemm_parallel(rows, r, d_in, hs.as_mut_ptr(), r, false, Mat::rows(xv.as_ptr(), d_in), Mat::t(slice(&a_s).as_ptr(), d_in), scale as f32);
+                gemm_parallel(rows, d_out, r, y.as_mut_ptr(), d_out, true, Mat::rows(hs.as_ptr(), r), Mat::t(slice(&b_s).as_ptr(), r), 1.0);
+            }
+            let y = out(y);
+            Ok(from_host(match (x, a, b) {
+                (Host::Tracked(x), Host::Tracked(a), Host::Tracked(b)) => Host::Tracked(
+                    match LinearBackward.prepare::<NoCheckpointing>([x.node.clone(), a.node.clone(), b.node.clone()]).compute_bound().stateful() {
+                        OpsKind::Tracked(prep) => {
+                            let lora = LoraState { a: a_s, b: b_s, hs: flex_from_vec(hs, &[rows, r]), scale: scale as f32 };
+                            prep.finish(LinearState { x: xs, weight: ws, lora: Some(lora) }, y)
+                        }
+                        OpsKind::UnTracked(prep) => prep.finish(y),
+                    },
+                ),
+                _ => Host::Plain(y),
+            }))
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct LoraState {
+    a: FlexTensor,
+    b: FlexTensor,
+    /// `scale · x·Aᵀ`, `[rows, r]`.
+    hs: FlexTensor,
+    scale: f32,
+}
+
+#[derive(Clone, Debug)]
+struct LinearState {
+    x: FlexTensor,
+    weight: FlexTensor,
+    lora: Option<LoraState>,
+}
+
+/// Parents: `[x, weight]`, `[x, weight, bias]`, or with LoRA `[x, lora_a, lora_b]`.
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<const N: usize> Backward<Flex, N> for LinearBackward {
+    type State = LinearState;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+        let s = ops.state;
+        let (xv, wv, dyv) = (slice(&s.x), slice(&s.weight), slice(&dy));
+        let (d_out, d_in) = (s.weight.layout().shape()[0], s.weight.layout().shape()[1]);
+        let rows = xv.len() / d_in.max(1);
+        let parents = ops.parents;
+        let x_ = Mat::rows(xv.as_ptr(), d_in);
+        let dy_ = Mat::rows(dyv.as_ptr(), d_out);
+        let dy_t = Mat::t(dyv.as_ptr(), d_out);
+        // SAFETY (every gemm here): the views cover exactly the buffers' shapes.
+        match &s.lora {
+            None => {
+                if let Some(node) = &parents[0] {
+                    let mut dx = vec![0f32; rows * d_in];
+                    unsafe { gemm_parallel(rows, d_in, d_out, dx.as_mut_ptr(), d_in, false, dy_, Mat::rows(wv.as_ptr(), d_in), 1.0) };
+                    grads.register::<Flex>(node.id, flex_from_vec(dx, &[rows, d_in]));
+                }
+                if let Some(node) = &parents[1] {
+                    let mut dw = vec![0f32; d_out * d_in];
+                    unsafe { gemm_parallel(d_out, d_in, rows, dw.as_mut_ptr(), d_in, false, dy_t, x_, 1.0) };
+                    grads.register::<Flex>(node.id, flex_from_vec(dw, &[d_out, d_in]));
+                }
+                if let Some(node) = parents.get(2).and_then(|p| p.as_ref()) {
+                    let mut db = vec![0f32; d_out];
+                    dyv.chunks(d_out).for_each(|row| db.iter_mut().zip(row).for_each(|(d, g)| *d += g));
+                    grads.register::<Flex>(node.id, flex_from_vec(db, &[d_out]));
+                }
+            }
+            Some(l) => {
+                let (av, bv, hv) = (slice(&l.a), slice(&l.b), slice(&l.hs));
+                let r = l.a.layout().shape()[0];
+                // g = dy·B, [rows, r]
+                let mut g = vec![0f32; rows * r];
+                unsafe { gemm_parallel(rows, r, d_out, g.as_mut_ptr(), r, false, dy_, Mat::rows(bv.as_ptr(), r), 1.0) };
+                if let Some(node) = &parents[0] {
+                    // dx = dy·W + scale · g·A
+                    let mut dx = vec![0f32; rows * d_in];
+                    unsafe {
+                        gemm_parallel(rows, d_in, d_out, dx.as_mut_ptr(), d_in, false, dy_, Mat::rows(wv.as_ptr(), d_in), 1.0);
+                        gemm_parallel(rows, d_in, r, dx.as_mut_ptr(), d_in, true, Mat::rows(g.as_ptr(), r), Mat::rows(av.as_ptr(), d_in), l.scale);
+                    }
+                    grads.register::<Flex>(node.id, flex_from_vec(dx, &[rows, d_in]));
+                }
+                if let Some(node) = &parents[1] {
+                    // dA = scale · gᵀ·x
+                    let mut da = vec![0f32; r * d_in];
+                    unsafe { gemm_parallel(r, d_in, rows, da.as_mut_ptr(), d_in, false, Mat::t(g.as_ptr(), r), x_, l.scale) };
+                    grads.register::<Flex>(node.id, flex_from_vec(da, &[r, d_in]));
+                }
+                if let Some(node) = parents.get(2).and_then(|p| p.as_ref()) {
+                    // dB = dyᵀ·hs
+                    let mut db = vec![0f32; d_out * r];
+                    unsafe { gemm_parallel(d_out, r, rows, db.as_mut_ptr(), r, false, dy_t, Mat::rows(hv.as_ptr(), r), 1.0) };
+                    grads.register::<Flex>(node.id, flex_from_vec(db, &[d_out, r]));
+                }
+            }
+        }
+    }
+}
