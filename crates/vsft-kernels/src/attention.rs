@@ -289,10 +289,15 @@ fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &Attention
                     // dP = dO·Vᵀ
                     gemm(m, n, d, ds.as_mut_ptr(), t, false, d_out, Mat::t(v_bg, kv * d), 1.0);
                 }
-                // dS = P ⊙ (dP − rowsum(P ⊙ dP))
+                // dS = P ⊙ (dP − rowsum(P ⊙ dP)); zero for a row that sees no key, whose
+                // uniform weights do not depend on the scores.
                 for r in 0..m {
-                    let prow = unsafe { std::slice::from_raw_parts(p_blk.add(r * t), n) };
                     let drow = &mut ds[r * t..r * t + n];
+                    if i0 + r < first[bi] {
+                        drow.fill(0.0);
+                        continue;
+                    }
+                    let prow = unsafe { std::slice::from_raw_parts(p_blk.add(r * t), n) };
                     let dot: f32 = prow.iter().zip(drow.iter()).map(|(p, dp)| p * dp).sum();
                     for (dp, &p) in drow.iter_mut().zip(prow) {
                         *dp = p * (*dp - dot);

@@ -21,6 +21,25 @@ pub struct LoraBranch<B: Backend> {
     pub a: Tensor<B, 2>,
     pub b: Tensor<B, 2>,
     pub scale: f64,
+    /// PEFT's `lora_dropout` on the branch's input while training: drop probability and a seed
+    /// the caller draws from the backend's RNG (so a seeded run, and a resumed one, repeats).
+    pub dropout: Option<(f64, u64)>,
+}
+
+/// The dropout multiplier of input element `index`: 0 with probability `p`, else `1/(1−p)`.
+/// A counter-based hash (SplitMix64), so backward recomputes the mask instead of storing it.
+#[inline]
+fn keep_scale(seed: u64, index: usize, p: f64) -> f32 {
+    let mut z = seed.wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+    if u < p {
+        0.0
+    } else {
+        (1.0 / (1.0 - p)) as f32
+    }
 }
 
 /// `x: [rows, in]`, `weight: [out, in]` (PyTorch's layout), `bias: [out]`. With a LoRA branch
@@ -75,14 +94,21 @@ pub fn linear<B: Backend>(
                 _ => Host::Plain(y),
             }))
         }
-        Some(LoraBranch { a, b, scale }) => {
+        Some(LoraBranch { a, b, scale, dropout }) => {
             let r = a.dims()[0];
             let (a, b) = (to_host(a), to_host(b));
             let (a_s, b_s) = (contiguous(a.flex()), contiguous(b.flex()));
+            // The branch's input: x, or x with dropout applied (kept for dA).
+            let x_branch = match dropout {
+                Some((p, seed)) if p > 0.0 => {
+                    flex_from_vec(xv.iter().enumerate().map(|(i, &v)| v * keep_scale(seed, i, p)).collect(), &[rows, d_in])
+                }
+                _ => xs.clone(),
+            };
             // hs = scale · x·Aᵀ, kept for dB; y += hs·Bᵀ.
             let mut hs = vec![0f32; rows * r];
             unsafe {
-                gemm_parallel(rows, r, d_in, hs.as_mut_ptr(), r, false, Mat::rows(xv.as_ptr(), d_in), Mat::t(slice(&a_s).as_ptr(), d_in), scale as f32);
+                gemm_parallel(rows, r, d_in, hs.as_mut_ptr(), r, false, Mat::rows(slice(&x_branch).as_ptr(), d_in), Mat::t(slice(&a_s).as_ptr(), d_in), scale as f32);
                 gemm_parallel(rows, d_out, r, y.as_mut_ptr(), d_out, true, Mat::rows(hs.as_ptr(), r), Mat::t(slice(&b_s).as_ptr(), r), 1.0);
             }
             let y = out(y);
@@ -90,7 +116,8 @@ pub fn linear<B: Backend>(
                 (Host::Tracked(x), Host::Tracked(a), Host::Tracked(b)) => Host::Tracked(
                     match LinearBackward.prepare::<NoCheckpointing>([x.node.clone(), a.node.clone(), b.node.clone()]).compute_bound().stateful() {
                         OpsKind::Tracked(prep) => {
-                            let lora = LoraState { a: a_s, b: b_s, hs: flex_from_vec(hs, &[rows, r]), scale: scale as f32 };
+                            let dropout = dropout.filter(|&(p, _)| p > 0.0);
+                            let lora = LoraState { a: a_s, b: b_s, hs: flex_from_vec(hs, &[rows, r]), scale: scale as f32, x_branch, dropout };
                             prep.finish(LinearState { x: xs, weight: ws, lora: Some(lora) }, y)
                         }
                         OpsKind::UnTracked(prep) => prep.finish(y),
@@ -109,6 +136,9 @@ struct LoraState {
     /// `scale · x·Aᵀ`, `[rows, r]`.
     hs: FlexTensor,
     scale: f32,
+    /// The branch's input after dropout (`x` itself without).
+    x_branch: FlexTensor,
+    dropout: Option<(f64, u64)>,
 }
 
 #[derive(Clone, Debug)]
@@ -161,18 +191,28 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
                 let mut g = vec![0f32; rows * r];
                 unsafe { gemm_parallel(rows, r, d_out, g.as_mut_ptr(), r, false, dy_, Mat::rows(bv.as_ptr(), r), 1.0) };
                 if let Some(node) = &parents[0] {
-                    // dx = dy·W + scale · g·A
+                    // dx = dy·W + scale · (g·A ⊙ dropout mask)
                     let mut dx = vec![0f32; rows * d_in];
-                    unsafe {
-                        gemm_parallel(rows, d_in, d_out, dx.as_mut_ptr(), d_in, false, dy_, Mat::rows(wv.as_ptr(), d_in), 1.0);
-                        gemm_parallel(rows, d_in, r, dx.as_mut_ptr(), d_in, true, Mat::rows(g.as_ptr(), r), Mat::rows(av.as_ptr(), d_in), l.scale);
+                    unsafe { gemm_parallel(rows, d_in, d_out, dx.as_mut_ptr(), d_in, false, dy_, Mat::rows(wv.as_ptr(), d_in), 1.0) };
+                    match l.dropout {
+                        None => unsafe {
+                            gemm_parallel(rows, d_in, r, dx.as_mut_ptr(), d_in, true, Mat::rows(g.as_ptr(), r), Mat::rows(av.as_ptr(), d_in), l.scale)
+                        },
+                        Some((p, seed)) => {
+                            let mut branch = vec![0f32; rows * d_in];
+                            unsafe {
+                                gemm_parallel(rows, d_in, r, branch.as_mut_ptr(), d_in, false, Mat::rows(g.as_ptr(), r), Mat::rows(av.as_ptr(), d_in), l.scale)
+                            };
+                            dx.iter_mut().zip(&branch).enumerate().for_each(|(i, (d, b))| *d += b * keep_scale(seed, i, p));
+                        }
                     }
                     grads.register::<Flex>(node.id, flex_from_vec(dx, &[rows, d_in]));
                 }
                 if let Some(node) = &parents[1] {
-                    // dA = scale · gᵀ·x
+                    // dA = scale · gᵀ·x_branch
                     let mut da = vec![0f32; r * d_in];
-                    unsafe { gemm_parallel(r, d_in, rows, da.as_mut_ptr(), d_in, false, Mat::t(g.as_ptr(), r), x_, l.scale) };
+                    let xb = Mat::rows(slice(&l.x_branch).as_ptr(), d_in);
+                    unsafe { gemm_parallel(r, d_in, rows, da.as_mut_ptr(), d_in, false, Mat::t(g.as_ptr(), r), xb, l.scale) };
                     grads.register::<Flex>(node.id, flex_from_vec(da, &[r, d_in]));
                 }
                 if let Some(node) = parents.get(2).and_then(|p| p.as_ref()) {
@@ -182,6 +222,56 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
                     grads.register::<Flex>(node.id, flex_from_vec(db, &[d_out, r]));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor, TensorData};
+
+    use super::*;
+
+    type Ad = crate::dispatch::FlexAd;
+
+    fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().into_vec().unwrap()
+    }
+
+    fn rel(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// With dropout, the fused LoRA linear equals the composed formula under the same mask.
+    #[test]
+    fn lora_dropout_matches_the_composed_formula_with_the_same_mask() {
+        let dev = Default::default();
+        let (rows, d_in, d_out, r, p, seed, scale) = (37, 24, 20, 4, 0.3, 12345u64, 2.0);
+        let rand = |shape: [usize; 2]| Tensor::<Ad, 2>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+        let (x0, w, a0, b0) = (rand([rows, d_in]), rand([d_out, d_in]), rand([r, d_in]), rand([d_out, r]));
+        let mask: Vec<f32> = (0..rows * d_in).map(|i| keep_scale(seed, i, p)).collect();
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
+        assert!((dropped - p).abs() < 0.06, "dropped {dropped}");
+        let mask = Tensor::<Ad, 2>::from_data(TensorData::new(mask, [rows, d_in]), &dev);
+        let upstream = rand([rows, d_out]);
+
+        let grads_of = |fused: bool| {
+            let (x, a, b) = (x0.clone().require_grad(), a0.clone().require_grad(), b0.clone().require_grad());
+            let y = if fused {
+                let lora = LoraBranch { a: a.clone(), b: b.clone(), scale, dropout: Some((p, seed)) };
+                linear(x.clone(), w.clone(), None, Some(lora)).ok().expect("fused")
+            } else {
+                x.clone().matmul(w.clone().transpose())
+                    + (x.clone() * mask.clone()).matmul(a.clone().transpose()).matmul(b.clone().transpose()) * scale
+            };
+            let g = (y.clone() * upstream.clone()).sum().backward();
+            [values(y), values(x.grad(&g).unwrap()), values(a.grad(&g).unwrap()), values(b.grad(&g).unwrap())]
+        };
+        let (fused, composed) = (grads_of(true), grads_of(false));
+        for (name, (f, c)) in ["y", "dx", "dA", "dB"].iter().zip(fused.iter().zip(&composed)) {
+            let d = rel(f, c);
+            assert!(d < 1e-5, "{name} differs by {d}");
         }
     }
 }

@@ -5,7 +5,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Distribution, ElementConversion, Tensor};
 
 use crate::weights::{Builder, Init};
 
@@ -89,10 +89,17 @@ impl<B: Backend> Linear<B> {
         let d_in = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.reshape([rows, d_in]);
-        let no_dropout = self.lora.as_ref().is_none_or(|l| l.dropout.prob == 0.0);
-        let y = match no_dropout && vsft_kernels::supported(&[&x2]) {
+        let y = match vsft_kernels::supported(&[&x2]) {
             true => {
-                let lora = self.lora.as_ref().map(|l| vsft_kernels::LoraBranch { a: l.lora_a.val(), b: l.lora_b.val(), scale: l.scale });
+                let lora = self.lora.as_ref().map(|l| {
+                    // Dropout acts only under autodiff (training), as Burn's Dropout does. Its
+                    // seed comes from the backend's RNG, which the trainer seeds per micro-batch.
+                    let dropout = (B::ad_enabled(&x2.device()) && l.dropout.prob > 0.0).then(|| {
+                        let u: f64 = Tensor::<B, 1>::random([1], Distribution::Uniform(0.0, 1.0), &x2.device()).into_scalar().elem();
+                        (l.dropout.prob, (u * (1u64 << 53) as f64) as u64)
+                    });
+                    vsft_kernels::LoraBranch { a: l.lora_a.val(), b: l.lora_b.val(), scale: l.scale, dropout }
+                });
                 vsft_kernels::linear(x2, self.weight.val(), self.bias.as_ref().map(|b| b.val()), lora).unwrap_or_else(|x2| self.forward_composed(x2))
             }
             false => self.forward_composed(x2),
