@@ -136,6 +136,36 @@ fn rotate_back(dy: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
     }
 }
 
+/// Softmax over the first `visible` scores of `row` (the causal prefix), skipping padded
+/// keys; everything after the prefix becomes 0.
+fn softmax_causal_row(row: &mut [f32], visible: usize, padding: Option<&[bool]>) {
+    let (prefix, future) = row.split_at_mut(visible);
+    future.fill(0.0);
+    match padding {
+        None => {
+            let m = cpu::max(prefix);
+            cpu::exp_shifted(prefix, m);
+        }
+        Some(pad) => {
+            let m = prefix.iter().zip(pad).filter(|(_, &p)| !p).fold(f32::NEG_INFINITY, |m, (&s, _)| m.max(s));
+            cpu::exp_shifted(prefix, m);
+            prefix.iter_mut().zip(pad).filter(|(_, &p)| p).for_each(|(s, _)| *s = 0.0);
+        }
+    }
+    let sum = cpu::sum(prefix);
+    cpu::scale(prefix, 1.0 / sum);
+}
+
+cpu::multiversion! {
+    /// `dS = P ⊙ (dP − Σ P⊙dP)` over one row, in place of `dP`.
+    fn softmax_backward_row(dp: &mut [f32], p: &[f32]) {
+        let dot = cpu::dot(p, dp);
+        for (d, &p) in dp.iter_mut().zip(p) {
+            *d = p * (*d - dot);
+        }
+    }
+}
+
 /// Columns a block of query rows `[i0, i1)` reads: the causal triangle, or every key when a
 /// row in it sees none (it then attends uniformly to all).
 fn block_cols(i0: usize, i1: usize, first: usize, t: usize) -> usize {
@@ -185,24 +215,11 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
                 }
                 for i in i0..i1 {
                     let row = &mut p_bh[i * t..i * t + n];
-                    let visible = |j: usize| j <= i && !padding.is_some_and(|pad| pad[bi * t + j]);
                     if i < first[bi] {
                         row.fill(1.0 / t as f32);
                         continue;
                     }
-                    let mut m = f32::NEG_INFINITY;
-                    for (j, &s) in row.iter().enumerate() {
-                        if visible(j) {
-                            m = m.max(s);
-                        }
-                    }
-                    let mut sum = 0f32;
-                    for (j, s) in row.iter_mut().enumerate() {
-                        *s = if visible(j) { cpu::exp(*s - m) } else { 0.0 };
-                        sum += *s;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|s| *s *= inv);
+                    softmax_causal_row(row, i + 1, padding.map(|pad| &pad[bi * t..bi * t + i + 1]));
                 }
                 unsafe {
                     gemm(
@@ -298,10 +315,7 @@ fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &Attention
                         continue;
                     }
                     let prow = unsafe { std::slice::from_raw_parts(p_blk.add(r * t), n) };
-                    let dot: f32 = prow.iter().zip(drow.iter()).map(|(p, dp)| p * dp).sum();
-                    for (dp, &p) in drow.iter_mut().zip(prow) {
-                        *dp = p * (*dp - dot);
-                    }
+                    softmax_backward_row(drow, prow);
                 }
                 unsafe {
                     // dQr = scale · dS·Kr

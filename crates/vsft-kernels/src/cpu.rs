@@ -25,6 +25,109 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// Defines `fn $name` twice: as written, and compiled for AVX2+FMA behind a run-time check,
+/// so the row loops below vectorise 8-wide without building the whole binary for one CPU.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[inline]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) $(-> $ret)? $body
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: this CPU has the features `wide` was compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// Lanes of the partial sums in the reductions below (in-order f32 sums do not vectorise).
+const LANES: usize = 16;
+
+multiversion! {
+    /// The largest element (−∞ for an empty slice).
+    pub(crate) fn max(xs: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let chunks = xs.chunks_exact(LANES);
+        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a = a.max(x);
+            }
+        }
+        acc.iter().fold(tail, |m, &x| m.max(x))
+    }
+}
+
+multiversion! {
+    /// `Σ x`.
+    pub(crate) fn sum(xs: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let chunks = xs.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += x;
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
+    /// `Σ a·b`.
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in ca.zip(cb) {
+            for ((acc, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+                *acc += x * y;
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
+    /// `x ← exp(x − m)`.
+    pub(crate) fn exp_shifted(xs: &mut [f32], m: f32) {
+        for x in xs.iter_mut() {
+            *x = exp(*x - m);
+        }
+    }
+}
+
+multiversion! {
+    /// `Σ exp(x − m)`, leaving `xs` as it is.
+    pub(crate) fn sum_exp_shifted(xs: &[f32], m: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let chunks = xs.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - m)).sum();
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += exp(x - m);
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
+    /// `x ← x · s`.
+    pub(crate) fn scale(xs: &mut [f32], s: f32) {
+        for x in xs.iter_mut() {
+            *x *= s;
+        }
+    }
+}
+
 /// A matrix view: base pointer, row stride, column stride (elements).
 #[derive(Clone, Copy)]
 pub(crate) struct Mat {

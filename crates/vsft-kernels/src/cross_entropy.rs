@@ -62,23 +62,6 @@ fn check_target(t: i64, vocab: usize, row: usize) -> Option<usize> {
     Some(t as usize)
 }
 
-fn row_max(row: &[f32]) -> f32 {
-    row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
-}
-
-/// Sum of `exp(x − m)` with 16 partial sums (vectorises; f32 like the composed path).
-fn sum_exp(row: &[f32], m: f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = row.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().map(|&x| cpu::exp(x - m)).sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += cpu::exp(x - m);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 fn forward(logits: &[f32], vocab: usize, targets: &[i64]) -> f64 {
     logits
         .par_chunks(vocab)
@@ -87,8 +70,8 @@ fn forward(logits: &[f32], vocab: usize, targets: &[i64]) -> f64 {
         .map(|(r, (row, &t))| match check_target(t, vocab, r) {
             None => 0.0,
             Some(t) => {
-                let m = row_max(row);
-                let lse = m + sum_exp(row, m).ln();
+                let m = cpu::max(row);
+                let lse = m + cpu::sum_exp_shifted(row, m).ln();
                 (lse - row[t]) as f64
             }
         })
@@ -107,24 +90,11 @@ fn forward_with_grad(logits: &mut [f32], vocab: usize, targets: &[i64]) -> f64 {
                 0.0
             }
             Some(t) => {
-                let m = row_max(row);
+                let m = cpu::max(row);
                 let picked = row[t];
-                for x in row.iter_mut() {
-                    *x = cpu::exp(*x - m);
-                }
-                let mut acc = [0f32; 16];
-                let chunks = row.chunks_exact(16);
-                let tail: f32 = chunks.remainder().iter().sum();
-                for c in chunks {
-                    for (a, &x) in acc.iter_mut().zip(c) {
-                        *a += x;
-                    }
-                }
-                let sum = acc.iter().sum::<f32>() + tail;
-                let inv = 1.0 / sum;
-                for x in row.iter_mut() {
-                    *x *= inv;
-                }
+                cpu::exp_shifted(row, m);
+                let sum = cpu::sum(row);
+                cpu::scale(row, 1.0 / sum);
                 row[t] -= 1.0;
                 (m + sum.ln() - picked) as f64
             }
@@ -143,7 +113,7 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
         let (mut buffer, shape) = ops.state;
         unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
             let g = slice(&contiguous(&grad))[0];
-            buffer.storage_mut::<f32>().par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|x| *x *= g));
+            buffer.storage_mut::<f32>().par_chunks_mut(1 << 14).for_each(|c| cpu::scale(c, g));
             buffer.reshape(shape)
         });
     }

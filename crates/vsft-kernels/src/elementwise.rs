@@ -58,11 +58,9 @@ pub fn rms_norm<B: Backend, const D: usize>(
         .zip(xv.par_chunks(dim * ROWS_PER_TASK))
         .for_each(|((o, r), xc)| {
             for ((orow, r), xrow) in o.chunks_mut(dim).zip(r.iter_mut()).zip(xc.chunks(dim)) {
-                let ms = xrow.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+                let ms = cpu::dot(xrow, xrow) / dim as f32;
                 *r = 1.0 / (ms + eps as f32).sqrt();
-                for ((o, &xv), &wv) in orow.iter_mut().zip(xrow).zip(wv) {
-                    *o = (xv * *r) * wv;
-                }
+                rms_norm_row(orow, xrow, wv, *r);
             }
         });
     let out = flex_from_vec(out, shape.as_slice());
@@ -102,11 +100,7 @@ impl Backward<Flex, 2> for RmsNormBackward {
                     .zip(s.rstd.par_chunks(ROWS_PER_TASK))
                     .for_each(|(((d, gc), xc), rc)| {
                         for (((drow, grow), xrow), &r) in d.chunks_mut(dim).zip(gc.chunks(dim)).zip(xc.chunks(dim)).zip(rc) {
-                            let dot: f32 = grow.iter().zip(wv).zip(xrow).map(|((g, w), x)| g * w * x).sum();
-                            let c = r * r * r * dot / dim as f32;
-                            for (((d, &g), &w), &x) in drow.iter_mut().zip(grow).zip(wv).zip(xrow) {
-                                *d = r * g * w - x * c;
-                            }
+                            rms_norm_backward_row(drow, grow, xrow, wv, r);
                         }
                     });
                 flex_from_vec(dx, shape.as_slice())
@@ -147,9 +141,7 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     let (gs, us) = (contiguous(g.flex()), contiguous(u.flex()));
     let mut out = vec![0f32; shape.num_elements()];
     out.par_chunks_mut(CHUNK).zip(slice(&gs).par_chunks(CHUNK)).zip(slice(&us).par_chunks(CHUNK)).for_each(|((o, gc), uc)| {
-        for ((o, &g), &u) in o.iter_mut().zip(gc).zip(uc) {
-            *o = g * cpu::sigmoid(g) * u;
-        }
+        swiglu_chunk(o, gc, uc);
     });
     let out = flex_from_vec(out, shape.as_slice());
     let state = || (gs.clone(), us.clone());
@@ -183,10 +175,7 @@ impl Backward<Flex, 2> for SwigluBackward {
                     .zip(slice(&g).par_chunks(CHUNK))
                     .zip(slice(&u).par_chunks(CHUNK))
                     .for_each(|(((o, d), gc), uc)| {
-                        for (((o, &d), &g), &u) in o.iter_mut().zip(d).zip(gc).zip(uc) {
-                            let s = cpu::sigmoid(g);
-                            *o = d * u * s * (1.0 + g * (1.0 - s));
-                        }
+                        swiglu_gate_grad_chunk(o, d, gc, uc);
                     });
                 flex_from_vec(out, shape.as_slice())
             },
@@ -195,12 +184,65 @@ impl Backward<Flex, 2> for SwigluBackward {
                 let dy = contiguous(&grad);
                 let mut out = vec![0f32; shape2.num_elements()];
                 out.par_chunks_mut(CHUNK).zip(slice(&dy).par_chunks(CHUNK)).zip(slice(&g2).par_chunks(CHUNK)).for_each(|((o, d), gc)| {
-                    for ((o, &d), &g) in o.iter_mut().zip(d).zip(gc) {
-                        *o = d * g * cpu::sigmoid(g);
-                    }
+                    swiglu_up_grad_chunk(o, d, gc);
                 });
                 flex_from_vec(out, shape2.as_slice())
             },
         );
+    }
+}
+
+cpu::multiversion! {
+    /// `out = (x · r) · w`.
+    fn rms_norm_row(out: &mut [f32], x: &[f32], w: &[f32], r: f32) {
+        for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
+            *o = (x * r) * w;
+        }
+    }
+}
+
+cpu::multiversion! {
+    /// `dx = r·g⊙w − x · r³·Σ(g⊙w⊙x)/dim`.
+    fn rms_norm_backward_row(dx: &mut [f32], g: &[f32], x: &[f32], w: &[f32], r: f32) {
+        let mut acc = [0f32; 16];
+        let (cg, cw, cx) = (g.chunks_exact(16), w.chunks_exact(16), x.chunks_exact(16));
+        let tail: f32 = cg.remainder().iter().zip(cw.remainder()).zip(cx.remainder()).map(|((g, w), x)| g * w * x).sum();
+        for ((g, w), x) in cg.zip(cw).zip(cx) {
+            for (((a, &g), &w), &x) in acc.iter_mut().zip(g).zip(w).zip(x) {
+                *a += g * w * x;
+            }
+        }
+        let c = r * r * r * (acc.iter().sum::<f32>() + tail) / x.len() as f32;
+        for (((d, &g), &w), &x) in dx.iter_mut().zip(g).zip(w).zip(x) {
+            *d = r * g * w - x * c;
+        }
+    }
+}
+
+cpu::multiversion! {
+    /// `out = g·σ(g)·u`.
+    fn swiglu_chunk(out: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = g * cpu::sigmoid(g) * u;
+        }
+    }
+}
+
+cpu::multiversion! {
+    /// `∂/∂gate = dy·u·σ(g)·(1 + g·(1 − σ(g)))`.
+    fn swiglu_gate_grad_chunk(out: &mut [f32], dy: &[f32], g: &[f32], u: &[f32]) {
+        for (((o, &d), &g), &u) in out.iter_mut().zip(dy).zip(g).zip(u) {
+            let s = cpu::sigmoid(g);
+            *o = d * u * s * (1.0 + g * (1.0 - s));
+        }
+    }
+}
+
+cpu::multiversion! {
+    /// `∂/∂up = dy·g·σ(g)`.
+    fn swiglu_up_grad_chunk(out: &mut [f32], dy: &[f32], g: &[f32]) {
+        for ((o, &d), &g) in out.iter_mut().zip(dy).zip(g) {
+            *o = d * g * cpu::sigmoid(g);
+        }
     }
 }
