@@ -161,17 +161,18 @@ impl<B: Backend> ClipVisionTower<B> {
 impl<B: Backend> ClipEmbeddings<B> {
     fn forward(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
         let p = self.patch_embedding.patch_size;
+        let act = pixel_values.dtype();
         let patches = conv2d(
             pixel_values,
-            self.patch_embedding.weight.val(),
+            crate::nn::in_dtype(self.patch_embedding.weight.val(), act),
             None,
             ConvOptions::new([p, p], [0, 0], [1, 1], 1),
         );
         let [n, c, gh, gw] = patches.dims();
         let patches = patches.reshape([n, c, gh * gw]).swap_dims(1, 2);
-        let cls = self.class_embedding.val().reshape([1, 1, c]).expand([n, 1, c]);
+        let cls = crate::nn::in_dtype(self.class_embedding.val(), act).reshape([1, 1, c]).expand([n, 1, c]);
         let x = Tensor::cat(vec![cls, patches], 1);
-        let positions = self.position_embedding.weight.val().slice([0..gh * gw + 1]);
+        let positions = crate::nn::in_dtype(self.position_embedding.weight.val().slice([0..gh * gw + 1]), act);
         x + positions.unsqueeze_dim(0)
     }
 }

@@ -243,7 +243,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let [b, t, h] = hidden.dims();
                 let w = self.model.embed_tokens.weight.val();
                 let v = w.dims()[0];
-                hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])
+                crate::nn::matmul_weight_t(hidden.reshape([b * t, h]), w).reshape([b, t, v])
             }
         }
     }

@@ -41,7 +41,12 @@ pub struct LlavaModel<B: Backend> {
 impl<B: Backend> LlavaModel<B> {
     /// Builds every parameter through `provider` (a checkpoint or a random initialisation).
     pub fn build(cfg: &LlavaConfig, provider: &mut dyn TensorProvider, device: &B::Device) -> Self {
-        let mut b = Builder::<B>::new(provider, device);
+        Self::build_with(cfg, provider, device, StoredDtype::F32)
+    }
+
+    /// [`Self::build`] with the frozen parameters (all but the projector) in `frozen_dtype`.
+    pub fn build_with(cfg: &LlavaConfig, provider: &mut dyn TensorProvider, device: &B::Device, frozen_dtype: StoredDtype) -> Self {
+        let mut b = Builder::<B>::new(provider, device).with_frozen_dtype(frozen_dtype);
         let vision_tower = ClipVisionTower::new(&mut b, &cfg.vision_config);
         let (v, t) = (cfg.vision_config.hidden_size, cfg.text_config.hidden_size);
         let n_layers = cfg.vision_feature_layer.layers().len();
@@ -66,12 +71,19 @@ impl<B: Backend> LlavaModel<B> {
     /// Loads a Hugging Face model directory (`config.json` + safetensors, single or sharded, any
     /// of the three key layouts, f16/bf16/f32 converted to f32).
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
+        Self::load_with(dir, device, StoredDtype::F32)
+    }
+
+    /// [`Self::load`] with the frozen parameters held in `frozen_dtype` (`model.dtype` in a
+    /// recipe): with bf16, linear layers compute in bf16 as `torch.autocast` does, while the
+    /// projector, LoRA adapters and optimizer state stay f32.
+    pub fn load_with(dir: &Path, device: &B::Device, frozen_dtype: StoredDtype) -> Result<Self, ModelError> {
         let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
         let mut reader = CheckpointReader::open(dir)?;
         if cfg.tie_word_embeddings() {
             reader.ignore("language_model.lm_head.weight");
         }
-        let model = Self::build(&cfg, &mut reader, device);
+        let model = Self::build_with(&cfg, &mut reader, device, frozen_dtype);
         reader.finish()?;
         Ok(model)
     }

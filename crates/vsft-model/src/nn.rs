@@ -5,9 +5,30 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, ElementConversion, Tensor};
+use burn::tensor::{DType, Distribution, ElementConversion, Tensor};
 
 use crate::weights::{Builder, Init};
+
+/// `t` in `dtype`: frozen weights may be held in bf16 while activations stay f32.
+pub fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(dtype)
+    }
+}
+
+/// `x·wᵀ` in the weight's dtype when it differs from the activations' (as `torch.autocast`
+/// computes a linear), returned in the activations' dtype. Casting the input rather than the
+/// weight means the autodiff graph keeps a bf16 input, never an f32 copy of a frozen weight.
+pub fn matmul_weight_t<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    let act = x.dtype();
+    if weight.dtype() == act {
+        x.matmul(weight.transpose())
+    } else {
+        x.cast(weight.dtype()).matmul(weight.transpose()).cast(act)
+    }
+}
 
 /// Activations named as transformers' `ACT2FN` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,9 +131,10 @@ impl<B: Backend> Linear<B> {
 
     /// Burn's own ops over `[rows, in]`: the reference for the fused kernel.
     pub fn forward_composed(&self, x2: Tensor<B, 2>) -> Tensor<B, 2> {
-        let mut y = x2.clone().matmul(self.weight.val().transpose());
+        let act = x2.dtype();
+        let mut y = matmul_weight_t(x2.clone(), self.weight.val());
         if let Some(bias) = &self.bias {
-            y = y + bias.val().unsqueeze_dim(0);
+            y = y + in_dtype(bias.val(), act).unsqueeze_dim(0);
         }
         if let Some(lora) = &self.lora {
             // Low-rank path: never materialise B·A, so backward stays rank-sized.
@@ -125,7 +147,7 @@ impl<B: Backend> Linear<B> {
     /// `W + scale · B·A` (PEFT's `merge_and_unload`), for export.
     pub fn merged_weight(&self) -> Tensor<B, 2> {
         match &self.lora {
-            Some(l) => self.weight.val() + l.lora_b.val().matmul(l.lora_a.val()) * l.scale,
+            Some(l) => in_dtype(self.weight.val(), DType::F32) + l.lora_b.val().matmul(l.lora_a.val()) * l.scale,
             None => self.weight.val(),
         }
     }
@@ -149,7 +171,8 @@ impl<B: Backend> LayerNorm<B> {
         let centered = x - mean;
         let var = centered.clone().powi_scalar(2).mean_dim(D - 1);
         let normed = centered / (var + self.eps).sqrt();
-        normed * self.weight.val().unsqueeze() + self.bias.val().unsqueeze()
+        let act = normed.dtype();
+        normed * in_dtype(self.weight.val(), act).unsqueeze() + in_dtype(self.bias.val(), act).unsqueeze()
     }
 }
 
@@ -179,7 +202,8 @@ impl<B: Backend> RmsNorm<B> {
     pub fn forward_composed<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let ms = x.clone().powi_scalar(2).mean_dim(D - 1);
         let normed = x * (ms + self.eps).sqrt().recip();
-        normed * self.weight.val().unsqueeze()
+        let act = normed.dtype();
+        normed * in_dtype(self.weight.val(), act).unsqueeze()
     }
 }
 
@@ -204,7 +228,7 @@ impl<B: Backend> Embedding<B> {
     pub fn forward(&self, ids: Tensor<B, 2, burn::tensor::Int>) -> Tensor<B, 3> {
         let [batch, seq] = ids.dims();
         let flat = ids.reshape([batch * seq]);
-        let rows = self.weight.val().select(0, flat);
+        let rows = in_dtype(self.weight.val().select(0, flat), DType::F32);
         let dim = rows.dims()[1];
         rows.reshape([batch, seq, dim])
     }

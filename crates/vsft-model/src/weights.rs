@@ -42,22 +42,45 @@ pub struct Builder<'a, B: Backend> {
     provider: &'a mut dyn TensorProvider,
     prefix: String,
     pub device: B::Device,
+    /// The dtype of parameters that never train (everything outside the projector).
+    frozen_dtype: StoredDtype,
 }
+
+/// The module whose parameters train in every stage; they stay f32 whatever `frozen_dtype` says.
+const ALWAYS_TRAINED: &str = "multi_modal_projector";
 
 impl<'a, B: Backend> Builder<'a, B> {
     pub fn new(provider: &'a mut dyn TensorProvider, device: &B::Device) -> Self {
-        Self { provider, prefix: String::new(), device: device.clone() }
+        Self { provider, prefix: String::new(), device: device.clone(), frozen_dtype: StoredDtype::F32 }
+    }
+
+    /// Frozen parameters (vision tower, language model) in `dtype`: bf16 halves their memory;
+    /// LoRA adapters (added later) and the projector stay f32, as does the optimizer state.
+    pub fn with_frozen_dtype(mut self, dtype: StoredDtype) -> Self {
+        self.frozen_dtype = dtype;
+        self
     }
 
     pub fn scope(&mut self, name: &str) -> Builder<'_, B> {
-        Builder { provider: &mut *self.provider, prefix: join(&self.prefix, name), device: self.device.clone() }
+        Builder {
+            provider: &mut *self.provider,
+            prefix: join(&self.prefix, name),
+            device: self.device.clone(),
+            frozen_dtype: self.frozen_dtype,
+        }
     }
 
     pub fn param<const D: usize>(&mut self, shape: [usize; D], name: &str, init: Init) -> Param<Tensor<B, D>> {
         let full = join(&self.prefix, name);
         let n: usize = shape.iter().product();
         let values = self.provider.provide(&full, &shape, init).unwrap_or_else(|| vec![0.0; n]);
-        Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), &self.device))
+        let dtype = match self.frozen_dtype {
+            _ if full.starts_with(ALWAYS_TRAINED) => burn::tensor::DType::F32,
+            StoredDtype::F32 => burn::tensor::DType::F32,
+            StoredDtype::BF16 => burn::tensor::DType::BF16,
+            StoredDtype::F16 => burn::tensor::DType::F16,
+        };
+        Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), (&self.device, dtype)))
     }
 }
 

@@ -220,3 +220,36 @@ fn unsupported_config_and_image_token_mismatch_are_clear_errors() {
     let err = model.forward(x.input_ids, x.attention_mask, Some(one)).unwrap_err().to_string();
     assert!(err.contains("image tokens (32) and image features (16)"), "{err}");
 }
+
+/// `model.dtype = "bfloat16"`: frozen weights held in bf16 (the sharded fixture's weights are
+/// bf16 already, so holding them loses nothing), linears computed in bf16 as torch.autocast
+/// does, projector in f32. Compared with transformers' f32 logits on the same bf16 weights, and
+/// projector gradients with torch autograd's: the differences are bf16 rounding of activations.
+#[test]
+fn frozen_bf16_weights_stay_bf16_and_track_the_f32_reference() {
+    for name in CONFIGS {
+        let r = reference(name);
+        let x = inputs::<Train>(&r);
+        let dir = fixture_dir(name).join("sharded");
+        let model = LlavaModel::<Train>::load_with(&dir, &Default::default(), StoredDtype::BF16).unwrap();
+        let dtypes: Vec<(String, burn::tensor::DType)> =
+            model.named_tensors().iter().map(|(n, _, t)| (n.clone(), t.flat.dtype())).collect();
+        for (n, dt) in &dtypes {
+            let want = if n.starts_with("multi_modal_projector") { burn::tensor::DType::F32 } else { burn::tensor::DType::BF16 };
+            assert_eq!(*dt, want, "{name}: {n} is {dt:?}");
+        }
+        let want = read_tensor_file(&fixture_dir(name).join("reference_sharded_bf16.safetensors")).unwrap()["logits"].to_f32().unwrap();
+        let features = vision_features_no_grad(&model, x.pixel_values);
+        let projected = model.multi_modal_projector.forward(features);
+        let logits = model.forward_with_features(x.input_ids, x.attention_mask, Some(projected)).unwrap();
+        let got = values(logits.clone());
+        let diff = rel_diff(&got, &want);
+        let grads = causal_lm_loss(logits, x.labels).mean().backward();
+        let g = values(model.multi_modal_projector.linear_2.weight.val().grad(&grads).unwrap());
+        let g_want = r["grad.multi_modal_projector.linear_2.weight"].to_f32().unwrap();
+        let g_diff = rel_diff(&g, &g_want);
+        println!("{name}: bf16 frozen weights: logits rel diff {diff:.2e}, projector grad rel diff {g_diff:.2e}");
+        assert!(diff <= 2e-2, "{name}: bf16 logits differ by {diff} (relative to the largest logit)");
+        assert!(g_diff <= 5e-2, "{name}: bf16 projector gradient differs by {g_diff}");
+    }
+}

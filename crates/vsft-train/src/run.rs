@@ -165,7 +165,12 @@ pub fn train_with<B: AutodiffBackend>(
 
     // Model and stage.
     eprintln!("vsft: loading {}", inputs.model_dir.display());
-    let mut model = LlavaModel::<B>::load(&inputs.model_dir, device)?;
+    // Validated when the recipe was read.
+    let frozen_dtype = vsft_model::StoredDtype::from_torch_name(&recipe.model.dtype).unwrap_or(vsft_model::StoredDtype::F32);
+    let mut model = LlavaModel::<B>::load_with(&inputs.model_dir, device, frozen_dtype)?;
+    if frozen_dtype != vsft_model::StoredDtype::F32 {
+        eprintln!("vsft: frozen weights in {} (projector, LoRA and optimizer state in f32)", recipe.model.dtype);
+    }
     if let Some(p) = &recipe.model.projector {
         load_projector(&mut model, Path::new(p))?;
         eprintln!("vsft: projector from {p}");

@@ -5,7 +5,9 @@
 pub type Compute = burn::backend::Cuda;
 #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
 pub type Compute = burn::backend::Wgpu;
-#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+#[cfg(all(feature = "ndarray", not(any(feature = "cuda", feature = "wgpu"))))]
+pub type Compute = burn::backend::NdArray;
+#[cfg(not(any(feature = "cuda", feature = "wgpu", feature = "ndarray")))]
 pub type Compute = burn::backend::Flex;
 
 pub type Train = burn::backend::Autodiff<Compute>;
@@ -19,6 +21,10 @@ pub fn name() -> &'static str {
         "cuda"
     } else if cfg!(feature = "wgpu") {
         "wgpu"
+    } else if cfg!(feature = "ndarray-openblas") {
+        "ndarray + openblas (cpu)"
+    } else if cfg!(feature = "ndarray") {
+        "ndarray (cpu)"
     } else {
         "flex (cpu)"
     }

@@ -39,6 +39,9 @@ pub struct BenchTrainArgs {
     pub steps: usize,
     #[arg(long)]
     pub json: bool,
+    /// Frozen weights' dtype (`model.dtype` in a recipe): float32, or bfloat16 on a GPU.
+    #[arg(long, default_value = "float32")]
+    pub dtype: String,
 }
 
 fn peak_rss_mb() -> f64 {
@@ -92,7 +95,9 @@ pub fn run(c: BenchCommand) -> Result<ExitCode> {
         s => anyhow::bail!("--stage {s}: use pretrain or instruct"),
     };
     let dev = device();
-    let mut model = LlavaModel::<Train>::load(&a.model, &dev)?;
+    let frozen = vsft_model::StoredDtype::from_torch_name(&a.dtype)
+        .ok_or_else(|| anyhow::anyhow!("--dtype {}: use float32, bfloat16 or float16", a.dtype))?;
+    let mut model = LlavaModel::<Train>::load_with(&a.model, &dev, frozen)?;
     if stage == Stage::Instruct {
         let lora = LoraConfig { r: a.lora_r, alpha: 2.0 * a.lora_r as f64, dropout: 0.0, ..Default::default() };
         model.add_lora(&lora, 0)?;
@@ -129,6 +134,7 @@ pub fn run(c: BenchCommand) -> Result<ExitCode> {
         "tokens_per_s": tokens / (median / 1e3),
         "peak_rss_mb": peak_rss_mb(),
         "backend": crate::backend::name(),
+        "dtype": a.dtype,
         "batch_size": a.batch_size, "seq_len": a.seq_len, "stage": a.stage, "lora_r": a.lora_r, "steps": a.steps,
     });
     if a.json {
