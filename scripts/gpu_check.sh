@@ -37,26 +37,36 @@ peak_of() {
   PEAK=$(sort -n "$log" | tail -1); rm -f "$log"; return $rc
 }
 
-echo "== vsft (batch $B x $L, LoRA r $R, $N timed steps)"
+# Frozen weights in bf16 (model.dtype = "bfloat16"); LoRA, projector and AdamW state in f32.
+# At the full batch, plain first, then with gradient checkpointing; then smaller batches.
+echo "== vsft (batch $B x $L, LoRA r $R, bf16 frozen weights, $N timed steps)"
 V=""; VB=$B
-for b in $B 4 2 1; do
+for try in "$B" "$B ckpt" 4 2 1; do
+  set -- $try; b=$1; extra=""; [ "${2:-}" = ckpt ] && extra=--gradient-checkpointing
   [ "$b" -gt "$B" ] && continue
-  if peak_of timeout 300 "$VSFT" bench train --model "$MODEL" --batch-size "$b" --seq-len "$L" --lora-r $R --steps "$N" --json > "$WORK/vsft.json" 2> "$WORK/vsft.err"; then
+  if peak_of timeout 240 "$VSFT" bench train --model "$MODEL" --batch-size "$b" --seq-len "$L" --lora-r $R --steps "$N" \
+       --dtype bfloat16 $extra --json > "$WORK/vsft.json" 2> "$WORK/vsft.err"; then
     V=$(tail -1 "$WORK/vsft.json"); VB=$b; VPEAK=$PEAK; break
   fi
-  echo "vsft at batch $b failed: $(tail -3 "$WORK/vsft.err" | tr '\n' ' ')"
+  echo "vsft at batch $b $extra failed: $(tail -3 "$WORK/vsft.err" | tr '\n' ' ')"
 done
 echo "== PyTorch + PEFT, bf16 frozen weights, autocast, sdpa (batch $VB x $L)"
-T=$(python3 scripts/bench_torch.py --model "$MODEL" --batch-size "$VB" --seq-len "$L" --lora-r $R --steps "$N" --device cuda --dtype bfloat16 2>"$WORK/torch.err" | tail -1)
-[ -n "$T" ] || echo "torch failed: $(tail -3 "$WORK/torch.err")"
-python3 - "$V" "$T" "${VPEAK:-0}" "$VB" "$L" <<'PY'
+TPEAK=0
+if peak_of python3 scripts/bench_torch.py --model "$MODEL" --batch-size "$VB" --seq-len "$L" --lora-r $R --steps "$N" \
+     --device cuda --dtype bfloat16 > "$WORK/torch.json" 2>"$WORK/torch.err"; then
+  T=$(tail -1 "$WORK/torch.json"); TPEAK=$PEAK
+else
+  T=""; echo "torch failed: $(tail -3 "$WORK/torch.err")"
+fi
+python3 - "$V" "$T" "${VPEAK:-0}" "$TPEAK" "$VB" "$L" <<'PY'
 import json, sys
 v = json.loads(sys.argv[1]) if sys.argv[1] else None
 t = json.loads(sys.argv[2]) if sys.argv[2] else None
-print(f"\nbatch {sys.argv[4]} x {sys.argv[5]} tokens, LoRA r 128, LLaVA-1.5-7B shape")
-print("| | step ms (median) | tokens/s | peak device MB |")
+vpeak, tpeak = float(sys.argv[3]), float(sys.argv[4])
+print(f"\nbatch {sys.argv[5]} x {sys.argv[6]} tokens, LoRA r 128, LLaVA-1.5-7B shape, frozen weights bf16")
+print("| | step ms (median) | tokens/s | peak device MB (nvidia-smi) |")
 print("|---|---|---|---|")
-if v: print(f"| vsft ({v['backend']}) | {v['step_ms_median']:.0f} | {v['tokens_per_s']:.0f} | {float(sys.argv[3]):.0f} (nvidia-smi) |")
-if t: print(f"| {t['backend']} | {t['step_ms_median']:.0f} | {t['tokens_per_s']:.0f} | {t.get('peak_device_mb', 0):.0f} (allocator) |")
-if v and t: print(f"| vsft / torch | {v['step_ms_median']/t['step_ms_median']:.2f}x time | {v['tokens_per_s']/t['tokens_per_s']:.2f}x | |")
+if v: print(f"| vsft ({v['backend']}{', grad ckpt' if v.get('gradient_checkpointing') else ''}) | {v['step_ms_median']:.0f} | {v['tokens_per_s']:.0f} | {vpeak:.0f} |")
+if t: print(f"| {t['backend']} | {t['step_ms_median']:.0f} | {t['tokens_per_s']:.0f} | {tpeak:.0f} (allocator peak {t.get('peak_device_mb', 0):.0f}) |")
+if v and t: print(f"| vsft / torch | {v['step_ms_median']/t['step_ms_median']:.2f}x time | {v['tokens_per_s']/t['tokens_per_s']:.2f}x | {vpeak/max(tpeak,1):.2f}x |")
 PY

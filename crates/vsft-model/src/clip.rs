@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{activation, Tensor};
+use burn::tensor::Tensor;
 
 use crate::config::ClipVisionConfig;
 use crate::nn::{Activation, LayerNorm, Linear};
@@ -194,9 +194,9 @@ impl<B: Backend> ClipAttention<B> {
         let q = split(self.q_proj.forward(x.clone()));
         let k = split(self.k_proj.forward(x.clone()));
         let v = split(self.v_proj.forward(x));
-        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
-        let probs = activation::softmax(scores, 3);
-        let ctx = probs.matmul(v).swap_dims(1, 2).reshape([n, t, h]);
+        // Burn's attention op: fused (no [n, heads, t, t] score matrix) on backends that have
+        // a kernel for it, e.g. flash attention on CUDA; the tower never needs its backward.
+        let ctx = burn::tensor::module::attention(q, k, v, None, None, Default::default()).swap_dims(1, 2).reshape([n, t, h]);
         self.out_proj.forward(ctx)
     }
 }

@@ -134,7 +134,8 @@ pub struct TrainSection {
     /// What a NaN/inf loss does: `error` stops naming the step, `skip` drops the step.
     #[serde(default = "d::on_nan")]
     pub on_nan: String,
-    /// Recompute decoder layers in backward (GPU memory); accepted, not yet used on CPU.
+    /// Recompute memory-bound activations in backward instead of storing them (Burn's balanced
+    /// checkpointing): less activation memory, more compute; meant for GPUs.
     #[serde(default)]
     pub gradient_checkpointing: bool,
 }

@@ -53,7 +53,11 @@ fn batch_from(t: &std::collections::BTreeMap<String, RawTensor>, i: usize, rows:
 }
 
 fn trainer(r: &serde_json::Value) -> Trainer<Train> {
-    let model = LlavaModel::<Train>::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap();
+    trainer_on::<Train>(r)
+}
+
+fn trainer_on<B: burn::tensor::backend::AutodiffBackend>(r: &serde_json::Value) -> Trainer<B> {
+    let model = LlavaModel::<B>::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap();
     let settings = OptimSettings {
         lr: r["lr"].as_f64().unwrap(),
         projector_lr: None,
@@ -67,9 +71,20 @@ fn trainer(r: &serde_json::Value) -> Trainer<Train> {
 
 #[test]
 fn six_adamw_steps_match_torch() {
+    six_adamw_steps_match_torch_on::<Train>();
+}
+
+/// `[train] gradient_checkpointing`: Burn's balanced checkpointing recomputes activations in
+/// backward; the steps must be the same steps.
+#[test]
+fn six_adamw_steps_match_torch_with_gradient_checkpointing() {
+    six_adamw_steps_match_torch_on::<Autodiff<Flex, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>>();
+}
+
+fn six_adamw_steps_match_torch_on<B: burn::tensor::backend::AutodiffBackend>() {
     let r = reference();
     let t = read_tensor_file(&fixtures().join("train/stage1_batches.safetensors")).unwrap();
-    let mut tr = trainer(&r);
+    let mut tr = trainer_on::<B>(&r);
     let lr = r["lr"].as_f64().unwrap();
     let want: Vec<f64> = r["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     let want_norms: Vec<f64> = r["grad_norms"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();

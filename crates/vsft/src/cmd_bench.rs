@@ -39,6 +39,9 @@ pub struct BenchTrainArgs {
     pub steps: usize,
     #[arg(long)]
     pub json: bool,
+    /// Burn's balanced gradient checkpointing (`[train] gradient_checkpointing`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Frozen weights' dtype (`model.dtype` in a recipe): float32, or bfloat16 on a GPU.
     #[arg(long, default_value = "float32")]
     pub dtype: String,
@@ -89,6 +92,14 @@ pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, batch: usize, seq: usize, 
 
 pub fn run(c: BenchCommand) -> Result<ExitCode> {
     let BenchCommand::Train(a) = c;
+    if a.gradient_checkpointing {
+        bench_train::<crate::backend::TrainCheckpointed>(a)
+    } else {
+        bench_train::<Train>(a)
+    }
+}
+
+fn bench_train<B: burn::tensor::backend::AutodiffBackend<Device = burn::tensor::Device<crate::backend::Compute>>>(a: BenchTrainArgs) -> Result<ExitCode> {
     let stage = match a.stage.as_str() {
         "pretrain" => Stage::Pretrain,
         "instruct" => Stage::Instruct,
@@ -97,7 +108,7 @@ pub fn run(c: BenchCommand) -> Result<ExitCode> {
     let dev = device();
     let frozen = vsft_model::StoredDtype::from_torch_name(&a.dtype)
         .ok_or_else(|| anyhow::anyhow!("--dtype {}: use float32, bfloat16 or float16", a.dtype))?;
-    let mut model = LlavaModel::<Train>::load_with(&a.model, &dev, frozen)?;
+    let mut model = LlavaModel::<B>::load_with(&a.model, &dev, frozen)?;
     if stage == Stage::Instruct {
         let lora = LoraConfig { r: a.lora_r, alpha: 2.0 * a.lora_r as f64, dropout: 0.0, ..Default::default() };
         model.add_lora(&lora, 0)?;
@@ -134,6 +145,7 @@ pub fn run(c: BenchCommand) -> Result<ExitCode> {
         "tokens_per_s": tokens / (median / 1e3),
         "peak_rss_mb": peak_rss_mb(),
         "backend": crate::backend::name(),
+        "gradient_checkpointing": a.gradient_checkpointing,
         "dtype": a.dtype,
         "batch_size": a.batch_size, "seq_len": a.seq_len, "stage": a.stage, "lora_r": a.lora_r, "steps": a.steps,
     });
