@@ -12,6 +12,7 @@ use crate::clip::ClipVisionTower;
 use crate::config::{LlavaConfig, SelectStrategy};
 use crate::error::ModelError;
 use crate::llama::LlamaForCausalLM;
+use crate::loss::{shifted_targets, token_loss_sum, LossSum, IGNORE_INDEX};
 use crate::nn::{Activation, Linear};
 use crate::weights::{self, Builder, CheckpointReader, NamedParams, PendingTensor, RandomInit, StoredDtype, TensorProvider};
 
@@ -189,6 +190,43 @@ impl<B: Backend> LlavaModel<B> {
     ) -> Result<Tensor<B, 3>, ModelError> {
         let feats = pixel_values.map(|p| self.image_features(p));
         self.forward_with_features(input_ids, attention_mask, feats)
+    }
+
+    /// Summed token loss from already projected image features and host labels `[batch, seq]`,
+    /// computing logits only at positions that have a label. The LM head over the vocabulary is
+    /// the largest matmul of a step and its logits the largest activation; image and prompt
+    /// positions are usually masked, so this saves most of both. Same value as
+    /// `causal_lm_loss(forward_with_features(..))`.
+    pub fn loss_with_features(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Tensor<B, 2, Int>,
+        image_features: Option<Tensor<B, 3>>,
+        labels: &[i64],
+    ) -> Result<LossSum<B>, ModelError> {
+        let [batch, seq] = input_ids.dims();
+        if labels.len() != batch * seq {
+            return Err(ModelError::Input(format!("{} labels for a batch of {batch} × {seq} tokens", labels.len())));
+        }
+        let embeds = self.merge_embeddings(input_ids, image_features)?;
+        let hidden = self.language_model.decode(embeds, attention_mask);
+        let width = hidden.dims()[2];
+        let hidden = hidden.reshape([batch * seq, width]);
+        let targets = shifted_targets(labels, seq);
+        let kept: Vec<i64> = (0..targets.len()).filter(|&i| targets[i] != IGNORE_INDEX).map(|i| i as i64).collect();
+        if kept.is_empty() {
+            // Zero, but still in the graph, so backward over an all-masked micro-batch works.
+            return Ok(LossSum { sum: hidden.sum().mul_scalar(0.0), label_tokens: 0 });
+        }
+        let (hidden, targets) = if kept.len() == targets.len() {
+            (hidden, targets)
+        } else {
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(kept.clone(), [kept.len()]), &hidden.device());
+            (hidden.select(0, index), kept.iter().map(|&i| targets[i as usize]).collect())
+        };
+        let logits = self.language_model.logits(hidden.unsqueeze_dim::<3>(0));
+        let [_, rows, vocab] = logits.dims();
+        Ok(token_loss_sum(logits.reshape([rows, vocab]), &targets))
     }
 
     /// Forward from already projected image features.

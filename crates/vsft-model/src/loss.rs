@@ -2,7 +2,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -22,45 +22,35 @@ impl<B: Backend> LossSum<B> {
     }
 }
 
+/// Row `(b, t)` of a `[batch, seq]` label matrix predicts label `(b, t + 1)`; the last position
+/// of each sequence predicts nothing (-100). transformers' shift, done on the host.
+pub fn shifted_targets(labels: &[i64], seq: usize) -> Vec<i64> {
+    (0..labels.len()).map(|i| if (i + 1) % seq == 0 { IGNORE_INDEX } else { labels[i + 1] }).collect()
+}
+
 /// `logits: [batch, seq, vocab]`, `labels: [batch, seq]` (unshifted, -100 = ignore).
-///
-/// On the CPU backend this is one fused kernel ([`vsft_kernels::cross_entropy_sum`]): the
-/// shifted targets are built on the host, so nothing is sliced, and backward keeps one
-/// `[rows, vocab]` buffer. Elsewhere it is [`causal_lm_loss_composed`].
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> LossSum<B> {
-    let [batch, seq, _] = logits.dims();
-    if seq < 2 || !vsft_kernels::supported(&[&logits]) {
-        return causal_lm_loss_composed(logits, labels);
-    }
-    let labels: Vec<i64> = labels.into_data().iter::<i64>().collect();
-    // Row (b, t) predicts label (b, t + 1); the last position of each row predicts nothing.
-    let targets: Vec<i64> = (0..batch * seq)
-        .map(|i| if (i + 1) % seq == 0 { IGNORE_INDEX } else { labels[i + 1] })
-        .collect();
-    let label_tokens = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-    match vsft_kernels::cross_entropy_sum(logits, &targets) {
-        Ok(sum) => LossSum { sum, label_tokens },
-        Err(_) => unreachable!("supported() was checked"),
-    }
-}
-
-/// The loss from Burn's own ops (log_softmax, gather): the reference the fused kernel is
-/// tested against, and the path on GPU backends.
-pub fn causal_lm_loss_composed<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> LossSum<B> {
     let [batch, seq, vocab] = logits.dims();
-    let device = logits.device();
-    if seq < 2 {
-        return LossSum { sum: Tensor::zeros([1], &device), label_tokens: 0 };
-    }
-    let logits = logits.slice([0..batch, 0..seq - 1, 0..vocab]).reshape([batch * (seq - 1), vocab]);
-    let targets = labels.slice([0..batch, 1..seq]).reshape([batch * (seq - 1)]);
-    let valid = targets.clone().not_equal_elem(IGNORE_INDEX);
-    let label_tokens = valid.clone().int().sum().into_scalar().elem::<i64>() as usize;
-    let safe_targets = targets.mask_fill(valid.clone().bool_not(), 0);
-    let logp = log_softmax(logits, 1);
-    let picked = logp.gather(1, safe_targets.unsqueeze_dim(1)).reshape([batch * (seq - 1)]);
-    let picked = picked.mask_fill(valid.bool_not(), 0.0);
-    LossSum { sum: picked.sum().neg(), label_tokens }
+    let labels: Vec<i64> = labels.into_data().iter::<i64>().collect();
+    token_loss_sum(logits.reshape([batch * seq, vocab]), &shifted_targets(&labels, seq))
 }
 
-use burn::tensor::ElementConversion;
+/// `Σ −log softmax(logits[r])[targets[r]]` over rows whose target is not -100, with targets
+/// already shifted. On the CPU backend one fused kernel ([`vsft_kernels::cross_entropy_sum`]:
+/// backward keeps one `[rows, vocab]` buffer); elsewhere Burn's log_softmax and gather, which
+/// are also the reference the kernel is tested against.
+pub fn token_loss_sum<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> LossSum<B> {
+    let label_tokens = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+    let logits = match vsft_kernels::cross_entropy_sum(logits, targets) {
+        Ok(sum) => return LossSum { sum, label_tokens },
+        Err(logits) => logits,
+    };
+    let [rows, _] = logits.dims();
+    let device = logits.device();
+    let ignored: Vec<bool> = targets.iter().map(|&t| t == IGNORE_INDEX).collect();
+    let ignored = Tensor::<B, 1, Bool>::from_data(TensorData::new(ignored, [rows]), &device);
+    let safe: Vec<i64> = targets.iter().map(|&t| if t == IGNORE_INDEX { 0 } else { t }).collect();
+    let safe = Tensor::<B, 1, Int>::from_data(TensorData::new(safe, [rows]), &device);
+    let picked = log_softmax(logits, 1).gather(1, safe.unsqueeze_dim(1)).reshape([rows]);
+    LossSum { sum: picked.mask_fill(ignored, 0.0).sum().neg(), label_tokens }
+}

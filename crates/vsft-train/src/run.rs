@@ -93,9 +93,8 @@ pub fn evaluate<B: Backend>(model: &LlavaModel<B>, batches: impl Iterator<Item =
     let (mut sum, mut tokens, mut examples) = (0.0f64, 0usize, 0usize);
     for batch in batches {
         let batch = batch?;
-        let (ids, mask, labels, pixels) = batch_tensors::<B>(&batch, &device);
-        let logits = model.forward(ids, mask, pixels)?;
-        let loss = vsft_model::loss::causal_lm_loss(logits, labels);
+        let (ids, mask, _, pixels) = batch_tensors::<B>(&batch, &device);
+        let loss = model.loss_with_features(ids, mask, pixels.map(|p| model.image_features(p)), &batch.labels)?;
         sum += loss.sum.into_scalar().elem::<f64>();
         tokens += loss.label_tokens;
         examples += batch.batch_size;

@@ -9,7 +9,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use vsft_data::Batch;
 use vsft_model::llava::vision_features_no_grad;
-use vsft_model::loss::{causal_lm_loss, IGNORE_INDEX};
+use vsft_model::loss::IGNORE_INDEX;
 use vsft_model::LlavaModel;
 
 use crate::error::TrainError;
@@ -121,10 +121,9 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Forward of one batch → (summed token loss, label tokens), in the autodiff graph.
     pub fn loss_sum(&self, batch: &Batch) -> Result<(Tensor<B, 1>, usize), TrainError> {
         let device = self.model.language_model.model.norm.weight.val().device();
-        let (ids, mask, labels, pixels) = batch_tensors::<B>(batch, &device);
+        let (ids, mask, _, pixels) = batch_tensors::<B>(batch, &device);
         let feats = pixels.map(|p| self.model.multi_modal_projector.forward(vision_features_no_grad(&self.model, p)));
-        let logits = self.model.forward_with_features(ids, mask, feats)?;
-        let loss = causal_lm_loss(logits, labels);
+        let loss = self.model.loss_with_features(ids, mask, feats, &batch.labels)?;
         Ok((loss.sum, loss.label_tokens))
     }
 
