@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", help="frozen weights' dtype (bfloat16 on GPU)")
+    ap.add_argument("--label-all", action="store_true",
+                    help="label every position (default: image positions -100, as collators mask them)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -58,12 +60,15 @@ def main():
     pix = torch.randn((a.batch_size, 3, s, s), generator=g).to(dev, dtype)
     ids = ids.to(dev)
     mask = torch.ones_like(ids)
+    labels = ids.clone()
+    if not a.label_all:
+        labels[ids == cfg.image_token_index] = -100
     times = []
     for step in range(a.steps + 1):
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=ids)
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -75,7 +80,8 @@ def main():
     med = statistics.median(times)
     res = {"step_ms_median": med, "tokens_per_s": a.batch_size * a.seq_len / (med / 1e3),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-           "backend": f"torch {torch.__version__} {a.device}", "threads": a.threads, "final_loss": loss}
+           "backend": f"torch {torch.__version__} {a.device}", "threads": a.threads, "final_loss": loss,
+           "labels": "all positions" if a.label_all else "image positions -100"}
     if dev.type == "cuda":
         res["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(res))

@@ -141,18 +141,18 @@ fn rotate_back(dy: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
 fn softmax_causal_row(row: &mut [f32], visible: usize, padding: Option<&[bool]>) {
     let (prefix, future) = row.split_at_mut(visible);
     future.fill(0.0);
-    match padding {
+    let sum = match padding {
         None => {
             let m = cpu::max(prefix);
-            cpu::exp_shifted(prefix, m);
+            cpu::exp_shifted_sum(prefix, m)
         }
         Some(pad) => {
             let m = prefix.iter().zip(pad).filter(|(_, &p)| !p).fold(f32::NEG_INFINITY, |m, (&s, _)| m.max(s));
             cpu::exp_shifted(prefix, m);
             prefix.iter_mut().zip(pad).filter(|(_, &p)| p).for_each(|(s, _)| *s = 0.0);
+            cpu::sum(prefix)
         }
-    }
-    let sum = cpu::sum(prefix);
+    };
     cpu::scale(prefix, 1.0 / sum);
 }
 

@@ -105,6 +105,26 @@ multiversion! {
 }
 
 multiversion! {
+    /// `x ← exp(x − m)`, returning `Σ x` (one pass).
+    pub(crate) fn exp_shifted_sum(xs: &mut [f32], m: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = xs.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+                *x = exp(*x - m);
+                *a += *x;
+            }
+        }
+        let mut tail = 0f32;
+        for x in chunks.into_remainder() {
+            *x = exp(*x - m);
+            tail += *x;
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
     /// `Σ exp(x − m)`, leaving `xs` as it is.
     pub(crate) fn sum_exp_shifted(xs: &[f32], m: f32) -> f32 {
         let mut acc = [0f32; LANES];
@@ -237,5 +257,32 @@ mod tests {
             x += 0.001_3;
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
+    }
+}
+
+#[cfg(test)]
+mod gemm_speed {
+    /// GEMM throughput on the benchmark's shapes (compare with torch's `a @ b.T` on the same
+    /// machine): `cargo test --release -p vsft-kernels gemm_gflops -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn gemm_gflops() {
+        for (m, n, k) in [(2048, 1408, 512), (2048, 512, 1408), (2048, 32064, 512), (2048, 512, 32064), (1024, 1024, 1024)] {
+            let a = vec![1.0f32; m * k];
+            let b = vec![1.0f32; k * n];
+            let mut c = vec![0.0f32; m * n];
+            // SAFETY: the views cover exactly the buffers.
+            let run = |c: &mut Vec<f32>| unsafe {
+                super::gemm_parallel(m, n, k, c.as_mut_ptr(), n, false, super::Mat::rows(a.as_ptr(), k), super::Mat::t(b.as_ptr(), k), 1.0)
+            };
+            run(&mut c);
+            let t = std::time::Instant::now();
+            let reps = 5;
+            for _ in 0..reps {
+                run(&mut c);
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            println!("{m}x{n}x{k}: {:.1} GFLOP/s", 2.0 * (m * n * k) as f64 / s / 1e9);
+        }
     }
 }

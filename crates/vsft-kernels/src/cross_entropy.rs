@@ -92,8 +92,7 @@ fn forward_with_grad(logits: &mut [f32], vocab: usize, targets: &[i64]) -> f64 {
             Some(t) => {
                 let m = cpu::max(row);
                 let picked = row[t];
-                cpu::exp_shifted(row, m);
-                let sum = cpu::sum(row);
+                let sum = cpu::exp_shifted_sum(row, m);
                 cpu::scale(row, 1.0 / sum);
                 row[t] -= 1.0;
                 (m + sum.ln() - picked) as f64

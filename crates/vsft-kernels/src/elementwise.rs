@@ -158,37 +158,26 @@ impl Backward<Flex, 2> for SwigluBackward {
     /// gate, up.
     type State = (FlexTensor, FlexTensor);
 
+    /// Both gradients in one pass (one sigmoid per element), registered for the inputs that
+    /// need them.
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (g, u) = ops.state;
         let shape: Shape = g.layout().shape().clone();
-        let (g2, shape2) = (g.clone(), shape.clone());
-        binary::<Flex, _, _>(
-            ops.parents,
-            ops.node,
-            grads,
-            move |grad| {
-                // d/dgate: dy · up · σ(g)·(1 + g·(1 − σ(g)))
-                let dy = contiguous(&grad);
-                let mut out = vec![0f32; shape.num_elements()];
-                out.par_chunks_mut(CHUNK)
-                    .zip(slice(&dy).par_chunks(CHUNK))
-                    .zip(slice(&g).par_chunks(CHUNK))
-                    .zip(slice(&u).par_chunks(CHUNK))
-                    .for_each(|(((o, d), gc), uc)| {
-                        swiglu_gate_grad_chunk(o, d, gc, uc);
-                    });
-                flex_from_vec(out, shape.as_slice())
-            },
-            move |grad| {
-                // d/dup: dy · silu(g)
-                let dy = contiguous(&grad);
-                let mut out = vec![0f32; shape2.num_elements()];
-                out.par_chunks_mut(CHUNK).zip(slice(&dy).par_chunks(CHUNK)).zip(slice(&g2).par_chunks(CHUNK)).for_each(|((o, d), gc)| {
-                    swiglu_up_grad_chunk(o, d, gc);
-                });
-                flex_from_vec(out, shape2.as_slice())
-            },
-        );
+        let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+        let n = shape.num_elements();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(slice(&dy).par_chunks(CHUNK))
+            .zip(slice(&g).par_chunks(CHUNK).zip(slice(&u).par_chunks(CHUNK)))
+            .for_each(|(((dg, du), dy), (g, u))| swiglu_backward_chunk(dg, du, dy, g, u));
+        let [pg, pu] = ops.parents;
+        if let Some(node) = pg {
+            grads.register::<Flex>(node.id, flex_from_vec(dg, shape.as_slice()));
+        }
+        if let Some(node) = pu {
+            grads.register::<Flex>(node.id, flex_from_vec(du, shape.as_slice()));
+        }
     }
 }
 
@@ -229,20 +218,12 @@ cpu::multiversion! {
 }
 
 cpu::multiversion! {
-    /// `∂/∂gate = dy·u·σ(g)·(1 + g·(1 − σ(g)))`.
-    fn swiglu_gate_grad_chunk(out: &mut [f32], dy: &[f32], g: &[f32], u: &[f32]) {
-        for (((o, &d), &g), &u) in out.iter_mut().zip(dy).zip(g).zip(u) {
+    /// `∂/∂gate = dy·u·σ(g)·(1 + g·(1 − σ(g)))`, `∂/∂up = dy·g·σ(g)`.
+    fn swiglu_backward_chunk(dg: &mut [f32], du: &mut [f32], dy: &[f32], g: &[f32], u: &[f32]) {
+        for ((((dg, du), &d), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(dy).zip(g).zip(u) {
             let s = cpu::sigmoid(g);
-            *o = d * u * s * (1.0 + g * (1.0 - s));
-        }
-    }
-}
-
-cpu::multiversion! {
-    /// `∂/∂up = dy·g·σ(g)`.
-    fn swiglu_up_grad_chunk(out: &mut [f32], dy: &[f32], g: &[f32]) {
-        for ((o, &d), &g) in out.iter_mut().zip(dy).zip(g) {
-            *o = d * g * cpu::sigmoid(g);
+            *dg = d * u * s * (1.0 + g * (1.0 - s));
+            *du = d * g * s;
         }
     }
 }

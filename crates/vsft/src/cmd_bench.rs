@@ -39,6 +39,10 @@ pub struct BenchTrainArgs {
     pub steps: usize,
     #[arg(long)]
     pub json: bool,
+    /// Label every position, image placeholders included (default: image positions are -100,
+    /// as every LLaVA collator masks them).
+    #[arg(long)]
+    pub label_all: bool,
     /// Burn's balanced gradient checkpointing (`[train] gradient_checkpointing`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
@@ -57,8 +61,9 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Random tokens with one image's tokens right after BOS, random pixels; labels = ids.
-pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, batch: usize, seq: usize, seed: u64) -> Batch {
+/// Random tokens with one image's tokens right after BOS, random pixels; labels = ids, with the
+/// image positions -100 unless `label_all`.
+pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, batch: usize, seq: usize, seed: u64, label_all: bool) -> Batch {
     let mut rng = RandomInit::new(seed);
     let per_image = cfg.image_tokens_per_image();
     assert!(seq > per_image + 2, "--seq-len must exceed the {per_image} image tokens");
@@ -75,17 +80,19 @@ pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, batch: usize, seq: usize, 
     }
     let s = cfg.vision_config.image_size;
     let pixels = rng.fill(batch * 3 * s * s, vsft_model::weights::Init::Normal(1.0));
+    let labels: Vec<i64> = ids.iter().map(|&t| if t == image && !label_all { vsft_model::loss::IGNORE_INDEX } else { t }).collect();
+    let n_label_tokens = labels.iter().filter(|&&l| l != vsft_model::loss::IGNORE_INDEX).count();
     Batch {
         batch_size: batch,
         seq_len: seq,
-        labels: ids.clone(),
+        labels,
         attention_mask: vec![1; batch * seq],
         input_ids: ids,
         pixel_values: pixels,
         n_images: batch,
         image_hw: (s, s),
         rows: (0..batch).collect(),
-        n_label_tokens: batch * seq,
+        n_label_tokens,
         all_labels_masked: false,
     }
 }
@@ -123,7 +130,7 @@ fn bench_train<B: burn::tensor::backend::AutodiffBackend<Device = burn::tensor::
         seed: 0,
     };
     let mut trainer = Trainer::new(model, stage, settings)?;
-    let batch = synthetic_batch(&cfg, a.batch_size, a.seq_len, 0);
+    let batch = synthetic_batch(&cfg, a.batch_size, a.seq_len, 0, a.label_all);
     let mut times = Vec::new();
     for step in 0..=a.steps {
         let t = Instant::now();
@@ -146,6 +153,7 @@ fn bench_train<B: burn::tensor::backend::AutodiffBackend<Device = burn::tensor::
         "peak_rss_mb": peak_rss_mb(),
         "backend": crate::backend::name(),
         "gradient_checkpointing": a.gradient_checkpointing,
+        "labels": if a.label_all { "all positions" } else { "image positions -100" },
         "dtype": a.dtype,
         "batch_size": a.batch_size, "seq_len": a.seq_len, "stage": a.stage, "lora_r": a.lora_r, "steps": a.steps,
     });
