@@ -342,3 +342,48 @@ fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &Attention
     });
     (dq, dk, dv)
 }
+
+#[cfg(test)]
+mod speed {
+    use std::sync::Arc;
+
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+
+    /// Forward + backward of one layer's attention at the benchmark's shape, with its GEMM
+    /// rate: `cargo test --release -p vsft-kernels attention_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn attention_speed() {
+        type Ad = crate::dispatch::FlexAd;
+        let (b, t, h, d) = (4, 512, 8, 64);
+        let dev = Default::default();
+        let spec = AttentionSpec {
+            num_heads: h,
+            num_kv_heads: h,
+            head_dim: d,
+            cos: Arc::new(vec![1.0; t * d]),
+            sin: Arc::new(vec![0.0; t * d]),
+            key_padding: None,
+        };
+        let x = || Tensor::<Ad, 3>::random([b, t, h * d], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+        let (q, k, v) = (x(), x(), x());
+        for round in 0..3 {
+            let start = std::time::Instant::now();
+            let out = causal_attention(q.clone(), k.clone(), v.clone(), &spec).ok().unwrap();
+            let mid = start.elapsed();
+            let _ = out.sum().backward();
+            let total = start.elapsed();
+            // Causal blocks of 64: 36/64 of the full T×T products; 2 GEMMs forward, 4 backward.
+            let gemm = 2.0 * (b * h * t * t * d) as f64 * 36.0 / 64.0;
+            println!(
+                "round {round}: forward {:.1} ms ({:.0} GFLOP/s), backward {:.1} ms ({:.0} GFLOP/s)",
+                mid.as_secs_f64() * 1e3,
+                2.0 * gemm / mid.as_secs_f64() / 1e9,
+                (total - mid).as_secs_f64() * 1e3,
+                4.0 * gemm / (total - mid).as_secs_f64() / 1e9
+            );
+        }
+    }
+}

@@ -7,9 +7,7 @@ pub type Compute = burn::backend::Cuda;
 pub type Compute = burn::backend::Wgpu;
 #[cfg(all(feature = "ndarray", not(any(feature = "cuda", feature = "wgpu"))))]
 pub type Compute = burn::backend::NdArray;
-#[cfg(all(feature = "candle", not(any(feature = "cuda", feature = "wgpu", feature = "ndarray"))))]
-pub type Compute = burn::backend::Candle;
-#[cfg(not(any(feature = "cuda", feature = "wgpu", feature = "ndarray", feature = "candle")))]
+#[cfg(not(any(feature = "cuda", feature = "wgpu", feature = "ndarray")))]
 pub type Compute = burn::backend::Flex;
 
 pub type Train = burn::backend::Autodiff<Compute>;
@@ -33,8 +31,6 @@ pub fn name() -> &'static str {
         "ndarray + openblas (cpu)"
     } else if cfg!(feature = "ndarray") {
         "ndarray (cpu)"
-    } else if cfg!(feature = "candle") {
-        "candle (cpu)"
     } else {
         "flex (cpu)"
     }
