@@ -102,8 +102,9 @@ struct Saved {
     qr: Arc<Vec<f32>>,
     /// `[b, kv, t, d]`, rotated keys.
     kr: Arc<Vec<f32>>,
-    /// `[b, h, t, t]`, probabilities (zero above the diagonal).
+    /// The probabilities, laid out as [`ProbLayout`] says.
     p: Arc<Vec<f32>>,
+    layout: Arc<ProbLayout>,
 }
 
 /// First key index that is not padding, per batch row (`t` when all are padding).
@@ -176,28 +177,76 @@ fn block_cols(i0: usize, i1: usize, first: usize, t: usize) -> usize {
     }
 }
 
+/// Where the probabilities of each block of query rows live: the blocks of the causal triangle
+/// packed one after another (`[rows, cols]` each, row stride `cols`), per (batch, head). Every
+/// stored float is written by the forward, so nothing is zero-filled, and the half of the
+/// `[seq, seq]` matrix above the triangle is never allocated.
+#[derive(Clone, Debug)]
+struct ProbLayout {
+    /// Per batch row: `(first row, end row, columns, offset within a head)` of each block.
+    blocks: Vec<Vec<(usize, usize, usize, usize)>>,
+    /// Per batch row: floats per head.
+    per_head: Vec<usize>,
+    /// Per batch row: offset of its first head.
+    batch_base: Vec<usize>,
+    total: usize,
+}
+
+impl ProbLayout {
+    fn new(dims: Dims, first: &[usize]) -> Self {
+        let (mut blocks, mut per_head, mut batch_base, mut total) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for &f in first {
+            let mut off = 0;
+            let list: Vec<_> = (0..dims.t)
+                .step_by(BLOCK)
+                .map(|i0| {
+                    let i1 = (i0 + BLOCK).min(dims.t);
+                    let n = block_cols(i0, i1, f, dims.t);
+                    off += (i1 - i0) * n;
+                    (i0, i1, n, off - (i1 - i0) * n)
+                })
+                .collect();
+            blocks.push(list);
+            per_head.push(off);
+            batch_base.push(total);
+            total += off * dims.h;
+        }
+        Self { blocks, per_head, batch_base, total }
+    }
+
+    /// Offset of `(batch row, head)`'s first block.
+    fn head_base(&self, bi: usize, head: usize) -> usize {
+        self.batch_base[bi] + head * self.per_head[bi]
+    }
+}
+
 fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, keep: bool) -> (Vec<f32>, Option<Saved>) {
     let Dims { b, t, h, kv, d } = dims;
     let group = dims.group();
     let scale = (d as f32).powf(-0.5);
     let first = first_visible(dims, spec);
-    let mut out = vec![0f32; b * t * h * d];
-    let mut qr = vec![0f32; b * h * t * d];
-    let mut kr = vec![0f32; b * kv * t * d];
-    let mut p = if keep { vec![0f32; b * h * t * t] } else { Vec::new() };
-    let (out_ptr, qr_ptr, kr_ptr, p_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(qr.as_mut_ptr()), SharedMut(kr.as_mut_ptr()), SharedMut(p.as_mut_ptr()));
+    let layout = ProbLayout::new(dims, &first);
+    // Every element of these is written below (see ProbLayout for p).
+    let mut out = cpu::alloc_uninit(b * t * h * d);
+    let mut qr = cpu::alloc_uninit(b * h * t * d);
+    let mut kr = cpu::alloc_uninit(b * kv * t * d);
+    let mut p = if keep { cpu::alloc_uninit(layout.total) } else { Vec::new() };
+    let ptr = |v: &mut Vec<std::mem::MaybeUninit<f32>>| SharedMut(v.as_mut_ptr().cast::<f32>());
+    let (out_ptr, qr_ptr, kr_ptr, p_ptr) = (ptr(&mut out), ptr(&mut qr), ptr(&mut kr), ptr(&mut p));
     let (cos, sin) = (&spec.cos[..], &spec.sin[..]);
     let padding = spec.key_padding.as_deref();
+    let layout_ref = &layout;
     (0..b * kv).into_par_iter().for_each(|task| {
         let (bi, g) = (task / kv, task % kv);
         // SAFETY: each task writes only its own (batch, kv head)'s slices of kr, and its own
-        // query heads' slices of qr, p and out.
+        // query heads' slices of qr, p and out; rotate() writes every element of its slice.
         let kr_bg = unsafe { std::slice::from_raw_parts_mut({ kr_ptr }.0.add((bi * kv + g) * t * d), t * d) };
         for ti in 0..t {
             let src = &k[((bi * t + ti) * kv + g) * d..][..d];
             rotate(src, &cos[ti * d..][..d], &sin[ti * d..][..d], &mut kr_bg[ti * d..][..d]);
         }
-        let mut scratch = if keep { Vec::new() } else { vec![0f32; t * t] };
+        let per_head = layout_ref.per_head[bi];
+        let mut scratch = if keep { Vec::new() } else { vec![0f32; per_head] };
         for hh in 0..group {
             let head = g * group + hh;
             let qr_bh = unsafe { std::slice::from_raw_parts_mut({ qr_ptr }.0.add((bi * h + head) * t * d), t * d) };
@@ -205,16 +254,18 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
                 let src = &q[((bi * t + ti) * h + head) * d..][..d];
                 rotate(src, &cos[ti * d..][..d], &sin[ti * d..][..d], &mut qr_bh[ti * d..][..d]);
             }
-            let p_bh: &mut [f32] =
-                if keep { unsafe { std::slice::from_raw_parts_mut({ p_ptr }.0.add((bi * h + head) * t * t), t * t) } } else { &mut scratch };
-            for i0 in (0..t).step_by(BLOCK) {
-                let i1 = (i0 + BLOCK).min(t);
-                let n = block_cols(i0, i1, first[bi], t);
-                unsafe {
-                    gemm(i1 - i0, n, d, p_bh.as_mut_ptr().add(i0 * t), t, false, Mat::rows(qr_bh.as_ptr().add(i0 * d), d), Mat::t(kr_bg.as_ptr(), d), scale);
-                }
-                for i in i0..i1 {
-                    let row = &mut p_bh[i * t..i * t + n];
+            let p_bh: *mut f32 = if keep { unsafe { { p_ptr }.0.add(layout_ref.head_base(bi, head)) } } else { scratch.as_mut_ptr() };
+            for &(i0, i1, n, off) in &layout_ref.blocks[bi] {
+                let m = i1 - i0;
+                // SAFETY: the block's [m, n] region lies inside this head's part of p; the
+                // gemm writes all of it before the slice is formed.
+                let block = unsafe {
+                    let dst = p_bh.add(off);
+                    gemm(m, n, d, dst, n, false, Mat::rows(qr_bh.as_ptr().add(i0 * d), d), Mat::t(kr_bg.as_ptr(), d), scale);
+                    std::slice::from_raw_parts_mut(dst, m * n)
+                };
+                for (r, row) in block.chunks_mut(n).enumerate() {
+                    let i = i0 + r;
                     if i < first[bi] {
                         row.fill(1.0 / t as f32);
                         continue;
@@ -223,13 +274,13 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
                 }
                 unsafe {
                     gemm(
-                        i1 - i0,
+                        m,
                         d,
                         n,
                         { out_ptr }.0.add(((bi * t + i0) * h + head) * d),
                         h * d,
                         false,
-                        Mat::rows(p_bh.as_ptr().add(i0 * t), t),
+                        Mat::rows(block.as_ptr(), n),
                         Mat::rows(v.as_ptr().add((bi * t * kv + g) * d), kv * d),
                         1.0,
                     );
@@ -237,7 +288,9 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
             }
         }
     });
-    let saved = keep.then(|| Saved { qr: Arc::new(qr), kr: Arc::new(kr), p: Arc::new(p) });
+    // SAFETY: the loop above wrote every element of each buffer.
+    let (out, qr, kr, p) = unsafe { (cpu::assume_init(out), cpu::assume_init(qr), cpu::assume_init(kr), cpu::assume_init(p)) };
+    let saved = keep.then(|| Saved { qr: Arc::new(qr), kr: Arc::new(kr), p: Arc::new(p), layout: Arc::new(layout) });
     (out, saved)
 }
 
@@ -278,11 +331,12 @@ fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &Attention
     let group = dims.group();
     let scale = (d as f32).powf(-0.5);
     let first = first_visible(dims, spec);
-    let mut dq = vec![0f32; b * t * h * d];
-    let mut dk = vec![0f32; b * t * kv * d];
-    let mut dv = vec![0f32; b * t * kv * d];
-    let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    // Every element of these is written below.
+    let (mut dq, mut dk, mut dv) = (cpu::alloc_uninit(b * t * h * d), cpu::alloc_uninit(b * t * kv * d), cpu::alloc_uninit(b * t * kv * d));
+    let ptr = |v: &mut Vec<std::mem::MaybeUninit<f32>>| SharedMut(v.as_mut_ptr().cast::<f32>());
+    let (dq_ptr, dk_ptr, dv_ptr) = (ptr(&mut dq), ptr(&mut dk), ptr(&mut dv));
     let (qr, kr, p) = (Shared(saved.qr.as_ptr()), Shared(saved.kr.as_ptr()), Shared(saved.p.as_ptr()));
+    let layout = &*saved.layout;
     let (cos, sin) = (&spec.cos[..], &spec.sin[..]);
     (0..b * kv).into_par_iter().for_each(|task| {
         let (bi, g) = (task / kv, task % kv);
@@ -295,35 +349,35 @@ fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &Attention
         for hh in 0..group {
             let head = g * group + hh;
             let qr_bh = unsafe { { qr }.0.add((bi * h + head) * t * d) };
-            let p_bh = unsafe { { p }.0.add((bi * h + head) * t * t) };
-            for i0 in (0..t).step_by(BLOCK) {
-                let (i1, m) = ((i0 + BLOCK).min(t), (i0 + BLOCK).min(t) - i0);
-                let n = block_cols(i0, i1, first[bi], t);
+            let p_bh = unsafe { { p }.0.add(layout.head_base(bi, head)) };
+            for &(i0, i1, n, off) in &layout.blocks[bi] {
+                let m = i1 - i0;
                 let d_out = Mat::rows(unsafe { dout.as_ptr().add(((bi * t + i0) * h + head) * d) }, h * d);
-                let p_blk = unsafe { p_bh.add(i0 * t) };
+                // This block's probabilities: [m, n], row stride n.
+                let p_blk = unsafe { p_bh.add(off) };
                 // SAFETY (all gemms): views lie inside their buffers; scratch is task-local.
                 unsafe {
                     // dP = dO·Vᵀ
-                    gemm(m, n, d, ds.as_mut_ptr(), t, false, d_out, Mat::t(v_bg, kv * d), 1.0);
+                    gemm(m, n, d, ds.as_mut_ptr(), n, false, d_out, Mat::t(v_bg, kv * d), 1.0);
                 }
                 // dS = P ⊙ (dP − rowsum(P ⊙ dP)); zero for a row that sees no key, whose
                 // uniform weights do not depend on the scores.
                 for r in 0..m {
-                    let drow = &mut ds[r * t..r * t + n];
+                    let drow = &mut ds[r * n..r * n + n];
                     if i0 + r < first[bi] {
                         drow.fill(0.0);
                         continue;
                     }
-                    let prow = unsafe { std::slice::from_raw_parts(p_blk.add(r * t), n) };
+                    let prow = unsafe { std::slice::from_raw_parts(p_blk.add(r * n), n) };
                     softmax_backward_row(drow, prow);
                 }
                 unsafe {
                     // dQr = scale · dS·Kr
-                    gemm(m, d, n, dqr.as_mut_ptr().add(i0 * d), d, false, Mat::rows(ds.as_ptr(), t), Mat::rows(kr_bg, d), scale);
+                    gemm(m, d, n, dqr.as_mut_ptr().add(i0 * d), d, false, Mat::rows(ds.as_ptr(), n), Mat::rows(kr_bg, d), scale);
                     // dKr += scale · dSᵀ·Qr
-                    gemm(n, d, m, dk_acc.as_mut_ptr(), d, true, Mat::t(ds.as_ptr(), t), Mat::rows(qr_bh.add(i0 * d), d), scale);
+                    gemm(n, d, m, dk_acc.as_mut_ptr(), d, true, Mat::t(ds.as_ptr(), n), Mat::rows(qr_bh.add(i0 * d), d), scale);
                     // dV += Pᵀ·dO
-                    gemm(n, d, m, dv_acc.as_mut_ptr(), d, true, Mat::t(p_blk, t), d_out, 1.0);
+                    gemm(n, d, m, dv_acc.as_mut_ptr(), d, true, Mat::t(p_blk, n), d_out, 1.0);
                 }
             }
             for ti in 0..t {
@@ -340,6 +394,8 @@ fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &Attention
             dv_dst.copy_from_slice(&dv_acc[ti * d..][..d]);
         }
     });
+    // SAFETY: the loop above wrote every element of the three buffers.
+    let (dq, dk, dv) = unsafe { (cpu::assume_init(dq), cpu::assume_init(dk), cpu::assume_init(dv)) };
     (dq, dk, dv)
 }
 

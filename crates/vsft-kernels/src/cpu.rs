@@ -233,6 +233,25 @@ unsafe fn gemm_with(
     )
 }
 
+/// `n` floats left uninitialised, for outputs a kernel writes in full: zero-filling 34 MB of
+/// attention probabilities took longer than computing them.
+pub(crate) fn alloc_uninit(n: usize) -> Vec<std::mem::MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// The buffer from [`alloc_uninit`] as floats.
+///
+/// # Safety
+/// Every element must have been written.
+pub(crate) unsafe fn assume_init(v: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same allocation, layout, length and capacity; the caller initialised every element.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
 /// A raw pointer that parallel tasks share to write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub *mut f32);
