@@ -13,7 +13,18 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::{Flex, FlexTensor};
 
-use crate::cpu::{gemm_parallel, Mat};
+use crate::cpu::{alloc_uninit, assume_init, gemm_parallel, Mat};
+
+/// A buffer of `n` floats filled by `write` without being zero-filled first.
+///
+/// # Safety
+/// `write` must write all `n` elements through the pointer.
+unsafe fn written_by(n: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut buf = alloc_uninit(n);
+    write(buf.as_mut_ptr().cast::<f32>());
+    // SAFETY: the caller's `write` initialised every element.
+    unsafe { assume_init(buf) }
+}
 use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, Host};
 
 /// A LoRA branch: `a: [r, in]`, `b: [out, r]`, `scale = alpha / r`.
@@ -65,9 +76,9 @@ pub fn linear<B: Backend>(
     let xs = contiguous(x.flex());
     let ws = contiguous(w.flex());
     let (xv, wv) = (slice(&xs), slice(&ws));
-    let mut y = vec![0f32; rows * d_out];
-    // SAFETY (every gemm here): the views cover exactly the buffers' shapes.
-    unsafe { gemm_parallel(rows, d_out, d_in, y.as_mut_ptr(), d_out, false, Mat::rows(xv.as_ptr(), d_in), Mat::t(wv.as_ptr(), d_in), 1.0) };
+    // SAFETY (every gemm here): the views cover exactly the buffers' shapes; a gemm that does
+    // not accumulate writes every element of its output (what `written_by` needs).
+    let mut y = unsafe { written_by(rows * d_out, |y| gemm_parallel(rows, d_out, d_in, y, d_out, false, Mat::rows(xv.as_ptr(), d_in), Mat::t(wv.as_ptr(), d_in), 1.0)) };
     let bias = bias.map(to_host);
     if let Some(b) = &bias {
         let bs = contiguous(b.flex());
@@ -169,8 +180,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
         match &s.lora {
             None => {
                 if let Some(node) = &parents[0] {
-                    let mut dx = vec![0f32; rows * d_in];
-                    unsafe { gemm_parallel(rows, d_in, d_out, dx.as_mut_ptr(), d_in, false, dy_, Mat::rows(wv.as_ptr(), d_in), 1.0) };
+                    let dx = unsafe { written_by(rows * d_in, |dx| gemm_parallel(rows, d_in, d_out, dx, d_in, false, dy_, Mat::rows(wv.as_ptr(), d_in), 1.0)) };
                     grads.register::<Flex>(node.id, flex_from_vec(dx, &[rows, d_in]));
                 }
                 if let Some(node) = &parents[1] {
@@ -192,8 +202,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
                 unsafe { gemm_parallel(rows, r, d_out, g.as_mut_ptr(), r, false, dy_, Mat::rows(bv.as_ptr(), r), 1.0) };
                 if let Some(node) = &parents[0] {
                     // dx = dy·W + scale · (g·A ⊙ dropout mask)
-                    let mut dx = vec![0f32; rows * d_in];
-                    unsafe { gemm_parallel(rows, d_in, d_out, dx.as_mut_ptr(), d_in, false, dy_, Mat::rows(wv.as_ptr(), d_in), 1.0) };
+                    let mut dx = unsafe { written_by(rows * d_in, |dx| gemm_parallel(rows, d_in, d_out, dx, d_in, false, dy_, Mat::rows(wv.as_ptr(), d_in), 1.0)) };
                     match l.dropout {
                         None => unsafe {
                             gemm_parallel(rows, d_in, r, dx.as_mut_ptr(), d_in, true, Mat::rows(g.as_ptr(), r), Mat::rows(av.as_ptr(), d_in), l.scale)
