@@ -14,6 +14,9 @@ use rayon::prelude::*;
 use crate::cpu;
 use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, Host};
 
+/// An output element before the kernel writes it (outputs are not zero-filled first).
+type Uninit = std::mem::MaybeUninit<f32>;
+
 /// Rows per parallel task for the row-wise kernels.
 const ROWS_PER_TASK: usize = 16;
 
@@ -51,7 +54,7 @@ pub fn rms_norm<B: Backend, const D: usize>(
     let (xs, ws) = (contiguous(x.flex()), contiguous(w.flex()));
     let (xv, wv) = (slice(&xs), slice(&ws));
     let rows = xv.len() / dim.max(1);
-    let mut out = vec![0f32; xv.len()];
+    let mut out = cpu::alloc_uninit(xv.len());
     let mut rstd = vec![0f32; rows];
     out.par_chunks_mut(dim * ROWS_PER_TASK)
         .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
@@ -63,7 +66,8 @@ pub fn rms_norm<B: Backend, const D: usize>(
                 rms_norm_row(orow, xrow, wv, *r);
             }
         });
-    let out = flex_from_vec(out, shape.as_slice());
+    // SAFETY: rms_norm_row wrote every row.
+    let out = flex_from_vec(unsafe { cpu::assume_init(out) }, shape.as_slice());
     let state = || RmsNormState { x: xs.clone(), weight: ws.clone(), rstd: Arc::new(rstd), dim };
     Ok(from_host(finish2(RmsNormBackward, x, w, out, state)))
 }
@@ -93,7 +97,7 @@ impl Backward<Flex, 2> for RmsNormBackward {
             move |grad| {
                 let g = contiguous(&grad);
                 let (gv, xv, wv, dim) = (slice(&g), slice(&s.x), slice(&s.weight), s.dim);
-                let mut dx = vec![0f32; xv.len()];
+                let mut dx = cpu::alloc_uninit(xv.len());
                 dx.par_chunks_mut(dim * ROWS_PER_TASK)
                     .zip(gv.par_chunks(dim * ROWS_PER_TASK))
                     .zip(xv.par_chunks(dim * ROWS_PER_TASK))
@@ -103,7 +107,8 @@ impl Backward<Flex, 2> for RmsNormBackward {
                             rms_norm_backward_row(drow, grow, xrow, wv, r);
                         }
                     });
-                flex_from_vec(dx, shape.as_slice())
+                // SAFETY: rms_norm_backward_row wrote every row.
+                flex_from_vec(unsafe { cpu::assume_init(dx) }, shape.as_slice())
             },
             move |grad| {
                 let g = contiguous(&grad);
@@ -139,11 +144,12 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     let shape = gate.shape();
     let (g, u) = (to_host(gate), to_host(up));
     let (gs, us) = (contiguous(g.flex()), contiguous(u.flex()));
-    let mut out = vec![0f32; shape.num_elements()];
+    let mut out = cpu::alloc_uninit(shape.num_elements());
     out.par_chunks_mut(CHUNK).zip(slice(&gs).par_chunks(CHUNK)).zip(slice(&us).par_chunks(CHUNK)).for_each(|((o, gc), uc)| {
         swiglu_chunk(o, gc, uc);
     });
-    let out = flex_from_vec(out, shape.as_slice());
+    // SAFETY: swiglu_chunk wrote every element.
+    let out = flex_from_vec(unsafe { cpu::assume_init(out) }, shape.as_slice());
     let state = || (gs.clone(), us.clone());
     Ok(from_host(finish2(SwigluBackward, g, u, out, state)))
 }
@@ -165,12 +171,14 @@ impl Backward<Flex, 2> for SwigluBackward {
         let shape: Shape = g.layout().shape().clone();
         let dy = contiguous(&grads.consume::<Flex>(&ops.node));
         let n = shape.num_elements();
-        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        let (mut dg, mut du) = (cpu::alloc_uninit(n), cpu::alloc_uninit(n));
         dg.par_chunks_mut(CHUNK)
             .zip(du.par_chunks_mut(CHUNK))
             .zip(slice(&dy).par_chunks(CHUNK))
             .zip(slice(&g).par_chunks(CHUNK).zip(slice(&u).par_chunks(CHUNK)))
             .for_each(|(((dg, du), dy), (g, u))| swiglu_backward_chunk(dg, du, dy, g, u));
+        // SAFETY: swiglu_backward_chunk wrote every element of both.
+        let (dg, du) = unsafe { (cpu::assume_init(dg), cpu::assume_init(du)) };
         let [pg, pu] = ops.parents;
         if let Some(node) = pg {
             grads.register::<Flex>(node.id, flex_from_vec(dg, shape.as_slice()));
@@ -183,16 +191,16 @@ impl Backward<Flex, 2> for SwigluBackward {
 
 cpu::multiversion! {
     /// `out = (x · r) · w`.
-    fn rms_norm_row(out: &mut [f32], x: &[f32], w: &[f32], r: f32) {
+    fn rms_norm_row(out: &mut [Uninit], x: &[f32], w: &[f32], r: f32) {
         for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
-            *o = (x * r) * w;
+            o.write((x * r) * w);
         }
     }
 }
 
 cpu::multiversion! {
     /// `dx = r·g⊙w − x · r³·Σ(g⊙w⊙x)/dim`.
-    fn rms_norm_backward_row(dx: &mut [f32], g: &[f32], x: &[f32], w: &[f32], r: f32) {
+    fn rms_norm_backward_row(dx: &mut [Uninit], g: &[f32], x: &[f32], w: &[f32], r: f32) {
         let mut acc = [0f32; 16];
         let (cg, cw, cx) = (g.chunks_exact(16), w.chunks_exact(16), x.chunks_exact(16));
         let tail: f32 = cg.remainder().iter().zip(cw.remainder()).zip(cx.remainder()).map(|((g, w), x)| g * w * x).sum();
@@ -203,27 +211,27 @@ cpu::multiversion! {
         }
         let c = r * r * r * (acc.iter().sum::<f32>() + tail) / x.len() as f32;
         for (((d, &g), &w), &x) in dx.iter_mut().zip(g).zip(w).zip(x) {
-            *d = r * g * w - x * c;
+            d.write(r * g * w - x * c);
         }
     }
 }
 
 cpu::multiversion! {
     /// `out = g·σ(g)·u`.
-    fn swiglu_chunk(out: &mut [f32], g: &[f32], u: &[f32]) {
+    fn swiglu_chunk(out: &mut [Uninit], g: &[f32], u: &[f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            *o = g * cpu::sigmoid(g) * u;
+            o.write(g * cpu::sigmoid(g) * u);
         }
     }
 }
 
 cpu::multiversion! {
     /// `∂/∂gate = dy·u·σ(g)·(1 + g·(1 − σ(g)))`, `∂/∂up = dy·g·σ(g)`.
-    fn swiglu_backward_chunk(dg: &mut [f32], du: &mut [f32], dy: &[f32], g: &[f32], u: &[f32]) {
+    fn swiglu_backward_chunk(dg: &mut [Uninit], du: &mut [Uninit], dy: &[f32], g: &[f32], u: &[f32]) {
         for ((((dg, du), &d), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(dy).zip(g).zip(u) {
             let s = cpu::sigmoid(g);
-            *dg = d * u * s * (1.0 + g * (1.0 - s));
-            *du = d * g * s;
+            dg.write(d * u * s * (1.0 + g * (1.0 - s)));
+            du.write(d * g * s);
         }
     }
 }
