@@ -28,9 +28,11 @@ pub struct AttentionSpec {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// RoPE tables, `[seq, head_dim]` each (transformers' `cat(freqs, freqs)` layout).
-    pub cos: Arc<Vec<f32>>,
-    pub sin: Arc<Vec<f32>>,
+    /// Causal (a decoder) or every key visible (an encoder such as CLIP's).
+    pub causal: bool,
+    /// RoPE tables `(cos, sin)`, `[seq, head_dim]` each (transformers' `cat(freqs, freqs)`
+    /// layout); `None`: no rotary embedding.
+    pub rope: Option<(Arc<Vec<f32>>, Arc<Vec<f32>>)>,
     /// `[batch, seq]`, true where the key is padding (attention_mask 0); `None`: no padding.
     pub key_padding: Option<Arc<Vec<bool>>>,
 }
@@ -56,7 +58,7 @@ impl Dims {
 /// the composed path (a mask filled with `f32::MIN`) does. Gives the inputs back when the
 /// backend is not Flex.
 #[allow(clippy::type_complexity)]
-pub fn causal_attention<B: Backend>(
+pub fn attention<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
     v: Tensor<B, 3>,
@@ -70,8 +72,16 @@ pub fn causal_attention<B: Backend>(
     assert_eq!(hd, dims.h * dims.d, "attention: q has {hd} features for {} heads of {}", dims.h, dims.d);
     assert_eq!(k.dims(), [b, t, dims.kv * dims.d], "attention: k's shape");
     assert_eq!(v.dims(), [b, t, dims.kv * dims.d], "attention: v's shape");
-    assert!(dims.h % dims.kv == 0 && dims.d % 2 == 0, "attention: heads {} / kv heads {} / head_dim {}", dims.h, dims.kv, dims.d);
-    assert_eq!(spec.cos.len(), t * dims.d, "attention: RoPE tables for another length");
+    assert!(
+        dims.h % dims.kv == 0 && (spec.rope.is_none() || dims.d % 2 == 0),
+        "attention: heads {} / kv heads {} / head_dim {}",
+        dims.h,
+        dims.kv,
+        dims.d
+    );
+    if let Some((cos, _)) = &spec.rope {
+        assert_eq!(cos.len(), t * dims.d, "attention: RoPE tables for another length");
+    }
     if let Some(p) = &spec.key_padding {
         assert_eq!(p.len(), b * t, "attention: key padding for another shape");
     }
@@ -115,6 +125,29 @@ fn first_visible(dims: Dims, spec: &AttentionSpec) -> Vec<usize> {
             Some(p) => p[bi * dims.t..(bi + 1) * dims.t].iter().position(|&pad| !pad).unwrap_or(dims.t),
         })
         .collect()
+}
+
+/// The rotary tables of position `ti` (`None` without RoPE).
+fn tables(spec: &AttentionSpec, ti: usize, d: usize) -> Option<(&[f32], &[f32])> {
+    spec.rope.as_ref().map(|(c, s)| (&c[ti * d..][..d], &s[ti * d..][..d]))
+}
+
+/// [`rotate`] at position `ti`, or a copy without RoPE.
+#[inline]
+fn rotate_at(x: &[f32], spec: &AttentionSpec, ti: usize, y: &mut [f32]) {
+    match tables(spec, ti, x.len()) {
+        Some((cos, sin)) => rotate(x, cos, sin, y),
+        None => y.copy_from_slice(x),
+    }
+}
+
+/// [`rotate_back`] at position `ti`, or a copy without RoPE.
+#[inline]
+fn rotate_back_at(dy: &[f32], spec: &AttentionSpec, ti: usize, dx: &mut [f32]) {
+    match tables(spec, ti, dy.len()) {
+        Some((cos, sin)) => rotate_back(dy, cos, sin, dx),
+        None => dx.copy_from_slice(dy),
+    }
 }
 
 /// `y = x·cos + rotate_half(x)·sin`.
@@ -168,12 +201,21 @@ cpu::multiversion! {
 }
 
 /// Columns a block of query rows `[i0, i1)` reads: the causal triangle, or every key when a
-/// row in it sees none (it then attends uniformly to all).
-fn block_cols(i0: usize, i1: usize, first: usize, t: usize) -> usize {
-    if i0 < first {
+/// row in it sees none (it then attends uniformly to all), or every key without a causal mask.
+fn block_cols(i0: usize, i1: usize, first: usize, t: usize, causal: bool) -> usize {
+    if !causal || i0 < first {
         t
     } else {
         i1
+    }
+}
+
+/// Whether query `i` sees no key at all (`first`: the first key that is not padding).
+fn sees_nothing(i: usize, first: usize, t: usize, causal: bool) -> bool {
+    if causal {
+        i < first
+    } else {
+        first >= t
     }
 }
 
@@ -193,7 +235,7 @@ struct ProbLayout {
 }
 
 impl ProbLayout {
-    fn new(dims: Dims, first: &[usize]) -> Self {
+    fn new(dims: Dims, first: &[usize], causal: bool) -> Self {
         let (mut blocks, mut per_head, mut batch_base, mut total) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for &f in first {
             let mut off = 0;
@@ -201,7 +243,7 @@ impl ProbLayout {
                 .step_by(BLOCK)
                 .map(|i0| {
                     let i1 = (i0 + BLOCK).min(dims.t);
-                    let n = block_cols(i0, i1, f, dims.t);
+                    let n = block_cols(i0, i1, f, dims.t, causal);
                     off += (i1 - i0) * n;
                     (i0, i1, n, off - (i1 - i0) * n)
                 })
@@ -225,7 +267,7 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
     let group = dims.group();
     let scale = (d as f32).powf(-0.5);
     let first = first_visible(dims, spec);
-    let layout = ProbLayout::new(dims, &first);
+    let layout = ProbLayout::new(dims, &first, spec.causal);
     // Every element of these is written below (see ProbLayout for p).
     let mut out = cpu::alloc_uninit(b * t * h * d);
     let mut qr = cpu::alloc_uninit(b * h * t * d);
@@ -233,7 +275,6 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
     let mut p = if keep { cpu::alloc_uninit(layout.total) } else { Vec::new() };
     let ptr = |v: &mut Vec<std::mem::MaybeUninit<f32>>| SharedMut(v.as_mut_ptr().cast::<f32>());
     let (out_ptr, qr_ptr, kr_ptr, p_ptr) = (ptr(&mut out), ptr(&mut qr), ptr(&mut kr), ptr(&mut p));
-    let (cos, sin) = (&spec.cos[..], &spec.sin[..]);
     let padding = spec.key_padding.as_deref();
     let layout_ref = &layout;
     (0..b * kv).into_par_iter().for_each(|task| {
@@ -243,7 +284,7 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
         let kr_bg = unsafe { std::slice::from_raw_parts_mut({ kr_ptr }.0.add((bi * kv + g) * t * d), t * d) };
         for ti in 0..t {
             let src = &k[((bi * t + ti) * kv + g) * d..][..d];
-            rotate(src, &cos[ti * d..][..d], &sin[ti * d..][..d], &mut kr_bg[ti * d..][..d]);
+            rotate_at(src, spec, ti, &mut kr_bg[ti * d..][..d]);
         }
         let per_head = layout_ref.per_head[bi];
         let mut scratch = if keep { Vec::new() } else { vec![0f32; per_head] };
@@ -252,7 +293,7 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
             let qr_bh = unsafe { std::slice::from_raw_parts_mut({ qr_ptr }.0.add((bi * h + head) * t * d), t * d) };
             for ti in 0..t {
                 let src = &q[((bi * t + ti) * h + head) * d..][..d];
-                rotate(src, &cos[ti * d..][..d], &sin[ti * d..][..d], &mut qr_bh[ti * d..][..d]);
+                rotate_at(src, spec, ti, &mut qr_bh[ti * d..][..d]);
             }
             let p_bh: *mut f32 = if keep { unsafe { { p_ptr }.0.add(layout_ref.head_base(bi, head)) } } else { scratch.as_mut_ptr() };
             for &(i0, i1, n, off) in &layout_ref.blocks[bi] {
@@ -266,11 +307,12 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
                 };
                 for (r, row) in block.chunks_mut(n).enumerate() {
                     let i = i0 + r;
-                    if i < first[bi] {
+                    if sees_nothing(i, first[bi], t, spec.causal) {
                         row.fill(1.0 / t as f32);
                         continue;
                     }
-                    softmax_causal_row(row, i + 1, padding.map(|pad| &pad[bi * t..bi * t + i + 1]));
+                    let visible = if spec.causal { i + 1 } else { t };
+                    softmax_causal_row(row, visible, padding.map(|pad| &pad[bi * t..bi * t + visible]));
                 }
                 unsafe {
                     gemm(
@@ -337,7 +379,6 @@ fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &Attention
     let (dq_ptr, dk_ptr, dv_ptr) = (ptr(&mut dq), ptr(&mut dk), ptr(&mut dv));
     let (qr, kr, p) = (Shared(saved.qr.as_ptr()), Shared(saved.kr.as_ptr()), Shared(saved.p.as_ptr()));
     let layout = &*saved.layout;
-    let (cos, sin) = (&spec.cos[..], &spec.sin[..]);
     (0..b * kv).into_par_iter().for_each(|task| {
         let (bi, g) = (task / kv, task % kv);
         let kr_bg = unsafe { { kr }.0.add((bi * kv + g) * t * d) };
@@ -364,7 +405,7 @@ fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &Attention
                 // uniform weights do not depend on the scores.
                 for r in 0..m {
                     let drow = &mut ds[r * n..r * n + n];
-                    if i0 + r < first[bi] {
+                    if sees_nothing(i0 + r, first[bi], t, spec.causal) {
                         drow.fill(0.0);
                         continue;
                     }
@@ -383,14 +424,14 @@ fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &Attention
             for ti in 0..t {
                 // SAFETY: this (batch, head)'s rows of dq belong to this task alone.
                 let dst = unsafe { std::slice::from_raw_parts_mut({ dq_ptr }.0.add(((bi * t + ti) * h + head) * d), d) };
-                rotate_back(&dqr[ti * d..][..d], &cos[ti * d..][..d], &sin[ti * d..][..d], dst);
+                rotate_back_at(&dqr[ti * d..][..d], spec, ti, dst);
             }
         }
         for ti in 0..t {
             let at = ((bi * t + ti) * kv + g) * d;
             // SAFETY: this (batch, kv head)'s rows of dk and dv belong to this task alone.
             let (dk_dst, dv_dst) = unsafe { (std::slice::from_raw_parts_mut({ dk_ptr }.0.add(at), d), std::slice::from_raw_parts_mut({ dv_ptr }.0.add(at), d)) };
-            rotate_back(&dk_acc[ti * d..][..d], &cos[ti * d..][..d], &sin[ti * d..][..d], dk_dst);
+            rotate_back_at(&dk_acc[ti * d..][..d], spec, ti, dk_dst);
             dv_dst.copy_from_slice(&dv_acc[ti * d..][..d]);
         }
     });
@@ -419,15 +460,15 @@ mod speed {
             num_heads: h,
             num_kv_heads: h,
             head_dim: d,
-            cos: Arc::new(vec![1.0; t * d]),
-            sin: Arc::new(vec![0.0; t * d]),
+            causal: true,
+            rope: Some((Arc::new(vec![1.0; t * d]), Arc::new(vec![0.0; t * d]))),
             key_padding: None,
         };
         let x = || Tensor::<Ad, 3>::random([b, t, h * d], Distribution::Normal(0.0, 1.0), &dev).require_grad();
         let (q, k, v) = (x(), x(), x());
         for round in 0..3 {
             let start = std::time::Instant::now();
-            let out = causal_attention(q.clone(), k.clone(), v.clone(), &spec).ok().unwrap();
+            let out = attention(q.clone(), k.clone(), v.clone(), &spec).ok().unwrap();
             let mid = start.elapsed();
             let _ = out.sum().backward();
             let total = start.elapsed();

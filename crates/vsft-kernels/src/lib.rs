@@ -10,7 +10,7 @@
 //! | [`cross_entropy_sum`] | log_softmax, gather, mask, sum over a 32k vocabulary | `softmax − onehot`, written over the logits in place |
 //! | [`rms_norm`] | square, mean, sqrt, recip, two muls | the input and one 1/rms per row |
 //! | [`swiglu`] | sigmoid, two muls | gate and up |
-//! | [`causal_attention`] | RoPE (slices, cat), swap_dims, repeat_kv, QKᵀ, mask, softmax, PV | the rotated Q, K and the probabilities |
+//! | [`attention`] | RoPE (slices, cat), swap_dims, repeat_kv, QKᵀ, mask, softmax, PV | the rotated Q, K and the probabilities |
 //!
 //! Attention computes only the causal lower triangle in row blocks of 64 and reads Q, K, V
 //! in the projections' `[batch, seq, heads·dim]` layout, so nothing is transposed or copied.
@@ -21,8 +21,8 @@
 //! reference the parity tests compare against. `VSFT_FUSED=0` (or [`set_enabled`]) turns
 //! the kernels off, for A/B measurements.
 //!
-//! Limits: f32 only; attention is causal self-attention without a KV cache (generation
-//! uses the composed path); RMSNorm's and SwiGLU's backward cover any input that requires a gradient.
+//! Limits: f32 only; attention is self-attention without a KV cache (generation uses the
+//! composed path); RMSNorm's and SwiGLU's backward cover any input that requires a gradient.
 
 mod attention;
 mod cpu;
@@ -31,7 +31,7 @@ mod dispatch;
 mod elementwise;
 mod linear;
 
-pub use attention::{causal_attention, AttentionSpec};
+pub use attention::{attention, AttentionSpec};
 pub use cross_entropy::cross_entropy_sum;
 pub use dispatch::{enabled, fused_calls, set_enabled, supported};
 pub use elementwise::{rms_norm, swiglu};

@@ -190,13 +190,19 @@ impl<B: Backend> ClipAttention<B> {
         let [n, t, h] = x.dims();
         let heads = self.num_heads;
         let hd = h / heads;
-        let split = |y: Tensor<B, 3>| y.reshape([n, t, heads, hd]).swap_dims(1, 2);
-        let q = split(self.q_proj.forward(x.clone()));
-        let k = split(self.k_proj.forward(x.clone()));
-        let v = split(self.v_proj.forward(x));
-        // Burn's attention op: fused (no [n, heads, t, t] score matrix) on backends that have
-        // a kernel for it, e.g. flash attention on CUDA; the tower never needs its backward.
-        let ctx = burn::tensor::module::attention(q, k, v, None, None, Default::default()).swap_dims(1, 2).reshape([n, t, h]);
+        let (q, k, v) = (self.q_proj.forward(x.clone()), self.k_proj.forward(x.clone()), self.v_proj.forward(x));
+        let spec = vsft_kernels::AttentionSpec { num_heads: heads, num_kv_heads: heads, head_dim: hd, causal: false, rope: None, key_padding: None };
+        let ctx = match vsft_kernels::attention(q, k, v, &spec) {
+            Ok(ctx) => ctx,
+            Err((q, k, v)) => {
+                let split = |y: Tensor<B, 3>| y.reshape([n, t, heads, hd]).swap_dims(1, 2);
+                // Burn's attention op: fused (no [n, heads, t, t] score matrix) on backends
+                // that have a kernel for it, e.g. flash attention on CUDA.
+                burn::tensor::module::attention(split(q), split(k), split(v), None, None, Default::default())
+                    .swap_dims(1, 2)
+                    .reshape([n, t, h])
+            }
+        };
         self.out_proj.forward(ctx)
     }
 }

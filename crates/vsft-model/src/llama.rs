@@ -299,11 +299,11 @@ impl<B: Backend> LlamaAttention<B> {
             num_heads: self.num_heads,
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
-            cos: rope.host_cos.clone(),
-            sin: rope.host_sin.clone(),
+            causal: true,
+            rope: Some((rope.host_cos.clone(), rope.host_sin.clone())),
             key_padding: mask.key_padding.clone(),
         };
-        match vsft_kernels::causal_attention(q, k, v, &spec) {
+        match vsft_kernels::attention(q, k, v, &spec) {
             Ok(ctx) => self.o_proj.forward(ctx),
             Err((q, k, v)) => self.attend(q, k, v, rope, Some(mask.dense()), None),
         }
