@@ -484,3 +484,50 @@ mod speed {
         }
     }
 }
+
+#[cfg(test)]
+mod unmasked {
+    use std::sync::Arc;
+
+    use burn::tensor::{activation, Bool, Distribution, Tensor, TensorData};
+
+    use super::*;
+
+    type Ad = crate::dispatch::FlexAd;
+
+    fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().into_vec().unwrap()
+    }
+
+    /// The encoder mode (no causal mask, no RoPE, a padded key) against Burn's composed
+    /// softmax(QKᵀ/√d)·V, forward and backward. (The causal mode is covered through the whole
+    /// model in vsft-model/tests/fused.rs.)
+    #[test]
+    fn unmasked_attention_matches_composed_ops() {
+        let (b, t, h, d) = (2, 7, 2, 4);
+        let dev = Default::default();
+        let padding: Vec<bool> = (0..b * t).map(|i| i == t + 5).collect();
+        let spec = AttentionSpec { num_heads: h, num_kv_heads: h, head_dim: d, causal: false, rope: None, key_padding: Some(Arc::new(padding.clone())) };
+        let x = || Tensor::<Ad, 3>::random([b, t, h * d], Distribution::Normal(0.0, 1.0), &dev);
+        let (q0, k0, v0, up) = (x(), x(), x(), x());
+        let run = |fused: bool| {
+            let (q, k, v) = (q0.clone().require_grad(), k0.clone().require_grad(), v0.clone().require_grad());
+            let out = if fused {
+                attention(q.clone(), k.clone(), v.clone(), &spec).ok().unwrap()
+            } else {
+                let split = |y: Tensor<Ad, 3>| y.reshape([b, t, h, d]).swap_dims(1, 2);
+                let scores = split(q.clone()).matmul(split(k.clone()).swap_dims(2, 3)) * (d as f64).powf(-0.5);
+                let mask = Tensor::<Ad, 4, Bool>::from_data(TensorData::new(padding.clone(), [b, 1, 1, t]), &dev).expand([b, h, t, t]);
+                let p = activation::softmax(scores.mask_fill(mask, f32::MIN), 3);
+                p.matmul(split(v.clone())).swap_dims(1, 2).reshape([b, t, h * d])
+            };
+            let g = (out.clone() * up.clone()).sum().backward();
+            [values(out), values(q.grad(&g).unwrap()), values(k.grad(&g).unwrap()), values(v.grad(&g).unwrap())]
+        };
+        let (f, c) = (run(true), run(false));
+        for (name, (f, c)) in ["out", "dq", "dk", "dv"].iter().zip(f.iter().zip(&c)) {
+            let worst = f.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst < 1e-5, "{name}: max abs diff {worst}");
+        }
+    }
+}
