@@ -12,6 +12,7 @@ use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::{Flex, FlexTensor};
+use rayon::prelude::*;
 
 use crate::cpu::{alloc_uninit, assume_init, gemm_parallel, Mat};
 
@@ -112,7 +113,7 @@ pub fn linear<B: Backend>(
             // The branch's input: x, or x with dropout applied (kept for dA).
             let x_branch = match dropout {
                 Some((p, seed)) if p > 0.0 => {
-                    flex_from_vec(xv.iter().enumerate().map(|(i, &v)| v * keep_scale(seed, i, p)).collect(), &[rows, d_in])
+                    flex_from_vec(xv.par_iter().enumerate().map(|(i, &v)| v * keep_scale(seed, i, p)).collect(), &[rows, d_in])
                 }
                 _ => xs.clone(),
             };
@@ -212,7 +213,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
                             unsafe {
                                 gemm_parallel(rows, d_in, r, branch.as_mut_ptr(), d_in, false, Mat::rows(g.as_ptr(), r), Mat::rows(av.as_ptr(), d_in), l.scale)
                             };
-                            dx.iter_mut().zip(&branch).enumerate().for_each(|(i, (d, b))| *d += b * keep_scale(seed, i, p));
+                            dx.par_iter_mut().zip(branch.par_iter()).enumerate().for_each(|(i, (d, b))| *d += b * keep_scale(seed, i, p));
                         }
                     }
                     grads.register::<Flex>(node.id, flex_from_vec(dx, &[rows, d_in]));
