@@ -197,17 +197,21 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     /// Decoder over `inputs_embeds: [batch, seq, hidden]` → final hidden states (after `norm`).
     pub fn decode(&self, inputs_embeds: Tensor<B, 3>, attention_mask: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let [_, seq, _] = inputs_embeds.dims();
-        let device = inputs_embeds.device();
-        let head_dim = self.model.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
-        let positions: Vec<usize> = (0..seq).collect();
-        let rope = Rope::new(&positions, head_dim, self.model.rope_theta, &device);
-        let mask = CausalMask::new(attention_mask, vsft_kernels::supported(&[&inputs_embeds]));
+        let (rope, mask) = self.layer_inputs(&inputs_embeds, attention_mask);
         let mut x = inputs_embeds;
         for layer in &self.model.layers {
             x = layer.forward(x, &rope, &mask);
         }
         self.model.norm.forward(x)
+    }
+
+    /// The rotary tables and the mask every layer of a full pass over `inputs_embeds` reads.
+    pub fn layer_inputs(&self, inputs_embeds: &Tensor<B, 3>, attention_mask: Tensor<B, 2, Int>) -> (Rope<B>, CausalMask<B>) {
+        let [_, seq, _] = inputs_embeds.dims();
+        let head_dim = self.model.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
+        let positions: Vec<usize> = (0..seq).collect();
+        let rope = Rope::new(&positions, head_dim, self.model.rope_theta, &inputs_embeds.device());
+        (rope, CausalMask::new(attention_mask, vsft_kernels::supported(&[inputs_embeds])))
     }
 
     /// Decoder over new positions of one sequence, reading and extending `cache` (generation).

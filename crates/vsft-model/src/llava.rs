@@ -210,13 +210,19 @@ impl<B: Backend> LlavaModel<B> {
         }
         let embeds = self.merge_embeddings(input_ids, image_features)?;
         let hidden = self.language_model.decode(embeds, attention_mask);
-        let width = hidden.dims()[2];
+        Ok(self.loss_from_hidden(hidden, labels))
+    }
+
+    /// Summed token loss from the decoder's final hidden states `[batch, seq, hidden]` (after
+    /// its norm) and host labels, with logits only where a label exists.
+    pub fn loss_from_hidden(&self, hidden: Tensor<B, 3>, labels: &[i64]) -> LossSum<B> {
+        let [batch, seq, width] = hidden.dims();
         let hidden = hidden.reshape([batch * seq, width]);
         let targets = shifted_targets(labels, seq);
         let kept: Vec<i64> = (0..targets.len()).filter(|&i| targets[i] != IGNORE_INDEX).map(|i| i as i64).collect();
         if kept.is_empty() {
             // Zero, but still in the graph, so backward over an all-masked micro-batch works.
-            return Ok(LossSum { sum: hidden.sum().mul_scalar(0.0), label_tokens: 0 });
+            return LossSum { sum: hidden.sum().mul_scalar(0.0), label_tokens: 0 };
         }
         let (hidden, targets) = if kept.len() == targets.len() {
             (hidden, targets)
@@ -226,7 +232,7 @@ impl<B: Backend> LlavaModel<B> {
         };
         let logits = self.language_model.logits(hidden.unsqueeze_dim::<3>(0));
         let [_, rows, vocab] = logits.dims();
-        Ok(token_loss_sum(logits.reshape([rows, vocab]), &targets))
+        token_loss_sum(logits.reshape([rows, vocab]), &targets)
     }
 
     /// Forward from already projected image features.

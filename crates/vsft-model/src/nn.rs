@@ -9,6 +9,25 @@ use burn::tensor::{DType, Distribution, ElementConversion, Tensor};
 
 use crate::weights::{Builder, Init};
 
+thread_local! {
+    static TRAINING_OUTSIDE_AUTODIFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with LoRA dropout active even on a non-autodiff backend. Per-layer gradient
+/// checkpointing runs each layer twice, first without a graph and then again with one inside
+/// backward; both runs must draw the same dropout masks from the same seed.
+pub fn with_training_dropout<R>(f: impl FnOnce() -> R) -> R {
+    let before = TRAINING_OUTSIDE_AUTODIFF.with(|c| c.replace(true));
+    let out = f();
+    TRAINING_OUTSIDE_AUTODIFF.with(|c| c.set(before));
+    out
+}
+
+/// Whether dropout acts: under autodiff (training), or inside [`with_training_dropout`].
+fn training<B: Backend>(device: &B::Device) -> bool {
+    B::ad_enabled(device) || TRAINING_OUTSIDE_AUTODIFF.with(|c| c.get())
+}
+
 /// `t` in `dtype`: frozen weights may be held in bf16 while activations stay f32.
 pub fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if t.dtype() == dtype {
@@ -115,7 +134,7 @@ impl<B: Backend> Linear<B> {
                 let lora = self.lora.as_ref().map(|l| {
                     // Dropout acts only under autodiff (training), as Burn's Dropout does. Its
                     // seed comes from the backend's RNG, which the trainer seeds per micro-batch.
-                    let dropout = (B::ad_enabled(&x2.device()) && l.dropout.prob > 0.0).then(|| {
+                    let dropout = (training::<B>(&x2.device()) && l.dropout.prob > 0.0).then(|| {
                         let u: f64 = Tensor::<B, 1>::random([1], Distribution::Uniform(0.0, 1.0), &x2.device()).into_scalar().elem();
                         (l.dropout.prob, (u * (1u64 << 53) as f64) as u64)
                     });
@@ -138,7 +157,15 @@ impl<B: Backend> Linear<B> {
         }
         if let Some(lora) = &self.lora {
             // Low-rank path: never materialise B·A, so backward stays rank-sized.
-            let h = lora.dropout.forward(x2).matmul(lora.lora_a.val().transpose());
+            // Burn's Dropout, written out so that it also acts inside `with_training_dropout`.
+            let p = lora.dropout.prob;
+            let dropped = if training::<B>(&x2.device()) && p > 0.0 {
+                let keep = x2.random_like(Distribution::Bernoulli(1.0 - p));
+                (x2 * keep) * (1.0 / (1.0 - p))
+            } else {
+                x2
+            };
+            let h = dropped.matmul(lora.lora_a.val().transpose());
             y = y + h.matmul(lora.lora_b.val().transpose()) * lora.scale;
         }
         y

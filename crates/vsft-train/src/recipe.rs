@@ -134,8 +134,8 @@ pub struct TrainSection {
     /// What a NaN/inf loss does: `error` stops naming the step, `skip` drops the step.
     #[serde(default = "d::on_nan")]
     pub on_nan: String,
-    /// Recompute memory-bound activations in backward instead of storing them (Burn's balanced
-    /// checkpointing): less activation memory, more compute; meant for GPUs.
+    /// Keep only each decoder layer's input in the forward and re-run the layers one at a time
+    /// in backward: activation memory of one layer instead of all, for one more forward.
     #[serde(default)]
     pub gradient_checkpointing: bool,
 }

@@ -191,6 +191,10 @@ pub fn train_with<B: AutodiffBackend>(
         seed: t.seed,
     };
     let mut trainer = Trainer::new(model, t.stage, settings)?;
+    trainer.gradient_checkpointing = recipe.train.gradient_checkpointing;
+    if trainer.gradient_checkpointing {
+        eprintln!("vsft: gradient checkpointing: decoder layers re-run one at a time in backward");
+    }
     eprintln!("vsft: stage {:?}", t.stage);
     for g in trainer.group_report() {
         match g.lr {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use vsft_data::Batch;
@@ -56,6 +56,9 @@ pub struct Trainer<B: AutodiffBackend> {
     pub trainable: BTreeMap<String, GroupSettings>,
     pub settings: OptimSettings,
     pub stage: Stage,
+    /// `[train] gradient_checkpointing`: keep only each decoder layer's input in the forward
+    /// and re-run one layer at a time in backward ([`Trainer::checkpointed_grads`]).
+    pub gradient_checkpointing: bool,
 }
 
 /// Label tokens that count for the loss: `labels[:, 1:] != -100`, as transformers counts
@@ -92,7 +95,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         if stage == Stage::Instruct && !trainable.keys().any(|k| k.contains(".lora.")) {
             return Err(TrainError::Other("stage instruct needs LoRA adapters on the language model".into()));
         }
-        Ok(Self { model, optimizer: AdamW::new(settings.adam), trainable, settings, stage })
+        Ok(Self { model, optimizer: AdamW::new(settings.adam), trainable, settings, stage, gradient_checkpointing: false })
     }
 
     /// Parameter counts per group, for the start-of-run log (Prismatic's explicit stage report).
@@ -127,6 +130,54 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok((loss.sum, loss.label_tokens))
     }
 
+    /// Per-decoder-layer gradient checkpointing for one micro-batch: the loss (already divided
+    /// by `num_items`) and the gradients, in parts. The forward runs the decoder without a
+    /// graph, keeping only each layer's input; backward goes from the top down, re-running one
+    /// layer at a time with a graph and handing its input gradient to the layer below. Costs
+    /// one more decoder forward; activation memory is one layer's graph plus the inputs. Each
+    /// layer's dropout seed depends on `seed` and the layer, so both runs draw the same masks.
+    pub fn checkpointed_grads(&self, batch: &Batch, num_items: usize, seed: u64) -> Result<(f64, Vec<B::Gradients>), TrainError> {
+        let device = self.model.language_model.model.norm.weight.val().device();
+        let (ids, mask, _, pixels) = batch_tensors::<B>(batch, &device);
+        let feats = pixels.map(|p| self.model.multi_modal_projector.forward(vision_features_no_grad(&self.model, p)));
+        let embeds = self.model.merge_embeddings(ids, feats)?;
+        let lm = &self.model.language_model;
+        let layer_seed = |l: usize| seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+
+        // Forward without a graph, keeping each layer's input.
+        let frozen = lm.valid();
+        let mut x = embeds.clone().inner();
+        let (rope, layer_mask) = frozen.layer_inputs(&x, mask.clone().inner());
+        let mut inputs = Vec::with_capacity(frozen.model.layers.len());
+        for (l, layer) in frozen.model.layers.iter().enumerate() {
+            inputs.push(x.clone());
+            B::seed(&device, layer_seed(l));
+            x = vsft_model::nn::with_training_dropout(|| layer.forward(x, &rope, &layer_mask));
+        }
+
+        // The top (final norm, head, loss) with a graph from the last layer's output.
+        let top = Tensor::<B, 3>::from_inner(x).require_grad();
+        let loss = self.model.loss_from_hidden(lm.model.norm.forward(top.clone()), &batch.labels).sum / num_items as f64;
+        let value = loss.clone().into_scalar().elem::<f64>();
+        let grads = loss.backward();
+        let mut upstream = top.grad(&grads).ok_or_else(|| TrainError::Other("checkpointing: the loss does not depend on the decoder".into()))?;
+        let mut all = vec![grads];
+
+        // Each layer again, top down, with a graph.
+        let (rope, layer_mask) = lm.layer_inputs(&embeds, mask);
+        for (l, layer) in lm.model.layers.iter().enumerate().rev() {
+            let input = Tensor::<B, 3>::from_inner(inputs[l].clone()).require_grad();
+            B::seed(&device, layer_seed(l));
+            let out = layer.forward(input.clone(), &rope, &layer_mask);
+            let grads = (out * Tensor::from_inner(upstream)).sum().backward();
+            upstream = input.grad(&grads).ok_or_else(|| TrainError::Other(format!("checkpointing: layer {l} has no input gradient")))?;
+            all.push(grads);
+        }
+        // The embeddings (and through them the projector).
+        all.push((embeds * Tensor::from_inner(upstream)).sum().backward());
+        Ok((value, all))
+    }
+
     /// One optimizer step over `micro_batches` (gradient accumulation), weighting each by its
     /// label tokens: every micro-batch's summed loss is divided by the step's total label
     /// tokens, as transformers does with `num_items_in_batch`. `global_step` seeds dropout so
@@ -144,17 +195,24 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut acc: BTreeMap<String, Tensor<B::InnerBackend, 1>> = BTreeMap::new();
         let mut loss_total = 0.0;
         for (i, batch) in micro_batches.iter().enumerate() {
-            B::seed(&device, self.settings.seed.wrapping_mul(1_000_003).wrapping_add((global_step * 1024 + i) as u64));
-            let (sum, _) = self.loss_sum(batch)?;
-            let loss = sum / num_items as f64;
-            loss_total += loss.clone().into_scalar().elem::<f64>();
-            let grads = loss.backward();
-            for (name, g) in TrainableCollector::collect(&self.model, &self.trainable, Some(&grads)) {
-                let merged = match acc.remove(&name) {
-                    Some(prev) => prev + g,
-                    None => g,
-                };
-                acc.insert(name, merged);
+            let seed = self.settings.seed.wrapping_mul(1_000_003).wrapping_add((global_step * 1024 + i) as u64);
+            B::seed(&device, seed);
+            let (loss, all_grads) = if self.gradient_checkpointing {
+                self.checkpointed_grads(batch, num_items, seed)?
+            } else {
+                let (sum, _) = self.loss_sum(batch)?;
+                let loss = sum / num_items as f64;
+                (loss.clone().into_scalar().elem::<f64>(), vec![loss.backward()])
+            };
+            loss_total += loss;
+            for grads in &all_grads {
+                for (name, g) in TrainableCollector::collect(&self.model, &self.trainable, Some(grads)) {
+                    let merged = match acc.remove(&name) {
+                        Some(prev) => prev + g,
+                        None => g,
+                    };
+                    acc.insert(name, merged);
+                }
             }
         }
         if !loss_total.is_finite() {

@@ -12,12 +12,6 @@ pub type Compute = burn::backend::Flex;
 
 pub type Train = burn::backend::Autodiff<Compute>;
 
-/// `[train] gradient_checkpointing = true`: Burn's balanced checkpointing, which keeps the
-/// outputs of compute-bound ops (matmuls) and recomputes memory-bound ones (element-wise ops,
-/// softmax, norms) in backward instead of storing them. Op-level, not transformers' per-layer
-/// recompute; the fused CPU kernels run only under [`Train`], so on the CPU this path is slower.
-pub type TrainCheckpointed = burn::backend::Autodiff<Compute, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
-
 pub fn device() -> burn::tensor::Device<Compute> {
     Default::default()
 }

@@ -43,7 +43,7 @@ pub struct BenchTrainArgs {
     /// as every LLaVA collator masks them).
     #[arg(long)]
     pub label_all: bool,
-    /// Burn's balanced gradient checkpointing (`[train] gradient_checkpointing`).
+    /// Per-decoder-layer gradient checkpointing (`[train] gradient_checkpointing`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// Frozen weights' dtype (`model.dtype` in a recipe): float32, or bfloat16 on a GPU.
@@ -99,14 +99,6 @@ pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, batch: usize, seq: usize, 
 
 pub fn run(c: BenchCommand) -> Result<ExitCode> {
     let BenchCommand::Train(a) = c;
-    if a.gradient_checkpointing {
-        bench_train::<crate::backend::TrainCheckpointed>(a)
-    } else {
-        bench_train::<Train>(a)
-    }
-}
-
-fn bench_train<B: burn::tensor::backend::AutodiffBackend<Device = burn::tensor::Device<crate::backend::Compute>>>(a: BenchTrainArgs) -> Result<ExitCode> {
     let stage = match a.stage.as_str() {
         "pretrain" => Stage::Pretrain,
         "instruct" => Stage::Instruct,
@@ -115,7 +107,7 @@ fn bench_train<B: burn::tensor::backend::AutodiffBackend<Device = burn::tensor::
     let dev = device();
     let frozen = vsft_model::StoredDtype::from_torch_name(&a.dtype)
         .ok_or_else(|| anyhow::anyhow!("--dtype {}: use float32, bfloat16 or float16", a.dtype))?;
-    let mut model = LlavaModel::<B>::load_with(&a.model, &dev, frozen)?;
+    let mut model = LlavaModel::<Train>::load_with(&a.model, &dev, frozen)?;
     if stage == Stage::Instruct {
         let lora = LoraConfig { r: a.lora_r, alpha: 2.0 * a.lora_r as f64, dropout: 0.0, ..Default::default() };
         model.add_lora(&lora, 0)?;
@@ -130,6 +122,7 @@ fn bench_train<B: burn::tensor::backend::AutodiffBackend<Device = burn::tensor::
         seed: 0,
     };
     let mut trainer = Trainer::new(model, stage, settings)?;
+    trainer.gradient_checkpointing = a.gradient_checkpointing;
     let batch = synthetic_batch(&cfg, a.batch_size, a.seq_len, 0, a.label_all);
     let mut times = Vec::new();
     for step in 0..=a.steps {

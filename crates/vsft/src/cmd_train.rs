@@ -9,7 +9,7 @@ use vsft_model::LlavaModel;
 use vsft_train::run::{evaluate, Inputs, Resume};
 use vsft_train::Recipe;
 
-use crate::backend::{device, Compute, Train, TrainCheckpointed};
+use crate::backend::{device, Compute, Train};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -94,12 +94,7 @@ fn train_stage(recipe: &Recipe, resume: &Option<String>) -> Result<vsft_train::r
         }
         Ok(())
     };
-    let summary = if recipe.train.gradient_checkpointing {
-        eprintln!("vsft: gradient checkpointing on (memory-bound activations recomputed in backward)");
-        vsft_train::run::train_with::<TrainCheckpointed>(recipe, &inputs, resume, &device(), &mut push_each)?
-    } else {
-        vsft_train::run::train_with::<Train>(recipe, &inputs, resume, &device(), &mut push_each)?
-    };
+    let summary = vsft_train::run::train_with::<Train>(recipe, &inputs, resume, &device(), &mut push_each)?;
     eprintln!(
         "vsft: {} steps, final loss {}, checkpoint {}",
         summary.steps,
