@@ -10,14 +10,13 @@ use std::sync::Arc;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use crate::cpu::{self, gemm, Mat, Shared, SharedMut};
-use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, Host};
+use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, track, Host};
 
 /// Query rows per block of the causal triangle.
 const BLOCK: usize = 64;
@@ -91,16 +90,9 @@ pub fn attention<B: Backend>(
     let (out, saved) = forward(slice(&qs), slice(&ks), slice(&vs), dims, spec, keep);
     let out = flex_from_vec(out, &[b, t, dims.h * dims.d]);
     Ok(from_host(match (q, k, v) {
-        (Host::Tracked(q), Host::Tracked(k), Host::Tracked(v)) => {
-            let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
-            Host::Tracked(match AttentionBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => {
-                    let saved = saved.expect("kept for backward");
-                    prep.finish(AttentionState { saved, v: vs, dims, spec: spec.clone() }, out)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            })
-        }
+        (Host::Tracked(q), Host::Tracked(k), Host::Tracked(v)) => Host::Tracked(track(AttentionBackward, [&q, &k, &v], out, || {
+            AttentionState { saved: saved.expect("kept for backward"), v: vs, dims, spec: spec.clone() }
+        })),
         _ => Host::Plain(out),
     }))
 }
@@ -492,12 +484,9 @@ mod unmasked {
     use burn::tensor::{activation, Bool, Distribution, Tensor, TensorData};
 
     use super::*;
+    use crate::dispatch::values;
 
     type Ad = crate::dispatch::FlexAd;
-
-    fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().into_vec().unwrap()
-    }
 
     /// The encoder mode (no causal mask, no RoPE, a padded key) against Burn's composed
     /// softmax(QKᵀ/√d)·V, forward and backward. (The causal mode is covered through the whole

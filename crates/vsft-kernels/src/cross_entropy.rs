@@ -3,14 +3,13 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn_autodiff::ops::{unary, Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use crate::cpu;
-use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, Host};
+use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, track, Host};
 
 /// The target that contributes nothing (transformers' `ignore_index`).
 const IGNORE: i64 = -100;
@@ -45,12 +44,7 @@ pub fn cross_entropy_sum<B: Backend, const D: usize>(logits: Tensor<B, D>, targe
     let out = flex_from_vec(vec![loss as f32], &[1]);
     Ok(from_host(match logits {
         Host::Plain(_) => Host::Plain(out),
-        Host::Tracked(t) => {
-            Host::Tracked(match CrossEntropyBackward.prepare::<NoCheckpointing>([t.node.clone()]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((buffer, shape), out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            })
-        }
+        Host::Tracked(t) => Host::Tracked(track(CrossEntropyBackward, [&t], out, || (buffer, shape))),
     }))
 }
 

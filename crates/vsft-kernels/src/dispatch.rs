@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::ops::{Backward, OpsKind};
 use burn_flex::{Flex, FlexTensor};
 
 /// The autodiff backend the kernels register nodes on (no checkpointing strategy).
@@ -99,6 +101,19 @@ pub(crate) fn from_host<B: Backend, const D: usize>(out: Host) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(prim))
 }
 
+/// `out` as the result of `op` on `parents`: a tracked node when any parent needs a gradient
+/// (then `state()` builds what backward keeps), an untracked one otherwise.
+pub(crate) fn track<BO, S, const N: usize>(op: BO, parents: [&AdTensor; N], out: FlexTensor, state: impl FnOnce() -> S) -> AdTensor
+where
+    BO: Backward<Flex, N, State = S>,
+    S: Clone + Send + std::fmt::Debug + 'static,
+{
+    match op.prepare::<NoCheckpointing>(parents.map(|t| t.node.clone())).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state(), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
 /// A contiguous f32 view (copying only when the tensor is a strided view).
 pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {
@@ -114,4 +129,10 @@ pub(crate) fn slice(t: &FlexTensor) -> &[f32] {
 
 pub(crate) fn flex_from_vec(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
+}
+
+/// A tensor's values (tests).
+#[cfg(test)]
+pub(crate) fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().into_vec().unwrap()
 }

@@ -5,14 +5,13 @@ use std::sync::Arc;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape, Tensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{binary, Backward, Ops, OpsKind};
+use burn_autodiff::ops::{binary, Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use crate::cpu;
-use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, Host};
+use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, track, Host};
 
 /// An output element before the kernel writes it (outputs are not zero-filled first).
 type Uninit = std::mem::MaybeUninit<f32>;
@@ -27,12 +26,7 @@ where
     S: Clone + Send + std::fmt::Debug + 'static,
 {
     match (a, b) {
-        (Host::Tracked(a), Host::Tracked(b)) => {
-            Host::Tracked(match op.prepare::<NoCheckpointing>([a.node.clone(), b.node.clone()]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(state(), out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            })
-        }
+        (Host::Tracked(a), Host::Tracked(b)) => Host::Tracked(track(op, [&a, &b], out, state)),
         _ => Host::Plain(out),
     }
 }

@@ -8,9 +8,8 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
@@ -26,7 +25,7 @@ unsafe fn written_by(n: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
     // SAFETY: the caller's `write` initialised every element.
     unsafe { assume_init(buf) }
 }
-use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, Host};
+use crate::dispatch::{contiguous, flex_from_vec, from_host, slice, supported, to_host, track, Host};
 
 /// A LoRA branch: `a: [r, in]`, `b: [out, r]`, `scale = alpha / r`.
 pub struct LoraBranch<B: Backend> {
@@ -90,19 +89,10 @@ pub fn linear<B: Backend>(
     match lora {
         None => {
             let y = out(y);
+            let state = || LinearState { x: xs, weight: ws, lora: None };
             Ok(from_host(match (x, w, bias) {
-                (Host::Tracked(x), Host::Tracked(w), None) => Host::Tracked(
-                    match LinearBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
-                        OpsKind::Tracked(prep) => prep.finish(LinearState { x: xs, weight: ws, lora: None }, y),
-                        OpsKind::UnTracked(prep) => prep.finish(y),
-                    },
-                ),
-                (Host::Tracked(x), Host::Tracked(w), Some(Host::Tracked(b))) => Host::Tracked(
-                    match LinearBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), b.node.clone()]).compute_bound().stateful() {
-                        OpsKind::Tracked(prep) => prep.finish(LinearState { x: xs, weight: ws, lora: None }, y),
-                        OpsKind::UnTracked(prep) => prep.finish(y),
-                    },
-                ),
+                (Host::Tracked(x), Host::Tracked(w), None) => Host::Tracked(track(LinearBackward, [&x, &w], y, state)),
+                (Host::Tracked(x), Host::Tracked(w), Some(Host::Tracked(b))) => Host::Tracked(track(LinearBackward, [&x, &w, &b], y, state)),
                 _ => Host::Plain(y),
             }))
         }
@@ -111,11 +101,12 @@ pub fn linear<B: Backend>(
             let (a, b) = (to_host(a), to_host(b));
             let (a_s, b_s) = (contiguous(a.flex()), contiguous(b.flex()));
             // The branch's input: x, or x with dropout applied (kept for dA).
+            let dropout = dropout.filter(|&(p, _)| p > 0.0);
             let x_branch = match dropout {
-                Some((p, seed)) if p > 0.0 => {
+                Some((p, seed)) => {
                     flex_from_vec(xv.par_iter().enumerate().map(|(i, &v)| v * keep_scale(seed, i, p)).collect(), &[rows, d_in])
                 }
-                _ => xs.clone(),
+                None => xs.clone(),
             };
             // hs = scale · x·Aᵀ, kept for dB; y += hs·Bᵀ.
             let mut hs = vec![0f32; rows * r];
@@ -125,16 +116,10 @@ pub fn linear<B: Backend>(
             }
             let y = out(y);
             Ok(from_host(match (x, a, b) {
-                (Host::Tracked(x), Host::Tracked(a), Host::Tracked(b)) => Host::Tracked(
-                    match LinearBackward.prepare::<NoCheckpointing>([x.node.clone(), a.node.clone(), b.node.clone()]).compute_bound().stateful() {
-                        OpsKind::Tracked(prep) => {
-                            let dropout = dropout.filter(|&(p, _)| p > 0.0);
-                            let lora = LoraState { a: a_s, b: b_s, hs: flex_from_vec(hs, &[rows, r]), scale: scale as f32, x_branch, dropout };
-                            prep.finish(LinearState { x: xs, weight: ws, lora: Some(lora) }, y)
-                        }
-                        OpsKind::UnTracked(prep) => prep.finish(y),
-                    },
-                ),
+                (Host::Tracked(x), Host::Tracked(a), Host::Tracked(b)) => Host::Tracked(track(LinearBackward, [&x, &a, &b], y, || {
+                    let lora = LoraState { a: a_s, b: b_s, hs: flex_from_vec(hs, &[rows, r]), scale: scale as f32, x_branch, dropout };
+                    LinearState { x: xs, weight: ws, lora: Some(lora) }
+                })),
                 _ => Host::Plain(y),
             }))
         }
@@ -241,12 +226,9 @@ mod tests {
     use burn::tensor::{Distribution, Tensor, TensorData};
 
     use super::*;
+    use crate::dispatch::values;
 
     type Ad = crate::dispatch::FlexAd;
-
-    fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().into_vec().unwrap()
-    }
 
     fn rel(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));

@@ -123,11 +123,21 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Forward of one batch → (summed token loss, label tokens), in the autodiff graph.
     pub fn loss_sum(&self, batch: &Batch) -> Result<(Tensor<B, 1>, usize), TrainError> {
-        let device = self.model.language_model.model.norm.weight.val().device();
-        let (ids, mask, _, pixels) = batch_tensors::<B>(batch, &device);
-        let feats = pixels.map(|p| self.model.multi_modal_projector.forward(vision_features_no_grad(&self.model, p)));
+        let (ids, mask, feats) = self.inputs(batch);
         let loss = self.model.loss_with_features(ids, mask, feats, &batch.labels)?;
         Ok((loss.sum, loss.label_tokens))
+    }
+
+    /// A batch's ids and attention mask on the device, and its image features through the
+    /// (trainable) projector; the vision tower runs without a graph.
+    fn inputs(&self, batch: &Batch) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Option<Tensor<B, 3>>) {
+        let (ids, mask, _, pixels) = batch_tensors::<B>(batch, &self.device());
+        let feats = pixels.map(|p| self.model.multi_modal_projector.forward(vision_features_no_grad(&self.model, p)));
+        (ids, mask, feats)
+    }
+
+    fn device(&self) -> B::Device {
+        self.model.language_model.model.norm.weight.val().device()
     }
 
     /// Per-decoder-layer gradient checkpointing for one micro-batch: the loss (already divided
@@ -137,9 +147,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// one more decoder forward; activation memory is one layer's graph plus the inputs. Each
     /// layer's dropout seed depends on `seed` and the layer, so both runs draw the same masks.
     pub fn checkpointed_grads(&self, batch: &Batch, num_items: usize, seed: u64) -> Result<(f64, Vec<B::Gradients>), TrainError> {
-        let device = self.model.language_model.model.norm.weight.val().device();
-        let (ids, mask, _, pixels) = batch_tensors::<B>(batch, &device);
-        let feats = pixels.map(|p| self.model.multi_modal_projector.forward(vision_features_no_grad(&self.model, p)));
+        let device = self.device();
+        let (ids, mask, feats) = self.inputs(batch);
         let embeds = self.model.merge_embeddings(ids, feats)?;
         let lm = &self.model.language_model;
         let layer_seed = |l: usize| seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -191,7 +200,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 micro_batches.len()
             )));
         }
-        let device = self.model.language_model.model.norm.weight.val().device();
+        let device = self.device();
         let mut acc: BTreeMap<String, Tensor<B::InnerBackend, 1>> = BTreeMap::new();
         let mut loss_total = 0.0;
         for (i, batch) in micro_batches.iter().enumerate() {

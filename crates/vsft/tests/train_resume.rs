@@ -137,19 +137,8 @@ fn resume_kill_and_eval() {
     // SIGKILL while checkpoint-4 is being written: checkpoint-2 survives and the run resumes from it.
     let killed_out = dir.join("killed");
     let r = recipe(&dir, &model, &killed_out);
-    let mut child = vsft()
-        .arg("train")
-        .arg("--config")
-        .arg(&r)
-        .env("VSFT_TEST_PAUSE_IN_CHECKPOINT_MS", "1500")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !killed_out.join(".tmp-checkpoint-4").exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "checkpoint-4 never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = train_pausing_in_checkpoints(&r, 1500);
+    wait_for(&killed_out.join(".tmp-checkpoint-4"), "checkpoint-4 never started");
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -178,19 +167,8 @@ fn resume_kill_and_eval() {
     // Ctrl-C: a checkpoint at the step reached, exit code 130, and the run resumes from it.
     let int_out = dir.join("interrupted");
     let r = recipe(&dir, &model, &int_out);
-    let mut child = vsft()
-        .arg("train")
-        .arg("--config")
-        .arg(&r)
-        .env("VSFT_TEST_PAUSE_IN_CHECKPOINT_MS", "800")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !int_out.join("checkpoint-2/trainer_state.json").exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "checkpoint-2 never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut child = train_pausing_in_checkpoints(&r, 800);
+    wait_for(&int_out.join("checkpoint-2/trainer_state.json"), "checkpoint-2 never appeared");
     let st = Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
     assert!(st.success());
     let code = child.wait().unwrap().code();
@@ -232,4 +210,26 @@ fn resume_kill_and_eval() {
     let trained_eval = state["last_eval_loss"].as_f64().unwrap();
     println!("eval: {v} vs training's eval loss {trained_eval}");
     assert!((v["loss"].as_f64().unwrap() - trained_eval).abs() < 1e-5);
+}
+
+/// `vsft train` in the background, pausing inside each checkpoint write for `ms`
+/// (so a test can interrupt it there).
+fn train_pausing_in_checkpoints(recipe: &Path, ms: u64) -> std::process::Child {
+    vsft()
+        .arg("train")
+        .arg("--config")
+        .arg(recipe)
+        .env("VSFT_TEST_PAUSE_IN_CHECKPOINT_MS", ms.to_string())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits up to 2 minutes for `path` to exist.
+fn wait_for(path: &Path, never: &str) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "{never}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
