@@ -617,7 +617,8 @@ def lora_model():
                      modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
     torch.manual_seed(7)  # PEFT's kaiming-uniform init of lora_A uses the global RNG
     pm = get_peft_model(base, cfg)
-    pm.base_model.model.model.image_newline.requires_grad_(True)
+    # image_newline stays frozen: LLaVA-NeXT's own LoRA mode (mm_tunable_parts) unfreezes only the
+    # LoRA weights and the projector, and PEFT could not save a bare parameter as a module anyway.
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -636,7 +637,6 @@ def save_adapter(pm, d):
         json.dump(j, f, indent=2, sort_keys=True)
     if os.path.exists(os.path.join(d, "README.md")):
         os.remove(os.path.join(d, "README.md"))
-    newline_file(pm, os.path.join(d, "image_newline.safetensors"))
 
 
 def newline_file(pm, path):
@@ -705,21 +705,19 @@ def lora_run(proc, inp):
                  "task_type": "CAUSAL_LM", "use_rslora": False,
                  "init": "lora_A: PEFT's kaiming-uniform (torch.manual_seed(7) before get_peft_model); "
                          "lora_B: 0.05 * N(0,1) from torch.Generator seed 5 (non-zero start)"},
-        "image_newline": "a bare nn.Parameter of LlavaNextModel (model.image_newline), so it cannot be a PEFT "
-                         "module to save: requires_grad=True on the base parameter, saved next to the adapter as "
-                         "image_newline.safetensors (key 'image_newline'); restore it on the base model before "
-                         "PeftModel.from_pretrained",
+        "image_newline": "frozen, as in LLaVA-NeXT's own LoRA mode (mm_tunable_parts unfreezes only LoRA "
+                         "and the projector); a bare nn.Parameter could not be a PEFT module to save anyway",
         "projector": "PEFT modules_to_save (a trainable copy; adapter keys "
                      "base_model.model.model.multi_modal_projector.linear_{1,2}.{weight,bias})",
         "adapter_keys": init_keys,
         "trainable_parameter_order": [n for n, _ in trainable],
         "optimizer": "torch.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, foreach default), one param group per "
                      "(kind, decay); decay set = transformers Trainer.get_decay_parameter_names rule (decay unless "
-                     "in a LayerNorm or 'bias'/'norm' in the name): LoRA A/B, projector weights and image_newline "
+                     "in a LayerNorm or 'bias'/'norm' in the name): LoRA A/B and projector weights "
                      "decay, projector biases do not",
         "param_groups": [{"name": k, "lr": spec[k][0], "weight_decay": spec[k][1], "params": group_names[k]}
                          for k in groups if groups[k]],
-        "lr": {"lora": LORA_LR, "projector": PROJ_LR, "image_newline": PROJ_LR, "schedule": "constant"},
+        "lr": {"lora": LORA_LR, "projector": PROJ_LR, "schedule": "constant"},
         "weight_decay": WD, "max_grad_norm": MAX_GRAD_NORM, "steps": STEPS,
         "step": "opt.zero_grad(set_to_none=True); loss = model(**batch, labels=labels).loss (mean over "
                 "labels[:,1:] != -100); loss.backward(); norm = clip_grad_norm_(all trainable params in "
@@ -734,7 +732,7 @@ def lora_run(proc, inp):
         "init_loss_on_inputs": init_loss,
         "final_loss_on_inputs": check["loss"],
         "final_loss_on_inputs_in_memory": in_memory_loss,
-        "final_loss_note": "legacy base + lora_final/image_newline.safetensors, PeftModel.from_pretrained("
+        "final_loss_note": "legacy base, PeftModel.from_pretrained("
                            "lora_final), eval, model(labels=).loss on inputs.safetensors",
     }
 
