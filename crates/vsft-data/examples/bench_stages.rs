@@ -21,21 +21,25 @@ fn main() {
     let t = Instant::now();
     let mut rc = Vec::new();
     for _ in 0..reps {
-        rc = dec.iter().map(|d| p.image.resize_and_crop(d)).collect();
+        rc = dec.iter().map(|d| p.image.prepare(d).unwrap()).collect();
     }
     println!("resize+crop {:8.3} ms/image", t.elapsed().as_secs_f64() * 1e3 / n);
     let t = Instant::now();
     for _ in 0..reps {
-        for d in &rc {
-            std::hint::black_box(p.image.preprocess(d));
-        }
+        std::hint::black_box(p.image.batch(&rc));
     }
-    println!("normalize   {:8.3} ms/image (incl. no-op resize)", t.elapsed().as_secs_f64() * 1e3 / n);
+    println!("normalize   {:8.3} ms/image", t.elapsed().as_secs_f64() * 1e3 / n);
     let t = Instant::now();
     let cfg = CollatorConfig::default();
+    let mut counts = Vec::new();
+    let mut k = 0;
+    for r in &rows {
+        counts.push(dec[k..k + r.images.len()].iter().map(|d| p.image.image_tokens(d.height, d.width).unwrap()).collect::<Vec<_>>());
+        k += r.images.len();
+    }
     for _ in 0..reps {
-        for r in &rows {
-            std::hint::black_box(p.text.encode(&r.messages, r.images.len(), cfg.add_special_tokens, None).unwrap());
+        for (r, c) in rows.iter().zip(&counts) {
+            std::hint::black_box(p.text.encode_images(&r.messages, c, cfg.add_special_tokens, false, None).unwrap());
         }
     }
     println!("text        {:8.3} ms/row", t.elapsed().as_secs_f64() * 1e3 / (reps * rows.len()) as f64);

@@ -3,7 +3,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::image_proc::PixelValues;
 use crate::template::Encoded;
 
 /// Label id ignored by the loss.
@@ -62,13 +61,141 @@ impl Default for CollatorConfig {
     }
 }
 
+/// What the model needs to know about one image besides its pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImageMeta {
+    /// Original (height, width) before any resize: transformers' `image_sizes`.
+    pub original_hw: (usize, usize),
+    /// Leading-axis entries of `pixel_values` this image occupies: 1 for CLIP, 1 + gh·gw tiles for LLaVA-NeXT.
+    pub units: usize,
+    /// (t, h, w) grid: LLaVA-NeXT (1, gh, gw) = best resolution / tile size (base tile not counted); CLIP (1, 1, 1).
+    pub grid: (usize, usize, usize),
+    /// Image tokens this image becomes in input_ids.
+    pub tokens: usize,
+}
+
+/// The images of a batch (or of one example), in row order, as the family's processor laid them out.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ImageBatch {
+    pub pixel_values: Vec<f32>,
+    /// Shape of `pixel_values`: `[Σ units, 3, H, W]` (CLIP-style towers). LLaVA-NeXT tiles are
+    /// not padded to a batch maximum here (the model drops padding tiles anyway); see
+    /// [`ImageBatch::padded_tiles`] for transformers' padded layout. Empty for
+    /// `ImageBatch::default()`; `[0, 3, H, W]` for a processed example without images.
+    pub shape: Vec<usize>,
+    pub meta: Vec<ImageMeta>,
+}
+
+impl ImageBatch {
+    /// An empty batch whose units are `unit_hw` (height, width).
+    pub fn empty(unit_hw: (usize, usize)) -> Self {
+        ImageBatch { pixel_values: Vec::new(), shape: vec![0, 3, unit_hw.0, unit_hw.1], meta: Vec::new() }
+    }
+
+    pub fn n_images(&self) -> usize {
+        self.meta.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+
+    /// Σ units: the leading axis of `pixel_values`.
+    pub fn n_units(&self) -> usize {
+        self.shape.first().copied().unwrap_or(0)
+    }
+
+    /// (height, width) of one unit (tile / image); (0, 0) when unknown.
+    pub fn unit_hw(&self) -> (usize, usize) {
+        match self.shape.as_slice() {
+            [_, _, h, w] => (*h, *w),
+            _ => (0, 0),
+        }
+    }
+
+    /// f32 values of one unit.
+    pub fn unit_len(&self) -> usize {
+        let (h, w) = self.unit_hw();
+        3 * h * w
+    }
+
+    /// Original (height, width) of each image: transformers' `image_sizes`.
+    pub fn image_sizes(&self) -> Vec<(usize, usize)> {
+        self.meta.iter().map(|m| m.original_hw).collect()
+    }
+
+    /// Image tokens of all images.
+    pub fn total_tokens(&self) -> usize {
+        self.meta.iter().map(|m| m.tokens).sum()
+    }
+
+    /// Range of units of image `i` along the leading axis.
+    pub fn unit_range(&self, i: usize) -> std::ops::Range<usize> {
+        let start: usize = self.meta[..i].iter().map(|m| m.units).sum();
+        start..start + self.meta[i].units
+    }
+
+    /// The pixel values of image `i` (its `units` units).
+    pub fn image_pixels(&self, i: usize) -> &[f32] {
+        let r = self.unit_range(i);
+        let n = self.unit_len();
+        &self.pixel_values[r.start * n..r.end * n]
+    }
+
+    /// Appends the images of `other` (same unit size; an empty part of any size is fine).
+    pub fn extend(&mut self, other: &ImageBatch) {
+        if other.n_units() == 0 && other.meta.is_empty() {
+            if self.shape.is_empty() {
+                self.shape = other.shape.clone();
+            }
+            return;
+        }
+        if self.n_units() == 0 {
+            let (h, w) = other.unit_hw();
+            self.shape = vec![0, 3, h, w];
+        } else {
+            assert_eq!(self.unit_hw(), other.unit_hw(), "all images of a batch must have the same unit size");
+        }
+        self.pixel_values.extend_from_slice(&other.pixel_values);
+        self.shape[0] += other.n_units();
+        self.meta.extend_from_slice(&other.meta);
+    }
+
+    /// Concatenation of parts, in order.
+    pub fn concat<'a>(parts: impl IntoIterator<Item = &'a ImageBatch>) -> ImageBatch {
+        let mut out = ImageBatch::default();
+        for p in parts {
+            out.extend(p);
+        }
+        out
+    }
+
+    /// transformers' batch layout: `[n_images, max units, 3, H, W]`, each image's units
+    /// followed by zero units up to the batch maximum (LLaVA-NeXT's `do_pad`).
+    pub fn padded_tiles(&self) -> (Vec<f32>, [usize; 5]) {
+        let (h, w) = self.unit_hw();
+        let max = self.meta.iter().map(|m| m.units).max().unwrap_or(0);
+        let n = self.unit_len();
+        let shape = [self.n_images(), max, 3, h, w];
+        let mut out = vec![0f32; self.n_images() * max * n];
+        let mut src = 0;
+        for (i, m) in self.meta.iter().enumerate() {
+            let len = m.units * n;
+            out[i * max * n..i * max * n + len].copy_from_slice(&self.pixel_values[src..src + len]);
+            src += len;
+        }
+        (out, shape)
+    }
+}
+
 /// One example ready for collation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     /// Global index of the row in its split (before shuffling).
     pub index: usize,
     pub encoded: Encoded,
-    pub pixel_values: Vec<PixelValues>,
+    /// The row's images, preprocessed by the model family's processor.
+    pub images: ImageBatch,
 }
 
 /// Outcome of truncating one example.
@@ -107,10 +234,8 @@ pub struct Batch {
     pub attention_mask: Vec<i64>,
     /// `[batch_size, seq_len]`
     pub labels: Vec<i64>,
-    /// `[n_images, 3, image_hw.0, image_hw.1]`, images in row order.
-    pub pixel_values: Vec<f32>,
-    pub n_images: usize,
-    pub image_hw: (usize, usize),
+    /// The images of all rows, in row order.
+    pub images: ImageBatch,
     /// Row index (in the split) of each batch row.
     pub rows: Vec<usize>,
     /// Number of labels that are not -100.
@@ -165,37 +290,15 @@ pub fn example_labels(enc: &Encoded, mode: LabelMask, image_token_id: u32) -> Ve
     labels
 }
 
-/// Pads and stacks examples (already truncated) into a batch.
+/// Pads and stacks examples (already truncated) into a batch; images are concatenated.
 pub fn collate(examples: &[Example], cfg: &CollatorConfig, pad_token_id: u32, image_token_id: u32) -> Batch {
-    let mut n_images = 0;
-    let mut image_hw = (0, 0);
-    for e in examples {
-        for p in &e.pixel_values {
-            n_images += 1;
-            image_hw = (p.height, p.width);
-        }
-    }
-    let mut pixel_values = Vec::with_capacity(n_images * 3 * image_hw.0 * image_hw.1);
-    for e in examples {
-        for p in &e.pixel_values {
-            assert_eq!((p.height, p.width), image_hw, "all images of a batch must have the same size");
-            pixel_values.extend_from_slice(&p.data);
-        }
-    }
+    let images = ImageBatch::concat(examples.iter().map(|e| &e.images));
     let text: Vec<(usize, &Encoded)> = examples.iter().map(|e| (e.index, &e.encoded)).collect();
-    collate_text(&text, cfg, pad_token_id, image_token_id, pixel_values, n_images, image_hw)
+    collate_text(&text, cfg, pad_token_id, image_token_id, images)
 }
 
-/// Pads token sequences into a batch around already stacked `pixel_values`.
-pub fn collate_text(
-    rows: &[(usize, &Encoded)],
-    cfg: &CollatorConfig,
-    pad_token_id: u32,
-    image_token_id: u32,
-    pixel_values: Vec<f32>,
-    n_images: usize,
-    image_hw: (usize, usize),
-) -> Batch {
+/// Pads token sequences into a batch around already concatenated images.
+pub fn collate_text(rows: &[(usize, &Encoded)], cfg: &CollatorConfig, pad_token_id: u32, image_token_id: u32, images: ImageBatch) -> Batch {
     let bsz = rows.len();
     let longest = rows.iter().map(|e| e.1.input_ids.len()).max().unwrap_or(0);
     let seq_len = match cfg.pad_to_multiple_of {
@@ -226,9 +329,7 @@ pub fn collate_text(
         input_ids,
         attention_mask,
         labels,
-        pixel_values,
-        n_images,
-        image_hw,
+        images,
         rows: rows.iter().map(|e| e.0).collect(),
         n_label_tokens,
         all_labels_masked: n_label_tokens == 0,

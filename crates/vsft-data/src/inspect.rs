@@ -54,6 +54,35 @@ impl InspectOptions {
 pub struct ImageStat {
     pub pixel_mean: f64,
     pub pixel_abs_mean: f64,
+    /// Original (height, width).
+    pub height: usize,
+    pub width: usize,
+    /// Units (tiles) in `pixel_values` and `<image>` tokens.
+    pub units: usize,
+    pub tokens: usize,
+}
+
+impl ImageStat {
+    /// Statistics of every image of an `ImageBatch`.
+    pub fn of_batch(images: &crate::collator::ImageBatch) -> Vec<ImageStat> {
+        images
+            .meta
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let px = images.image_pixels(i);
+                let n = px.len().max(1) as f64;
+                ImageStat {
+                    pixel_mean: px.iter().map(|&v| v as f64).sum::<f64>() / n,
+                    pixel_abs_mean: px.iter().map(|&v| v.abs() as f64).sum::<f64>() / n,
+                    height: m.original_hw.0,
+                    width: m.original_hw.1,
+                    units: m.units,
+                    tokens: m.tokens,
+                }
+            })
+            .collect()
+    }
 }
 
 /// One inspected example.
@@ -79,7 +108,7 @@ impl InspectedExample {
     pub fn n_trained(&self) -> usize {
         self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
     }
-    /// `{"index","text","input_ids","labels","images":[{"pixel_mean","pixel_abs_mean"}]}`
+    /// `{"index","text","input_ids","labels","images":[{"pixel_mean","pixel_abs_mean","height","width","units","tokens"}]}`
     pub fn to_json_line(&self) -> String {
         serde_json::to_string(self).expect("serialisable")
     }
@@ -156,7 +185,7 @@ pub fn inspect_with(processor: &Processor, opts: &InspectOptions) -> Result<(Vec
                     text: ex.encoded.text.clone(),
                     input_ids: ids,
                     labels,
-                    images: ex.pixel_values.iter().map(|p| ImageStat { pixel_mean: p.mean(), pixel_abs_mean: p.abs_mean() }).collect(),
+                    images: ImageStat::of_batch(&ex.images),
                     marked,
                     source: src,
                 });
@@ -246,7 +275,7 @@ pub fn summarize(opts: &InspectOptions, workers: usize) -> Result<Summary> {
             None => break,
             Some(Ok(b)) => {
                 lens.push(b.seq_len);
-                images += b.n_images;
+                images += b.images.n_images();
                 trained += b.n_label_tokens;
             }
             Some(Err(e)) => return Err(e),

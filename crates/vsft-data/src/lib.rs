@@ -3,8 +3,10 @@
 //! chat templates and tokenizers (equal to `LlavaProcessor`), and the collator (equal to
 //! TRL's `DataCollatorForVisionLanguageModeling` / the HF VLM blog's collator).
 //!
-//! Batches are plain buffers (`Vec<i64>` ids/mask/labels `[batch, seq]`, `Vec<f32>` pixels
-//! `[n_images, 3, H, W]`); no tensor library is involved.
+//! Batches are plain buffers (`Vec<i64>` ids/mask/labels `[batch, seq]`, an `ImageBatch` of
+//! `Vec<f32>` pixels `[Σ units, 3, H, W]` with per-image `ImageMeta`); no tensor library is
+//! involved. Model families (`family`): `llava` (CLIP, fixed `<image>` count) and
+//! `llava_next` (anyres tiles, per-image count).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -32,6 +34,7 @@
 pub mod collator;
 pub mod dataset;
 pub mod error;
+pub mod family;
 pub mod image_proc;
 pub mod inspect;
 pub mod jpeg;
@@ -39,11 +42,12 @@ pub mod loader;
 pub mod pipeline;
 pub mod template;
 
-pub use collator::{Batch, CollatorConfig, Example, LabelMask, IGNORE_INDEX};
+pub use collator::{Batch, CollatorConfig, Example, ImageBatch, ImageMeta, LabelMask, IGNORE_INDEX};
 pub use dataset::{open_dataset, Cursor, ImageSource, OnBadRow, Row, RowSource, SkipStats};
 pub use inspect::{inspect, summarize, InspectOptions, InspectedExample, Summary};
 pub use error::{BadRowKind, DataError, Result};
-pub use image_proc::{ImageProcessor, ImageProcessorConfig, PixelValues};
+pub use family::{AnyResProcessor, ClipImages, PreparedImage, VisionProcessor};
+pub use image_proc::{ImageProcessor, ImageProcessorConfig, PixelValues, RgbImage};
 pub use loader::{DataLoader, LoaderConfig};
-pub use pipeline::Processor;
+pub use pipeline::{Prepared, Processor};
 pub use template::{ChatTemplate, Content, Message, TextProcessor};

@@ -1,28 +1,29 @@
-//! The processor: one dataset row -> one example (images preprocessed, text tokenized),
-//! the equivalent of `LlavaProcessor` + the collator's per-row work.
+//! The processor: one dataset row -> one example (images preprocessed by the model
+//! family's image processor, text tokenized with each image's `<image>` count), the
+//! equivalent of `LlavaProcessor` / `LlavaNextProcessor` + the collator's per-row work.
 
 use std::path::Path;
 
-use crate::collator::{self, Batch, CollatorConfig, Example, LabelMask, Truncation};
+use crate::collator::{self, Batch, CollatorConfig, Example, ImageBatch, ImageMeta, LabelMask, Truncation};
 use crate::dataset::{validate_row, Row};
 use crate::error::{BadRowKind, DataError, Result};
-use crate::image_proc::{decode_image, ImageProcessor, PixelValues, RgbImage};
-use crate::template::Encoded;
+use crate::family::{PreparedImage, VisionProcessor};
+use crate::image_proc::{decode_image, RgbImage};
+use crate::template::{AssistantSpans, Encoded, Message, TextProcessor};
 
-/// A row processed up to its resized and cropped 8-bit images: what a batch needs before
-/// normalisation (which then writes straight into the batch buffer).
+/// A row processed up to its 8-bit images (resized, cropped / tiled): what a batch needs
+/// before normalisation (which then writes straight into the batch buffer).
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub index: usize,
     pub encoded: Encoded,
-    pub images: Vec<RgbImage>,
+    pub images: Vec<PreparedImage>,
 }
-use crate::template::{AssistantSpans, TextProcessor};
 
-/// Image processor + text processor of a model directory.
+/// Image processor (of the model's family) + text processor of a model directory.
 #[derive(Debug)]
 pub struct Processor {
-    pub image: ImageProcessor,
+    pub image: VisionProcessor,
     pub text: TextProcessor,
 }
 
@@ -31,19 +32,22 @@ impl Processor {
     /// `preprocessor_config.json` / `processor_config.json`, chat template). `chat_template`
     /// overrides the model's template.
     pub fn from_model_dir(dir: &Path, chat_template: Option<&Path>) -> Result<Self> {
-        let image = ImageProcessor::from_model_dir(dir)?;
-        if image.config.output_hw().is_none() {
-            return Err(crate::error::DataError::Config {
-                path: dir.to_path_buf(),
-                msg: "the image processor's output size is not fixed (no centre crop, no height/width size): images of a batch could not be stacked".into(),
-            });
+        let image = VisionProcessor::from_model_dir(dir)?;
+        let mut text = TextProcessor::from_model_dir(dir, chat_template, Some(image.unit_hw()))?;
+        match &image {
+            VisionProcessor::Llava(p) => text.image.image_seq_length = p.tokens,
+            VisionProcessor::LlavaNext(_) => text.image.dynamic = true,
         }
-        let text = TextProcessor::from_model_dir(dir, chat_template, image.config.output_hw())?;
         Ok(Processor { image, text })
     }
 
+    /// `"llava"` / `"llava_next"`.
+    pub fn family(&self) -> &'static str {
+        self.image.family()
+    }
+
     /// Decodes the images of a row; errors name the image field.
-    fn decode_row_images(&self, row: &Row) -> Result<Vec<RgbImage>> {
+    pub fn decode_row_images(&self, row: &Row) -> Result<Vec<RgbImage>> {
         row.images
             .iter()
             .enumerate()
@@ -58,16 +62,48 @@ impl Processor {
             .collect()
     }
 
-    /// Decodes and preprocesses the images of a row; errors name the image field.
-    pub fn row_images(&self, row: &Row) -> Result<Vec<PixelValues>> {
-        Ok(self.decode_row_images(row)?.iter().map(|img| self.image.preprocess(img)).collect())
+    /// Layout and token count of each decoded image of a row; errors name the image field.
+    fn row_meta(&self, row: &Row, images: &[RgbImage]) -> Result<Vec<ImageMeta>> {
+        images
+            .iter()
+            .enumerate()
+            .map(|(k, img)| {
+                self.image.meta(img.height, img.width).map_err(|e| {
+                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, e.to_string())
+                })
+            })
+            .collect()
     }
 
-    /// Validates, tokenizes and truncates a row (no images touched).
-    fn encode_checked(&self, row: &Row, cfg: &CollatorConfig) -> Result<Encoded> {
-        validate_row(row)?;
+    fn prepare_images(&self, row: &Row, images: &[RgbImage]) -> Result<Vec<PreparedImage>> {
+        images
+            .iter()
+            .enumerate()
+            .map(|(k, img)| {
+                self.image.prepare(img).map_err(|e| {
+                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, e.to_string())
+                })
+            })
+            .collect()
+    }
+
+    /// Decodes and preprocesses the images of a row; errors name the image field.
+    pub fn row_images(&self, row: &Row) -> Result<ImageBatch> {
+        let images = self.decode_row_images(row)?;
+        Ok(self.image.batch(&self.prepare_images(row, &images)?))
+    }
+
+    /// Decoded 8-bit units (resized and cropped / tiled) of the images of a row.
+    pub fn row_images_u8(&self, row: &Row) -> Result<Vec<PreparedImage>> {
+        let images = self.decode_row_images(row)?;
+        self.prepare_images(row, &images)
+    }
+
+    /// Tokenizes (each image expanded to its own token count) and truncates a validated row.
+    fn encode_checked(&self, row: &Row, cfg: &CollatorConfig, meta: &[ImageMeta]) -> Result<Encoded> {
         let assistant = (cfg.label_mask == LabelMask::Assistant).then_some(AssistantSpans::Auto);
-        let mut encoded = self.text.encode_row(&row.messages, row.images.len(), cfg.add_special_tokens, assistant, &row.file, row.file_row)?;
+        let counts: Vec<usize> = meta.iter().map(|m| m.tokens).collect();
+        let mut encoded = self.text.encode_row(&row.messages, &counts, cfg.add_special_tokens, assistant, &row.file, row.file_row)?;
         if collator::truncate(&mut encoded, cfg.max_length) == Truncation::CutsImage {
             return Err(DataError::bad_row(
                 &row.file,
@@ -84,39 +120,47 @@ impl Processor {
         Ok(encoded)
     }
 
-    /// Validates, tokenizes and truncates a row, and preprocesses its images.
-    pub fn process_row(&self, row: &Row, cfg: &CollatorConfig) -> Result<Example> {
-        let encoded = self.encode_checked(row, cfg)?;
-        let pixel_values = self.row_images(row)?;
-        Ok(Example { index: row.index, encoded, pixel_values })
+    /// Validates, decodes the images (their sizes set the `<image>` counts), tokenizes,
+    /// truncates and returns the 8-bit images.
+    fn prepare_parts(&self, row: &Row, cfg: &CollatorConfig) -> Result<(Encoded, Vec<PreparedImage>)> {
+        validate_row(row)?;
+        let images = self.decode_row_images(row)?;
+        let meta = self.row_meta(row, &images)?;
+        let encoded = self.encode_checked(row, cfg, &meta)?;
+        let prepared = self.prepare_images(row, &images)?;
+        Ok((encoded, prepared))
     }
 
-    /// Decoded, resized and cropped 8-bit images of a row; errors name the image field.
-    pub fn row_images_u8(&self, row: &Row) -> Result<Vec<RgbImage>> {
-        Ok(self.decode_row_images(row)?.iter().map(|img| self.image.resize_and_crop(img)).collect())
+    /// Validates, tokenizes and truncates a row, and preprocesses its images.
+    pub fn process_row(&self, row: &Row, cfg: &CollatorConfig) -> Result<Example> {
+        let (encoded, prepared) = self.prepare_parts(row, cfg)?;
+        Ok(Example { index: row.index, encoded, images: self.image.batch(&prepared) })
     }
 
     /// Like `process_row`, stopping before normalisation.
     pub fn prepare_row(&self, row: &Row, cfg: &CollatorConfig) -> Result<Prepared> {
-        let ex = self.encode_checked(row, cfg)?;
-        let images = self.row_images_u8(row)?;
-        Ok(Prepared { index: row.index, encoded: ex, images })
+        let (encoded, images) = self.prepare_parts(row, cfg)?;
+        Ok(Prepared { index: row.index, encoded, images })
     }
 
     /// Collates prepared rows, normalising images directly into the batch's pixel buffer.
     pub fn collate_prepared(&self, rows: &[Prepared], cfg: &CollatorConfig) -> Batch {
-        let n_images: usize = rows.iter().map(|r| r.images.len()).sum();
-        let hw = rows.iter().flat_map(|r| r.images.iter()).map(|i| (i.height, i.width)).next().unwrap_or((0, 0));
-        let mut pixels = Vec::with_capacity(n_images * 3 * hw.0 * hw.1);
-        for img in rows.iter().flat_map(|r| r.images.iter()) {
-            assert_eq!((img.height, img.width), hw, "all images of a batch must have the same size");
-            self.image.normalize_into(img, &mut pixels);
-        }
+        let images = self.image.batch(rows.iter().flat_map(|r| r.images.iter()));
         let text: Vec<(usize, &Encoded)> = rows.iter().map(|r| (r.index, &r.encoded)).collect();
-        collator::collate_text(&text, cfg, self.text.pad_token_id, self.text.image_token_id, pixels, n_images, hw)
+        collator::collate_text(&text, cfg, self.text.pad_token_id, self.text.image_token_id, images)
     }
 
     pub fn collate(&self, examples: &[Example], cfg: &CollatorConfig) -> Batch {
         collator::collate(examples, cfg, self.text.pad_token_id, self.text.image_token_id)
+    }
+
+    /// A generation prompt with its images: the template rendered with
+    /// `add_generation_prompt=true`, BOS as the tokenizer adds it (unless the template
+    /// already did), each `<image>` expanded to its image's token count.
+    pub fn encode_prompt_with_images(&self, messages: &[Message], images: &[RgbImage]) -> Result<(Vec<u32>, ImageBatch)> {
+        let prepared = images.iter().map(|i| self.image.prepare(i)).collect::<Result<Vec<_>>>()?;
+        let counts: Vec<usize> = prepared.iter().map(|p| p.meta.tokens).collect();
+        let enc = self.text.encode_images(messages, &counts, true, true, None)?;
+        Ok((enc.input_ids, self.image.batch(&prepared)))
     }
 }

@@ -464,7 +464,12 @@ pub fn load_chat_template(model_dir: &Path, explicit: Option<&Path>) -> Result<(
 pub struct ImageTokenSpec {
     pub image_token: String,
     /// Number of tokens each `<image>` becomes (1 = no expansion, the legacy behaviour).
+    /// Not used when `dynamic`.
     pub image_seq_length: usize,
+    /// The count depends on each image's size (LLaVA-NeXT): only the per-image encoders
+    /// (`encode_images`, `Processor::process_row`, `Processor::encode_prompt_with_images`)
+    /// can expand `<image>`; the count-based ones (`encode`, `encode_prompt`) refuse.
+    pub dynamic: bool,
 }
 
 impl ImageTokenSpec {
@@ -516,7 +521,7 @@ impl ImageTokenSpec {
             }
             (None, None) => 1,
         };
-        Ok(ImageTokenSpec { image_token, image_seq_length })
+        Ok(ImageTokenSpec { image_token, image_seq_length, dynamic: false })
     }
 }
 
@@ -631,12 +636,14 @@ impl TextProcessor {
     }
 
     /// Prompt ids for generation: the template with `add_generation_prompt=true`, `<image>`
-    /// expanded, BOS as the tokenizer adds it unless the template already did.
+    /// expanded, BOS as the tokenizer adds it unless the template already did. Fixed-count
+    /// families only (see `Processor::encode_prompt_with_images` for any family).
     pub fn encode_prompt(&self, messages: &[Message], n_images: usize) -> Result<Vec<u32>> {
         Ok(self.encode_with(messages, n_images, true, true, None)?.input_ids)
     }
 
-    /// `encode` with the generation prompt as an option.
+    /// `encode` with the generation prompt as an option (fixed-count families: every image
+    /// becomes `image_seq_length` tokens).
     pub fn encode_with(
         &self,
         messages: &[Message],
@@ -645,6 +652,27 @@ impl TextProcessor {
         add_generation_prompt: bool,
         assistant: Option<AssistantSpans>,
     ) -> Result<Encoded> {
+        if self.image.dynamic && n_images > 0 {
+            return Err(DataError::Other(format!(
+                "this processor's {} token count depends on each image's size: encode with the images (Processor::process_row / encode_prompt_with_images)",
+                self.image.image_token
+            )));
+        }
+        let counts = vec![self.image.image_seq_length; n_images];
+        self.encode_images(messages, &counts, add_special_tokens, add_generation_prompt, assistant)
+    }
+
+    /// Renders, checks the image count, tokenizes and expands the k-th `<image>` into
+    /// `image_tokens[k]` image tokens, as the `Llava*Processor`s do.
+    pub fn encode_images(
+        &self,
+        messages: &[Message],
+        image_tokens: &[usize],
+        add_special_tokens: bool,
+        add_generation_prompt: bool,
+        assistant: Option<AssistantSpans>,
+    ) -> Result<Encoded> {
+        let n_images = image_tokens.len();
         let rendered = self.render(messages, add_generation_prompt)?;
         let text = rendered.text;
         let n_in_text = text.matches(self.image.image_token.as_str()).count();
@@ -674,7 +702,6 @@ impl TextProcessor {
             .map_err(|e| DataError::Other(format!("tokenizer: {e}")))?;
         let ids = enc.get_ids();
         let offsets = enc.get_offsets();
-        let n_img_tok = self.image.image_seq_length;
         let n_img_in_ids = ids.iter().filter(|&&t| t == self.image_token_id).count();
         if n_img_in_ids != n_images {
             return Err(DataError::Other(format!(
@@ -682,7 +709,7 @@ impl TextProcessor {
                 self.image.image_token
             )));
         }
-        let total = ids.len() + n_images * (n_img_tok.saturating_sub(1));
+        let total = ids.len() + image_tokens.iter().sum::<usize>() - n_images.min(ids.len());
         let mut input_ids = Vec::with_capacity(total);
         let mut mask = spans.as_ref().map(|_| Vec::with_capacity(total));
         let mut image_spans = Vec::with_capacity(n_images);
@@ -692,6 +719,7 @@ impl TextProcessor {
                 sp.iter().any(|&(s, e)| ts < e && te > s)
             });
             if id == self.image_token_id {
+                let n_img_tok = image_tokens[image_spans.len()];
                 image_spans.push((input_ids.len(), input_ids.len() + n_img_tok));
                 for _ in 0..n_img_tok {
                     input_ids.push(id);
@@ -709,9 +737,9 @@ impl TextProcessor {
         Ok(Encoded { text, input_ids, assistant_mask: mask, image_spans, n_images })
     }
 
-    /// Like `encode`, but errors carry the row location.
-    pub fn encode_row(&self, messages: &[Message], n_images: usize, add_special_tokens: bool, assistant: Option<AssistantSpans>, file: &Path, row: usize) -> Result<Encoded> {
-        self.encode(messages, n_images, add_special_tokens, assistant).map_err(|e| {
+    /// `encode_images` (no generation prompt) with errors that carry the row location.
+    pub fn encode_row(&self, messages: &[Message], image_tokens: &[usize], add_special_tokens: bool, assistant: Option<AssistantSpans>, file: &Path, row: usize) -> Result<Encoded> {
+        self.encode_images(messages, image_tokens, add_special_tokens, false, assistant).map_err(|e| {
             let kind = match &e {
                 DataError::Other(m) if m.contains("images") => BadRowKind::ImageCountMismatch,
                 _ => BadRowKind::Template,

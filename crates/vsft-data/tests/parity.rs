@@ -41,6 +41,8 @@ fn flat(v: &J) -> Vec<i64> {
 fn pixel_values_match_clip_image_processor_pil() {
     let r = reference();
     let ip = ImageProcessor::from_model_dir(&fx().join("model")).unwrap();
+    let family = vsft_data::VisionProcessor::from_model_dir(&fx().join("model")).unwrap();
+    assert_eq!(family.family(), "llava");
     let st_bytes = std::fs::read(fx().join("pixel_values.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
     let mut report = Vec::new();
@@ -53,6 +55,10 @@ fn pixel_values_match_clip_image_processor_pil() {
         let img = decode_image(&bytes).unwrap();
         let got = ip.preprocess(&img);
         assert_eq!(vec![3, got.height, got.width], shape, "{name}");
+        let fam = family.preprocess(std::slice::from_ref(&img)).unwrap();
+        assert_eq!(fam.shape, [vec![1], shape.clone()].concat(), "{name}");
+        assert_eq!(fam.pixel_values, got.data, "{name}: family path");
+        assert_eq!(fam.meta[0].original_hw, (img.height, img.width));
         assert_eq!(got.data.len(), want.len());
         let mut max = 0f64;
         let mut sum = 0f64;
@@ -176,7 +182,7 @@ fn llava_json_converts_to_the_same_messages_and_tokens() {
         let ea = p.process_row(&a, &cfg).unwrap();
         let eb = p.process_row(&b, &cfg).unwrap();
         assert_eq!(ea.encoded, eb.encoded, "{id}");
-        assert_eq!(ea.pixel_values, eb.pixel_values, "{id}");
+        assert_eq!(ea.images, eb.images, "{id}");
     }
 }
 
