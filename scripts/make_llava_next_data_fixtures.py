@@ -245,6 +245,32 @@ def build_processor(proc_dir, template):
     return proc
 
 
+def build_small_processor(proc_dir, tok):
+    """Image-side files only (preprocessor_config.json + processor_config.json)."""
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168], [168, 168]],
+        resample=3, do_pad=True, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    save_tmp = os.path.join(OUT, "_save_small")
+    proc.save_pretrained(save_tmp)
+    pc = json.load(open(os.path.join(save_tmp, "processor_config.json")))
+    shutil.rmtree(save_tmp)
+    os.makedirs(proc_dir)
+    ipc = dict(pc.pop("image_processor"))
+    with open(os.path.join(proc_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(ipc, f, indent=2, sort_keys=True)
+    with open(os.path.join(proc_dir, "processor_config.json"), "w") as f:
+        json.dump(pc, f, indent=2, sort_keys=True)
+    # reload (image processor from disk) so the references come from the files
+    ip2 = LlavaNextImageProcessorPil.from_pretrained(proc_dir)
+    assert type(ip2).__name__ == "LlavaNextImageProcessorPil"
+    assert (ip2.size, ip2.crop_size, ip2.image_grid_pinpoints) == (ip.size, ip.crop_size, ip.image_grid_pinpoints)
+    return LlavaNextProcessor(image_processor=ip2, tokenizer=tok, **{k: pc[k] for k in
+                              ["patch_size", "vision_feature_select_strategy", "num_additional_image_tokens"]})
+
+
 # ----------------------------------------------------------------------------------------
 
 
@@ -388,6 +414,31 @@ def main():
             "labels": {"pad": lab_pad.tolist(), "pad+image": lab_pi.tolist(), "assistant": lab_a.tolist()},
         })
 
+    # a tiny model's processor: 56-px tiles, pinpoints in multiples of 56, patch 14 (the
+    # placeholder rule and the tiling at another tile size)
+    small = build_small_processor(os.path.join(OUT, "processor_tile56"), proc.tokenizer)
+    sip = small.image_processor
+    tile56 = {"images": {}, "sizes": []}
+    for n in imgs:
+        im = Image.open(io.BytesIO(imgs[n]))
+        out = sip([im], return_tensors="np")
+        tokens, full = count_image_tokens(small, im)
+        assert np.array_equal(full["pixel_values"], out["pixel_values"])
+        tile56["images"][n] = {"pixel_values_shape": list(out["pixel_values"].shape), "tokens": tokens,
+                               "best_resolution": list(select_best_resolution((im.height, im.width), sip.image_grid_pinpoints)),
+                               "sha256": sha256_f32(out["pixel_values"][0])}
+    for e in sizes:
+        h, w = e["hw"]
+        mm = small._get_num_multimodal_tokens(image_sizes=[[h, w]])["num_image_tokens"][0]
+        best = select_best_resolution((h, w), sip.image_grid_pinpoints)
+        tile56["sizes"].append({"hw": [h, w], "tokens": mm, "best_resolution": list(best)})
+    # the count function equals the full processor on a subset of blank images
+    for e in tile56["sizes"][::10]:
+        h, w = e["hw"]
+        tokens, out = count_image_tokens(small, Image.fromarray(np.zeros((h, w, 3), np.uint8)))
+        assert tokens == e["tokens"], (h, w)
+        e["tiles"] = int(out["pixel_values"].shape[1])
+
     meta = {
         "versions": {"transformers": transformers.__version__, "trl": trl.__version__, "torch": torch.__version__,
                      "tokenizers": __import__("tokenizers").__version__, "PIL": Image.__version__,
@@ -399,7 +450,7 @@ def main():
         "num_additional_image_tokens": proc.num_additional_image_tokens,
         "image_grid_pinpoints": [list(p) for p in ip.image_grid_pinpoints],
         "train_file": shard, "n_rows": len(ROWS),
-        "images": images, "sizes": sizes, "rows": rows, "batches": batches,
+        "images": images, "sizes": sizes, "rows": rows, "batches": batches, "tile56": tile56,
     }
     with open(os.path.join(OUT, "reference.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False)

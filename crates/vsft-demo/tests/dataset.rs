@@ -89,7 +89,7 @@ fn every_row_processes_with_the_demo_model_files() {
                 row.messages.iter().filter(|m| m.role == "assistant").map(|m| pre_tokenize(m.content[0].text.as_deref().unwrap()).len() + 1).sum();
             assert_eq!(mask.iter().filter(|&&m| m).count(), answer_tokens, "row {i}: {:?}", ex.encoded.text);
             assert_eq!(ids.iter().filter(|&&t| t == v.eos_token_id).count(), n_turns);
-            assert_eq!(ex.pixel_values.len(), 1);
+            assert_eq!(ex.images.n_images(), 1);
             max_len = max_len.max(ids.len());
         }
     }

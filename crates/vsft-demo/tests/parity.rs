@@ -44,7 +44,7 @@ fn matches_transformers() {
         }
         let theirs: Vec<u64> = want["assistant_masks"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
         assert_eq!(ours, theirs, "{at}");
-        let px = &ex.pixel_values[0].data;
+        let px = ex.images.image_pixels(0);
         let sum: f64 = px.iter().map(|&x| x as f64).sum();
         let want_sum = want["pixel_sum"].as_f64().unwrap();
         assert!((sum - want_sum).abs() < 1e-6 * px.len() as f64, "{at}: pixel sum {sum} vs {want_sum}");
