@@ -137,6 +137,27 @@ impl<B: Backend> ClipVisionTower<B> {
         }
     }
 
+    /// Every linear layer with its PEFT module name under `prefix` (`model.vision_tower`), as
+    /// transformers 5 names CLIP's modules (no `vision_model.` level).
+    pub fn linears_mut(&mut self, prefix: &str) -> Vec<(String, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.vision_model.encoder.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            for (which, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.out_proj", &mut a.out_proj),
+                ("mlp.fc1", &mut m.fc1),
+                ("mlp.fc2", &mut m.fc2),
+            ] {
+                out.push((format!("{prefix}.encoder.layers.{i}.{which}"), lin));
+            }
+        }
+        out
+    }
+
     /// `hidden_states[i]` for each requested `i` (0 = embeddings after `pre_layrnorm`, i = output
     /// of encoder layer i-1). Layers past the deepest requested one are not run.
     pub fn hidden_states(&self, pixel_values: Tensor<B, 4>, indices: &[usize]) -> Vec<Tensor<B, 3>> {

@@ -100,13 +100,52 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tie_word_embeddings: Option<bool>,
+    /// Mistral's `sliding_window`: absent (outer `None`) means 4096, `null` means none.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub sliding_window: Option<Option<usize>>,
     #[serde(default = "d::llama_type")]
     pub model_type: String,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, Value>,
 }
 
+/// The decoders a LLaVA-style `text_config` may name; they share the Llama computation.
+pub const SUPPORTED_DECODERS: [&str; 2] = ["llama", "mistral"];
+
+/// Deserialises a key that may be `null`: absent stays `None` (via `default`), present becomes
+/// `Some(value)`, so `null` and absence can mean different things.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// `text_config` completed with the defaults of its own config class: `MistralConfig` differs
+/// from `LlamaConfig` in the keys below, and llava-hf's configs omit some of them.
+fn text_config_with_defaults<'de, D: serde::Deserializer<'de>>(d: D) -> Result<LlamaConfig, D::Error> {
+    let mut v = Value::deserialize(d)?;
+    if let Some(map) = v.as_object_mut() {
+        if map.get("model_type").and_then(Value::as_str) == Some("mistral") {
+            for (key, default) in [
+                ("intermediate_size", serde_json::json!(14336)),
+                ("num_key_value_heads", serde_json::json!(8)),
+                ("max_position_embeddings", serde_json::json!(4096 * 32)),
+                ("sliding_window", serde_json::json!(4096)),
+            ] {
+                map.entry(key).or_insert(default);
+            }
+        }
+    }
+    serde_json::from_value(v).map_err(serde::de::Error::custom)
+}
+
 impl LlamaConfig {
+    /// Keys beyond this many positions back are not attended to (Mistral); `None`: all are.
+    pub fn sliding_window(&self) -> Option<usize> {
+        match self.model_type.as_str() {
+            "mistral" => self.sliding_window.unwrap_or(Some(4096)),
+            _ => None,
+        }
+    }
+
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -139,7 +178,7 @@ pub struct LlavaConfig {
     pub model_type: String,
     #[serde(default = "d::llava_vision")]
     pub vision_config: ClipVisionConfig,
-    #[serde(default = "d::llava_text")]
+    #[serde(default = "d::llava_text", deserialize_with = "text_config_with_defaults")]
     pub text_config: LlamaConfig,
     #[serde(default = "d::image_token", alias = "image_token_id")]
     pub image_token_index: i64,
@@ -177,9 +216,15 @@ impl LlavaConfig {
         if self.model_type != "llava" {
             return Err(format!("unsupported model_type {:?}: vsft supports \"llava\"", self.model_type));
         }
-        if self.text_config.model_type != "llama" {
+        self.validate_parts()
+    }
+
+    /// The checks shared by every family built on LLaVA's parts (CLIP tower, MLP projector,
+    /// Llama-style decoder).
+    pub fn validate_parts(&self) -> Result<(), String> {
+        if !SUPPORTED_DECODERS.contains(&self.text_config.model_type.as_str()) {
             return Err(format!(
-                "unsupported text_config.model_type {:?}: vsft supports \"llama\"",
+                "unsupported text_config.model_type {:?}: vsft supports {SUPPORTED_DECODERS:?}",
                 self.text_config.model_type
             ));
         }

@@ -1,12 +1,7 @@
-//! Generation: the vision tower runs once, the prompt fills a KV cache, then one token at a
+//! Generation options and token picking; the loop is [`crate::family::VisionLanguageModel::generate`]:
+//! the vision tower runs once, the prompt fills a KV cache, then one token at a
 //! time (greedy, or temperature + top-p sampling with a seeded RNG) until EOS or the limit.
 
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
-
-use crate::error::ModelError;
-use crate::llama::KvCache;
-use crate::llava::LlavaModel;
 use crate::weights::RandomInit;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,39 +57,4 @@ pub fn pick_token(logits: &[f32], opts: &GenerateOptions, rng: &mut RandomInit) 
         u -= p;
     }
     probs.last().map(|p| p.0 as i64).unwrap_or(0)
-}
-
-impl<B: Backend> LlavaModel<B> {
-    /// Generates after `prompt_ids` (one sequence, image tokens already expanded), calling
-    /// `on_token` with each new token (return false to stop). Returns the new tokens.
-    pub fn generate(
-        &self,
-        prompt_ids: &[i64],
-        pixel_values: Option<Tensor<B, 4>>,
-        opts: &GenerateOptions,
-        on_token: &mut dyn FnMut(i64) -> bool,
-    ) -> Result<Vec<i64>, ModelError> {
-        let device = self.language_model.model.norm.weight.val().device();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(prompt_ids.to_vec(), [1, prompt_ids.len()]), &device);
-        let features = pixel_values.map(|p| self.image_features(p));
-        let embeds = self.merge_embeddings(ids, features)?;
-        let mut cache = KvCache::default();
-        let mut rng = RandomInit::new(opts.seed);
-        let mut hidden = self.language_model.decode_cached(embeds, &mut cache);
-        let mut out = Vec::new();
-        for _ in 0..opts.max_new_tokens {
-            let [_, t, h] = hidden.dims();
-            let last = hidden.slice([0..1, t - 1..t, 0..h]);
-            let logits: Vec<f32> = self.language_model.logits(last).into_data().convert::<f32>().into_vec().expect("f32");
-            let token = pick_token(&logits, opts, &mut rng);
-            out.push(token);
-            if opts.eos_token_ids.contains(&token) || !on_token(token) {
-                break;
-            }
-            let next = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![token], [1, 1]), &device);
-            let embeds = self.language_model.model.embed_tokens.forward(next);
-            hidden = self.language_model.decode_cached(embeds, &mut cache);
-        }
-        Ok(out)
-    }
 }

@@ -2,15 +2,19 @@
 //! checkpoints in and out.
 //!
 //! Layout: [`config`] (serde mirrors of config.json) → [`nn`] (layers with HF names) →
-//! [`clip`] (vision tower), [`llama`] (decoder), [`llava`] (projector + merge) → [`loss`];
-//! [`weights`] reads and writes safetensors.
+//! shared blocks [`clip`] (vision tower), [`llama`] (Llama/Mistral decoder), [`lora`], [`loss`] →
+//! the families [`llava`] (LLaVA-1.5) and [`llava_next`] (LLaVA-NeXT), registered in [`family`],
+//! which also holds what every family computes after its image features (merge, decoder, loss,
+//! generation); [`weights`] reads and writes safetensors.
 
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod family;
 pub mod generate;
 pub mod llama;
 pub mod llava;
+pub mod llava_next;
 pub mod lora;
 pub mod loss;
 pub mod nn;
@@ -18,5 +22,7 @@ pub mod weights;
 
 pub use config::LlavaConfig;
 pub use error::ModelError;
+pub use family::{Family, ImageInfo, ImageInputs, VisionLanguageModel, VlmModel};
 pub use llava::LlavaModel;
+pub use llava_next::{LlavaNextConfig, LlavaNextModel};
 pub use weights::StoredDtype;

@@ -45,6 +45,9 @@ pub struct LlamaModel<B: Backend> {
     pub layers: Vec<LlamaDecoderLayer<B>>,
     pub norm: RmsNorm<B>,
     pub rope_theta: f64,
+    /// Mistral's sliding window: a query sees this many keys, itself included (`None`: all).
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
 }
 
 /// `language_model` in the Hub's layout: the decoder and its head (absent when tied).
@@ -106,6 +109,8 @@ impl<B: Backend> Rope<B> {
 /// `[batch, 1, seq, seq]` boolean mask, built only if some layer needs it.
 pub struct CausalMask<B: Backend> {
     attention_mask: Tensor<B, 2, Int>,
+    /// A sliding window shorter than the sequence: the fused kernel (causal only) cannot run.
+    window: Option<usize>,
     /// `[batch, seq]`, true where attention_mask is 0; `None` when nothing is padded or the
     /// fused kernel cannot run on this backend (then the mask is not read back to the host).
     key_padding: Option<Arc<Vec<bool>>>,
@@ -113,19 +118,45 @@ pub struct CausalMask<B: Backend> {
 }
 
 impl<B: Backend> CausalMask<B> {
-    /// `attention_mask: [batch, seq]` of 0/1.
-    pub fn new(attention_mask: Tensor<B, 2, Int>, read_padding: bool) -> Self {
-        let key_padding = read_padding
+    /// `attention_mask: [batch, seq]` of 0/1; `sliding_window` as the decoder's config says.
+    pub fn new(attention_mask: Tensor<B, 2, Int>, read_padding: bool, sliding_window: Option<usize>) -> Self {
+        let seq = attention_mask.dims()[1];
+        // A window at least as long as the sequence never hides a key: same as none.
+        let window = sliding_window.filter(|&w| w < seq);
+        let key_padding = (read_padding && window.is_none())
             .then(|| attention_mask.to_data().iter::<i64>().map(|m| m == 0).collect::<Vec<bool>>())
             .filter(|pad| pad.iter().any(|&p| p))
             .map(Arc::new);
-        Self { attention_mask, key_padding, dense: OnceCell::new() }
+        Self { attention_mask, window, key_padding, dense: OnceCell::new() }
+    }
+
+    /// Whether the fused causal kernel computes this mask.
+    pub fn fused_ok(&self) -> bool {
+        self.window.is_none()
     }
 
     /// `[batch, 1, seq, seq]`, true where attention is forbidden.
     pub fn dense(&self) -> Tensor<B, 4, Bool> {
-        self.dense.get_or_init(|| causal_padding_mask(self.attention_mask.clone())).clone()
+        self.dense
+            .get_or_init(|| {
+                let mask = causal_padding_mask(self.attention_mask.clone());
+                match self.window {
+                    Some(w) => {
+                        let [batch, _, seq, _] = mask.dims();
+                        mask.bool_or(window_mask::<B>(seq, seq, 0, w, &self.attention_mask.device()).expand([batch, 1, seq, seq]))
+                    }
+                    None => mask,
+                }
+            })
+            .clone()
     }
+}
+
+/// `[1, 1, t, s]`, true where key `j` lies `window` or more positions before query `start + i`
+/// (Mistral's sliding window: `key > query − window` is visible).
+pub fn window_mask<B: Backend>(t: usize, s: usize, start: usize, window: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+    let hidden: Vec<bool> = (0..t).flat_map(|i| (0..s).map(move |j| j + window <= start + i)).collect();
+    Tensor::from_data(TensorData::new(hidden, [1, 1, t, s]), device)
 }
 
 /// `true` where attention is forbidden: future keys, and keys whose attention_mask is 0.
@@ -185,7 +216,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                     .collect()
             };
             let norm = RmsNorm::new(&mut m, "norm", h, eps);
-            LlamaModel { embed_tokens, layers, norm, rope_theta: cfg.rope_theta() }
+            LlamaModel { embed_tokens, layers, norm, rope_theta: cfg.rope_theta(), sliding_window: cfg.sliding_window() }
         };
         // A random model's head gets std 1/√hidden rather than transformers' 0.02: with a frozen
         // head after RMSNorm, 0.02 caps every logit near ±2.6, and a LoRA-only run (the demo) could
@@ -211,7 +242,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let head_dim = self.model.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
         let positions: Vec<usize> = (0..seq).collect();
         let rope = Rope::new(&positions, head_dim, self.model.rope_theta, &inputs_embeds.device());
-        (rope, CausalMask::new(attention_mask, vsft_kernels::supported(&[inputs_embeds])))
+        (rope, CausalMask::new(attention_mask, vsft_kernels::supported(&[inputs_embeds]), self.model.sliding_window))
     }
 
     /// Decoder over new positions of one sequence, reading and extending `cache` (generation).
@@ -222,10 +253,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let start = cache.len;
         let positions: Vec<usize> = (start..start + t).collect();
         let rope = Rope::new(&positions, head_dim, self.model.rope_theta, &device);
-        // Query i (absolute start + i) must not see keys after it; one new token sees everything.
-        let mask = (t > 1).then(|| {
-            let s = start + t;
-            let forbidden: Vec<bool> = (0..t).flat_map(|i| (0..s).map(move |j| j > start + i)).collect();
+        // Query i (absolute start + i) must not see keys after it, nor keys a sliding window has
+        // left behind; one new token within the window sees everything.
+        let s = start + t;
+        let window = self.model.sliding_window.filter(|&w| w < s);
+        let mask = (t > 1 || window.is_some()).then(|| {
+            let forbidden: Vec<bool> =
+                (0..t).flat_map(|i| (0..s).map(move |j| j > start + i || window.is_some_and(|w| j + w <= start + i))).collect();
             Tensor::<B, 4, Bool>::from_data(TensorData::new(forbidden, [1, 1, t, s]), &device)
         });
         if cache.layers.len() != self.model.layers.len() {
@@ -307,6 +341,9 @@ impl<B: Backend> LlamaAttention<B> {
             rope: Some((rope.host_cos.clone(), rope.host_sin.clone())),
             key_padding: mask.key_padding.clone(),
         };
+        if !mask.fused_ok() {
+            return self.attend(q, k, v, rope, Some(mask.dense()), None);
+        }
         match vsft_kernels::attention(q, k, v, &spec) {
             Ok(ctx) => self.o_proj.forward(ctx),
             Err((q, k, v)) => self.attend(q, k, v, rope, Some(mask.dense()), None),

@@ -2,8 +2,9 @@
 //!
 //! - `y = W x + b + scale · B(A(dropout(x)))`, `scale = alpha / r` (or `alpha / √r` with rsLoRA).
 //! - A is Kaiming-uniform with a = √5 (`U(±1/√in)`), B is zero, so training starts at the base model.
-//! - Only the language model's linear layers can be targeted: the vision tower never gets adapters
-//!   (PEFT's suffix lists and `all-linear` would silently hit CLIP's `q_proj`… too).
+//! - Suffix lists reach only the language model's linear layers (PEFT's suffix lists and
+//!   `all-linear` would silently hit CLIP's `q_proj`… too); a regex may also name the vision
+//!   tower's (`model.vision_tower.encoder.layers.N.self_attn.q_proj`), for recipes that train it.
 //! - Adapter files use PEFT's names in the current transformers layout:
 //!   `base_model.model.model.language_model.layers.N.self_attn.q_proj.lora_A.weight`, and the
 //!   projector (PEFT `modules_to_save`) as `base_model.model.model.multi_modal_projector.*`.
@@ -17,7 +18,8 @@ use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
-use crate::llava::LlavaModel;
+use crate::family::VlmModel;
+use crate::llama::LlamaForCausalLM;
 use crate::nn::{Linear, LoraAdapter};
 use crate::weights::{self, read_tensor_file, PendingTensor, RandomInit, StoredDtype, TensorRef};
 
@@ -79,67 +81,59 @@ impl LoraConfig {
         }
     }
 
-    /// The regex written to `adapter_config.json`, limited to the language model.
+    /// The regex written to `adapter_config.json`: the language model's targeted suffixes, and
+    /// the vision tower's when it has adapters, each scoped to its part.
     pub fn peft_target_regex(&self, targeted: &[String]) -> String {
-        let mut suffixes: Vec<&str> = targeted.iter().filter_map(|n| n.rsplit('.').next()).collect();
-        suffixes.sort();
-        suffixes.dedup();
-        format!(r".*language_model.*\.({})", suffixes.join("|"))
+        let part = |prefix: &str, scope: &str| {
+            let mut suffixes: Vec<&str> = targeted.iter().filter(|n| n.starts_with(prefix)).filter_map(|n| n.rsplit('.').next()).collect();
+            suffixes.sort();
+            suffixes.dedup();
+            (!suffixes.is_empty()).then(|| format!(r".*{scope}.*\.({})", suffixes.join("|")))
+        };
+        [part("model.language_model.", "language_model"), part("model.vision_tower.", "vision_tower")].into_iter().flatten().collect::<Vec<_>>().join("|")
     }
 }
 
-/// PEFT's module name for decoder layer `i`'s linear `which` (e.g. `self_attn.q_proj`).
-fn module_name(i: usize, which: &str) -> String {
-    format!("model.language_model.layers.{i}.{which}")
+/// Whether `lora.target_modules` may reach `module` at all. Suffix lists (PEFT's list form, and
+/// vsft's default) only ever reach language-model linears: users report PEFT's suffixes landing
+/// on the vision tower's `q_proj`… by surprise. A regex is explicit, so it may name the tower.
+fn reachable(targets: &TargetModules, module: &str) -> bool {
+    matches!(targets, TargetModules::Regex(_)) || module.starts_with("model.language_model.")
 }
 
-impl<B: Backend> LlavaModel<B> {
-    /// Every decoder linear with its PEFT module name.
-    pub fn language_model_linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// Every decoder linear with its PEFT module name (`model.language_model.layers.N.…`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
         let mut out = Vec::new();
-        for (i, layer) in self.language_model.model.layers.iter_mut().enumerate() {
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
             let a = &mut layer.self_attn;
-            out.push((module_name(i, "self_attn.q_proj"), &mut a.q_proj));
-            out.push((module_name(i, "self_attn.k_proj"), &mut a.k_proj));
-            out.push((module_name(i, "self_attn.v_proj"), &mut a.v_proj));
-            out.push((module_name(i, "self_attn.o_proj"), &mut a.o_proj));
             let m = &mut layer.mlp;
-            out.push((module_name(i, "mlp.gate_proj"), &mut m.gate_proj));
-            out.push((module_name(i, "mlp.up_proj"), &mut m.up_proj));
-            out.push((module_name(i, "mlp.down_proj"), &mut m.down_proj));
-        }
-        out
-    }
-
-    pub fn language_model_linears(&self) -> Vec<(String, &Linear<B>)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.language_model.model.layers.iter().enumerate() {
-            let a = &layer.self_attn;
-            let m = &layer.mlp;
             for (which, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
             ] {
-                out.push((module_name(i, which), lin));
+                out.push((format!("model.language_model.layers.{i}.{which}"), lin));
             }
         }
         out
     }
+}
 
-    /// Adds fresh adapters (PEFT's initialisation, seeded) to the targeted decoder linears and
-    /// returns their module names. Targeting nothing is an error.
+impl<B: Backend> VlmModel<B> {
+    /// Adds fresh adapters (PEFT's initialisation, seeded) to the targeted linears and returns
+    /// their module names. Targeting nothing is an error.
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Vec<String>, ModelError> {
         let matcher = cfg.matcher()?;
         let mut rng = RandomInit::new(seed);
-        let device = self.language_model.model.norm.weight.val().device();
+        let device = self.device();
         let mut targeted = Vec::new();
-        for (name, linear) in self.language_model_linears_mut() {
-            if !matcher(&name) {
+        for (name, linear) in self.as_dyn_mut().linears_mut() {
+            if !reachable(&cfg.target_modules, &name) || !matcher(&name) {
                 continue;
             }
             let (d_in, d_out) = (linear.d_in(), linear.d_out());
@@ -155,7 +149,8 @@ impl<B: Backend> LlavaModel<B> {
         }
         if targeted.is_empty() {
             return Err(ModelError::Input(format!(
-                "lora.target_modules {:?} matches no language-model linear (names look like model.language_model.layers.0.self_attn.q_proj)",
+                "lora.target_modules {:?} matches no linear layer (names look like model.language_model.layers.0.self_attn.q_proj; \
+                 a regex may also name the vision tower's, e.g. model.vision_tower.encoder.layers.0.self_attn.q_proj)",
                 cfg.target_modules
             )));
         }
@@ -164,40 +159,43 @@ impl<B: Backend> LlavaModel<B> {
 
     /// The adapter and projector tensors under PEFT's names (what `adapter_model.safetensors` holds).
     pub fn adapter_tensors(&self) -> Vec<(String, TensorRef<B>)> {
+        self.adapter_tensors_with(&|_| false)
+    }
+
+    /// [`Self::adapter_tensors`] plus every other parameter `trained_in_full` names (a vision
+    /// tower trained in full, which PEFT saves as a module to save).
+    pub fn adapter_tensors_with(&self, trained_in_full: &dyn Fn(&str) -> bool) -> Vec<(String, TensorRef<B>)> {
         let mut out = Vec::new();
-        let flat = |t: Tensor<B, 2>| {
-            let shape = t.dims().to_vec();
-            TensorRef { shape: shape.clone(), flat: t.reshape([shape[0] * shape[1]]) }
-        };
-        for (name, linear) in self.language_model_linears() {
-            if let Some(l) = &linear.lora {
-                out.push((format!("base_model.model.{name}.lora_A.weight"), flat(l.lora_a.val())));
-                out.push((format!("base_model.model.{name}.lora_B.weight"), flat(l.lora_b.val())));
+        let mut full = Vec::new();
+        for (name, _, t) in self.named_tensors() {
+            match name.split_once(".lora.") {
+                Some((module, which)) => {
+                    let which = if which == "lora_a" { "lora_A" } else { "lora_B" };
+                    out.push((format!("base_model.model.{}.{which}.weight", peft_module_name(module)), t));
+                }
+                None if weights::ALWAYS_TRAINED.iter().any(|p| name.starts_with(p)) || trained_in_full(&name) => {
+                    let (module, param) = name.rsplit_once('.').unwrap_or(("", &name));
+                    full.push((format!("base_model.model.{}.{param}", peft_module_name(module)), t));
+                }
+                None => {}
             }
         }
-        out.extend(self.projector_tensors());
+        out.extend(full);
         out
     }
 
-    /// The projector under PEFT's `modules_to_save` names.
-    pub fn projector_tensors(&self) -> Vec<(String, TensorRef<B>)> {
-        weights::NamedParams::collect(&self.multi_modal_projector)
-            .into_iter()
-            .map(|(n, _, t)| (format!("base_model.model.model.multi_modal_projector.{n}"), t))
-            .collect()
-    }
-
-    /// Writes `adapter_model.safetensors` (f32) into `dir`.
-    pub fn save_adapter_weights(&self, dir: &Path) -> Result<(), ModelError> {
-        let tensors = self.adapter_tensors();
+    /// Writes `adapter_model.safetensors` (f32) into `dir`; `trained_in_full` as for
+    /// [`Self::adapter_tensors_with`].
+    pub fn save_adapter_weights(&self, dir: &Path, trained_in_full: &dyn Fn(&str) -> bool) -> Result<(), ModelError> {
+        let tensors = self.adapter_tensors_with(trained_in_full);
         let pending = tensors.iter().map(|(n, t)| PendingTensor::from_tensor(n.clone(), t)).collect();
         weights::write_safetensors(&dir.join("adapter_model.safetensors"), pending, StoredDtype::F32)
     }
 
     /// Loads a PEFT LoRA adapter directory (vsft's exports and PEFT's own): `adapter_config.json`
     /// and `adapter_model.safetensors`, legacy or current key layout. The projector is replaced when
-    /// the adapter carries it. Returns the adapter's config.
-    pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig, ModelError> {
+    /// the adapter carries it. Returns the model and the adapter's config.
+    pub fn load_adapter(mut self, dir: &Path) -> Result<(Self, LoraConfig), ModelError> {
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
         let peft: serde_json::Value = serde_json::from_str(&text)
@@ -206,105 +204,83 @@ impl<B: Backend> LlavaModel<B> {
             .map_err(|message| ModelError::Config { path: cfg_path.clone(), message })?;
         let weights_path = dir.join("adapter_model.safetensors");
         let tensors = read_tensor_file(&weights_path)?;
-        let device = self.language_model.model.norm.weight.val().device();
-        // Normalise keys: drop `base_model.model.` and PEFT's adapter name, map layouts to legacy.
-        let mut by_module: BTreeMap<String, (Option<Vec<f32>>, Option<Vec<f32>>, Vec<usize>, Vec<usize>)> = BTreeMap::new();
-        let mut projector = BTreeMap::new();
+        let device = self.device();
+        // Normalise keys: drop `base_model.model.` and PEFT's adapter name.
+        let mut by_module: BTreeMap<String, [Option<weights::RawTensor>; 2]> = BTreeMap::new();
+        let mut projector = Vec::new();
         for (key, raw) in &tensors {
             let k = key.strip_prefix("base_model.model.").unwrap_or(key).replace(".default.", ".");
             let k = k.replace(".modules_to_save.", ".");
-            let canonical = weights::canonical_name(&k);
-            if let Some(rest) = canonical.strip_prefix("multi_modal_projector.") {
-                projector.insert(rest.to_string(), raw.clone());
-                continue;
-            }
-            let (module, which) = if let Some(m) = canonical.strip_suffix(".lora_A.weight") {
-                (m, 'A')
-            } else if let Some(m) = canonical.strip_suffix(".lora_B.weight") {
-                (m, 'B')
+            let (module, slot) = if let Some(m) = k.strip_suffix(".lora_A.weight") {
+                (m, 0)
+            } else if let Some(m) = k.strip_suffix(".lora_B.weight") {
+                (m, 1)
             } else {
+                let canonical = weights::canonical_name(&k);
+                if weights::ALWAYS_TRAINED.iter().any(|p| canonical.starts_with(p)) {
+                    projector.push((canonical, raw.clone()));
+                    continue;
+                }
                 return Err(ModelError::Input(format!("{}: unsupported tensor {key}", weights_path.display())));
             };
-            // Back to PEFT's module naming (current layout).
-            let module = module.replacen("language_model.model.", "model.language_model.", 1);
-            let e = by_module.entry(module).or_default();
-            let values = raw.to_f32()?;
-            if which == 'A' {
-                e.0 = Some(values);
-                e.2 = raw.shape.clone();
-            } else {
-                e.1 = Some(values);
-                e.3 = raw.shape.clone();
-            }
+            by_module.entry(peft_module_name(module)).or_default()[slot] = Some(raw.clone());
         }
         let scale = lora_cfg.scale();
-        let mut linears: BTreeMap<String, &mut Linear<B>> = self.language_model_linears_mut().into_iter().collect();
-        for (module, (a, b, a_shape, b_shape)) in by_module {
+        let mut linears: BTreeMap<String, &mut Linear<B>> = self.as_dyn_mut().linears_mut().into_iter().collect();
+        for (module, [a, b]) in by_module {
             let linear = linears.get_mut(&module).ok_or_else(|| {
                 ModelError::Input(format!("{}: adapter targets {module}, which this model does not have", weights_path.display()))
             })?;
             let (Some(a), Some(b)) = (a, b) else {
                 return Err(ModelError::Input(format!("{}: {module} needs both lora_A and lora_B", weights_path.display())));
             };
-            if a_shape != [lora_cfg.r, linear.d_in()] || b_shape != [linear.d_out(), lora_cfg.r] {
+            if a.shape != [lora_cfg.r, linear.d_in()] || b.shape != [linear.d_out(), lora_cfg.r] {
                 return Err(ModelError::Input(format!(
-                    "{}: {module}: lora_A {a_shape:?} / lora_B {b_shape:?} do not fit r={} and the layer's [{}, {}]",
+                    "{}: {module}: lora_A {:?} / lora_B {:?} do not fit r={} and the layer's [{}, {}]",
                     weights_path.display(),
+                    a.shape,
+                    b.shape,
                     lora_cfg.r,
                     linear.d_out(),
                     linear.d_in()
                 )));
             }
             linear.lora = Some(LoraAdapter {
-                lora_a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [a_shape[0], a_shape[1]]), &device)),
-                lora_b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [b_shape[0], b_shape[1]]), &device)),
+                lora_a: Param::from_tensor(Tensor::from_data(TensorData::new(a.to_f32()?, [a.shape[0], a.shape[1]]), &device)),
+                lora_b: Param::from_tensor(Tensor::from_data(TensorData::new(b.to_f32()?, [b.shape[0], b.shape[1]]), &device)),
                 scale,
                 dropout: burn::nn::DropoutConfig::new(lora_cfg.dropout).init(),
             });
         }
-        if !projector.is_empty() {
-            self.set_projector(&projector, &weights_path)?;
-        }
-        Ok(lora_cfg)
-    }
-
-    /// Replaces the projector's weights (`linear_1.weight`, … → raw tensors).
-    pub fn set_projector(&mut self, tensors: &BTreeMap<String, weights::RawTensor>, source: &Path) -> Result<(), ModelError> {
-        let device = self.language_model.model.norm.weight.val().device();
-        let p = &mut self.multi_modal_projector;
-        for (name, linear) in [("linear_1", &mut p.linear_1), ("linear_2", &mut p.linear_2)] {
-            let w = tensors
-                .get(&format!("{name}.weight"))
-                .ok_or_else(|| ModelError::Input(format!("{}: no multi_modal_projector.{name}.weight", source.display())))?;
-            if w.shape != [linear.d_out(), linear.d_in()] {
-                return Err(ModelError::Input(format!(
-                    "{}: multi_modal_projector.{name}.weight has shape {:?}, the model needs [{}, {}]",
-                    source.display(),
-                    w.shape,
-                    linear.d_out(),
-                    linear.d_in()
-                )));
-            }
-            linear.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w.to_f32()?, [w.shape[0], w.shape[1]]), &device));
-            if let Some(bias) = linear.bias.as_mut() {
-                let b = tensors
-                    .get(&format!("{name}.bias"))
-                    .ok_or_else(|| ModelError::Input(format!("{}: no multi_modal_projector.{name}.bias", source.display())))?;
-                *bias = Param::from_tensor(Tensor::from_data(TensorData::new(b.to_f32()?, [b.shape[0]]), &device));
-            }
-        }
-        Ok(())
+        let model = if projector.is_empty() { self } else { self.with_tensors(&projector, &weights_path)? };
+        Ok((model, lora_cfg))
     }
 
     /// Folds every adapter into its base weight (`W + scale·B·A`) and removes the adapters.
     pub fn merge_lora(&mut self) {
-        for (_, linear) in self.language_model_linears_mut() {
+        for (_, linear) in self.as_dyn_mut().linears_mut() {
             if linear.lora.is_some() {
                 let merged = linear.merged_weight();
                 linear.weight = Param::from_tensor(merged);
                 linear.lora = None;
             }
         }
+    }
+}
+
+/// A module name (any transformers layout) in PEFT's current naming: transformers 5's runtime
+/// names (`model.language_model.…`, `model.vision_tower.…` without `vision_model.`,
+/// `model.multi_modal_projector.…`).
+fn peft_module_name(module: &str) -> String {
+    let canonical = weights::canonical_name(module);
+    if let Some(rest) = canonical.strip_prefix("language_model.model.") {
+        format!("model.language_model.{rest}")
+    } else if let Some(rest) = canonical.strip_prefix("vision_tower.vision_model.") {
+        format!("model.vision_tower.{rest}")
+    } else if canonical.starts_with("language_model.lm_head") {
+        canonical.replacen("language_model.", "", 1)
+    } else {
+        format!("model.{canonical}")
     }
 }
 
@@ -331,8 +307,13 @@ impl LoraConfig {
         Ok(Self { r, alpha, dropout, target_modules, rslora })
     }
 
-    /// `adapter_config.json` as PEFT writes it (the fields PEFT 0.21 needs, plus the usual ones).
-    pub fn to_peft_json(&self, targeted: &[String], base_model: &str) -> serde_json::Value {
+    /// `adapter_config.json` as PEFT writes it (the fields PEFT 0.21 needs, plus the usual ones);
+    /// `vision_tower_in_full` adds the tower to `modules_to_save`.
+    pub fn to_peft_json(&self, targeted: &[String], base_model: &str, vision_tower_in_full: bool) -> serde_json::Value {
+        let mut modules_to_save = vec!["multi_modal_projector"];
+        if vision_tower_in_full {
+            modules_to_save.push("vision_tower");
+        }
         serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -343,7 +324,7 @@ impl LoraConfig {
             "use_rslora": self.rslora,
             "use_dora": false,
             "target_modules": self.peft_target_regex(targeted),
-            "modules_to_save": ["multi_modal_projector"],
+            "modules_to_save": modules_to_save,
             "base_model_name_or_path": base_model,
             "bias": "none",
             "fan_in_fan_out": false,

@@ -46,8 +46,10 @@ pub struct Builder<'a, B: Backend> {
     frozen_dtype: StoredDtype,
 }
 
-/// The module whose parameters train in every stage; they stay f32 whatever `frozen_dtype` says.
-const ALWAYS_TRAINED: &str = "multi_modal_projector";
+/// The parameters that train in every stage (the projector); they stay f32 whatever
+/// `frozen_dtype` says. LLaVA-NeXT's `image_newline` is not among them: LLaVA-NeXT's own code
+/// trains it only when the whole language model trains, which no vsft stage does.
+pub const ALWAYS_TRAINED: [&str; 1] = ["multi_modal_projector."];
 
 impl<'a, B: Backend> Builder<'a, B> {
     pub fn new(provider: &'a mut dyn TensorProvider, device: &B::Device) -> Self {
@@ -75,7 +77,7 @@ impl<'a, B: Backend> Builder<'a, B> {
         let n: usize = shape.iter().product();
         let values = self.provider.provide(&full, &shape, init).unwrap_or_else(|| vec![0.0; n]);
         let dtype = match self.frozen_dtype {
-            _ if full.starts_with(ALWAYS_TRAINED) => burn::tensor::DType::F32,
+            _ if ALWAYS_TRAINED.iter().any(|p| full.starts_with(p)) => burn::tensor::DType::F32,
             StoredDtype::F32 => burn::tensor::DType::F32,
             StoredDtype::BF16 => burn::tensor::DType::BF16,
             StoredDtype::F16 => burn::tensor::DType::F16,
@@ -508,9 +510,31 @@ pub fn encode_f32(values: &[f32], dtype: StoredDtype, out: &mut Vec<u8>) {
     }
 }
 
+/// The dotted path of the module a visitor or mapper is in, which is the tensor name of its
+/// parameters. The family enum's variant (`Llava`, `LlavaNext`, …) is not part of the name:
+/// checkpoints know no such level.
+#[derive(Debug, Default, Clone)]
+pub struct ModulePath(Vec<String>);
+
+impl ModulePath {
+    pub fn enter(&mut self, name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.0.push(name.to_string());
+        }
+    }
+    pub fn exit(&mut self, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.0.pop();
+        }
+    }
+    pub fn join(&self) -> String {
+        self.0.join(".")
+    }
+}
+
 /// Collects every float parameter of a module with its path (= its tensor name).
 pub struct NamedParams<B: Backend> {
-    path: Vec<String>,
+    path: ModulePath,
     pub tensors: Vec<(String, ParamId, TensorRef<B>)>,
 }
 
@@ -523,24 +547,24 @@ pub struct TensorRef<B: Backend> {
 
 impl<B: Backend> NamedParams<B> {
     pub fn collect<M: Module<B>>(module: &M) -> Vec<(String, ParamId, TensorRef<B>)> {
-        let mut v = Self { path: Vec::new(), tensors: Vec::new() };
+        let mut v = Self { path: ModulePath::default(), tensors: Vec::new() };
         module.visit(&mut v);
         v.tensors
     }
 }
 
 impl<B: Backend> ModuleVisitor<B> for NamedParams<B> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
     }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        self.path.exit(container_type);
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let t = param.val();
         let shape = t.dims().to_vec();
         let n: usize = shape.iter().product();
-        self.tensors.push((self.path.join("."), param.id, TensorRef { shape, flat: t.reshape([n]) }));
+        self.tensors.push((self.path.join(), param.id, TensorRef { shape, flat: t.reshape([n]) }));
     }
 }
 

@@ -21,6 +21,10 @@ use crate::optim::Moments;
 use crate::recipe::Stage;
 use crate::trainer::Trainer;
 
+fn default_model_type() -> String {
+    "llava".into()
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
     pub global_step: usize,
@@ -38,6 +42,9 @@ pub struct TrainerState {
     pub last_loss: Option<f64>,
     pub last_eval_loss: Option<f64>,
     pub base_model: String,
+    /// The base model's `model_type` (checkpoints from before families were added are LLaVA's).
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
 }
 
 /// Everything a checkpoint writer needs from the run.
@@ -88,15 +95,16 @@ pub fn save<B: AutodiffBackend>(output_dir: &Path, c: CheckpointContent<'_, B>, 
     let model = &c.trainer.model;
     match c.lora {
         Some((cfg, targeted)) => {
-            model.save_adapter_weights(&tmp)?;
-            let json = cfg.to_peft_json(targeted, &c.state.base_model);
+            let trains = |n: &str| c.trainer.trainable.contains_key(n);
+            model.save_adapter_weights(&tmp, &trains)?;
+            let json = cfg.to_peft_json(targeted, &c.state.base_model, c.trainer.tower_trains_in_full());
             write_json(&tmp.join("adapter_config.json"), &json)?;
         }
         None => {
             let projector = model.projector_tensors();
             let pending = projector
                 .iter()
-                .map(|(n, t)| PendingTensor::from_tensor(n.replacen("base_model.model.model.", "", 1), t))
+                .map(|(n, t)| PendingTensor::from_tensor(n.clone(), t))
                 .collect();
             weights::write_safetensors(&tmp.join("projector.safetensors"), pending, StoredDtype::F32)?;
         }
@@ -188,7 +196,7 @@ pub fn restore<B: AutodiffBackend>(dir: &Path, trainer: &mut Trainer<B>, state: 
             extra.first()
         )));
     }
-    let device = trainer.model.language_model.model.norm.weight.val().device();
+    let device = trainer.model.device();
     let to_tensor = |raw: &weights::RawTensor| -> Result<Tensor<B::InnerBackend, 1>, TrainError> {
         let v = raw.to_f32()?;
         let n = v.len();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use vsft_model::weights::StoredDtype;
-use vsft_model::LlavaModel;
+use vsft_model::{Family, VlmModel};
 
 use crate::checkpoint::{read_state, TrainerState};
 use crate::error::TrainError;
@@ -66,7 +66,8 @@ fn publish(tmp: &Path, out: &Path) -> Result<Vec<String>, TrainError> {
 /// A model card with the YAML front matter the Hub reads.
 pub fn model_card(recipe: &Recipe, state: &TrainerState, merged: bool) -> String {
     let adapter = recipe.train.stage == Stage::Instruct && !merged;
-    let mut tags = vec!["vsft", "llava", "image-text-to-text"];
+    let family = Family::from_model_type(&state.model_type).unwrap_or(Family::Llava);
+    let mut tags = vec!["vsft", family.model_type(), "image-text-to-text"];
     if recipe.train.stage == Stage::Instruct {
         tags.push("lora");
     }
@@ -109,8 +110,9 @@ pub fn model_card(recipe: &Recipe, state: &TrainerState, merged: bool) -> String
     }
     s += &format!("- rows skipped: {}\n", state.rows_skipped);
     if adapter {
-        s += "\n## Use\n\n```python\nfrom peft import PeftModel\nfrom transformers import LlavaForConditionalGeneration\n";
-        s += &format!("base = LlavaForConditionalGeneration.from_pretrained(\"{}\")\n", recipe.model.path);
+        let class = family.architecture();
+        s += &format!("\n## Use\n\n```python\nfrom peft import PeftModel\nfrom transformers import {class}\n");
+        s += &format!("base = {class}.from_pretrained(\"{}\")\n", recipe.model.path);
         s += "model = PeftModel.from_pretrained(base, \"<this repo>\")\n```\n";
     }
     s += "\n## Recipe\n\n```toml\n";
@@ -159,14 +161,15 @@ pub fn export_merged<B: Backend>(
     device: &B::Device,
 ) -> Result<ExportSummary, TrainError> {
     let (state, recipe) = read_checkpoint(checkpoint)?;
-    let mut model = LlavaModel::<B>::load(base_dir, device)?;
-    match state.stage {
+    let model = VlmModel::<B>::load(base_dir, device)?;
+    let model = match state.stage {
         Stage::Instruct => {
-            model.load_adapter(checkpoint)?;
+            let (mut model, _) = model.load_adapter(checkpoint)?;
             model.merge_lora();
+            model
         }
-        Stage::Pretrain => crate::run::load_projector(&mut model, checkpoint)?,
-    }
+        Stage::Pretrain => crate::run::load_projector(model, checkpoint)?,
+    };
     let tmp = staging(out)?;
     model.save(&tmp, dtype, max_shard_bytes)?;
     for f in BASE_FILES {

@@ -138,6 +138,14 @@ pub struct TrainSection {
     /// in backward: activation memory of one layer instead of all, for one more forward.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Keep the vision tower frozen (LLaVA's stages, LLaMA-Factory's `freeze_vision_tower`).
+    /// `false` trains it in full at `vision_lr`, with a graph through it.
+    #[serde(default = "d::yes")]
+    pub freeze_vision_tower: bool,
+    /// Learning rate of the vision tower's trained parameters (its weights when it is unfrozen,
+    /// its LoRA adapters when `lora.target_modules` names it); defaults to `lr`.
+    #[serde(default)]
+    pub vision_lr: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +235,7 @@ pub const KNOWN_KEYS: &[(&str, &[(&str, &str)])] = &[
             ("max_grad_norm", "float"), ("seed", "integer"), ("shuffle", "boolean"), ("log_steps", "integer"),
             ("eval_steps", "integer"), ("save_steps", "integer"), ("save_total_limit", "integer"),
             ("on_nan", "string"), ("gradient_checkpointing", "boolean"),
+            ("freeze_vision_tower", "boolean"), ("vision_lr", "float"),
         ],
     ),
     ("lora", &[("r", "integer"), ("alpha", "float"), ("dropout", "float"), ("target_modules", "list or string"), ("rslora", "boolean")]),

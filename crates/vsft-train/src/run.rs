@@ -13,13 +13,13 @@ use burn::tensor::ElementConversion;
 use indicatif::{ProgressBar, ProgressStyle};
 use vsft_data::{open_dataset, Batch, CollatorConfig, Cursor, DataLoader, LoaderConfig, Processor};
 use vsft_model::lora::LoraConfig;
-use vsft_model::LlavaModel;
+use vsft_model::VlmModel;
 
 use crate::checkpoint::{self, CheckpointContent, TrainerState};
 use crate::error::TrainError;
 use crate::optim::{lr_lambda, warmup_steps, AdamWConfig};
 use crate::recipe::{Recipe, Stage};
-use crate::trainer::{batch_tensors, OptimSettings, Trainer};
+use crate::trainer::{batch_tensors, image_infos, image_inputs, OptimSettings, Trainer, TrainParts};
 
 /// Where to resume from.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,13 +88,16 @@ pub struct EvalResult {
     pub examples: usize,
 }
 
-pub fn evaluate<B: Backend>(model: &LlavaModel<B>, batches: impl Iterator<Item = Result<Batch, vsft_data::DataError>>) -> Result<EvalResult, TrainError> {
-    let device = model.language_model.model.norm.weight.val().device();
+pub fn evaluate<B: Backend>(model: &VlmModel<B>, batches: impl Iterator<Item = Result<Batch, vsft_data::DataError>>) -> Result<EvalResult, TrainError> {
+    let model = model.as_dyn();
+    let device = model.device();
     let (mut sum, mut tokens, mut examples) = (0.0f64, 0usize, 0usize);
     for batch in batches {
         let batch = batch?;
-        let (ids, mask, _, pixels) = batch_tensors::<B>(&batch, &device);
-        let loss = model.loss_with_features(ids, mask, pixels.map(|p| model.image_features(p)), &batch.labels)?;
+        let (ids, mask, _) = batch_tensors::<B>(&batch, &device);
+        let infos = image_infos(&batch.images);
+        let feats = (!infos.is_empty()).then(|| model.image_features(&image_inputs(&batch.images, &infos))).transpose()?;
+        let loss = model.loss_with_features(ids, mask, feats, &batch.labels)?;
         sum += loss.sum.into_scalar().elem::<f64>();
         tokens += loss.label_tokens;
         examples += batch.batch_size;
@@ -104,7 +107,7 @@ pub fn evaluate<B: Backend>(model: &LlavaModel<B>, batches: impl Iterator<Item =
 
 /// Loads a stage-1 projector: a checkpoint directory (its `projector.safetensors` or
 /// `adapter_model.safetensors`) or a safetensors file.
-pub fn load_projector<B: Backend>(model: &mut LlavaModel<B>, path: &Path) -> Result<(), TrainError> {
+pub fn load_projector<B: Backend>(model: VlmModel<B>, path: &Path) -> Result<VlmModel<B>, TrainError> {
     let file = if path.is_dir() {
         [path.join("projector.safetensors"), path.join("adapter_model.safetensors")]
             .into_iter()
@@ -114,15 +117,15 @@ pub fn load_projector<B: Backend>(model: &mut LlavaModel<B>, path: &Path) -> Res
         path.to_path_buf()
     };
     let raw = vsft_model::weights::read_tensor_file(&file)?;
-    let projector = raw
+    let projector: Vec<_> = raw
         .into_iter()
-        .filter_map(|(k, v)| {
-            let canonical = vsft_model::weights::canonical_name(k.strip_prefix("base_model.model.").unwrap_or(&k));
-            canonical.strip_prefix("multi_modal_projector.").map(|r| (r.to_string(), v))
-        })
+        .map(|(k, v)| (vsft_model::weights::canonical_name(&k.strip_prefix("base_model.model.").unwrap_or(&k).replace(".modules_to_save.default.", ".")), v))
+        .filter(|(k, _)| vsft_model::weights::ALWAYS_TRAINED.iter().any(|p| k.starts_with(p)))
         .collect();
-    model.set_projector(&projector, &file)?;
-    Ok(())
+    if projector.is_empty() {
+        return Err(TrainError::Recipe(format!("model.projector: {} holds no multi_modal_projector.* tensor", file.display())));
+    }
+    Ok(model.with_tensors(&projector, &file)?)
 }
 
 struct Metrics {
@@ -166,12 +169,13 @@ pub fn train_with<B: AutodiffBackend>(
     eprintln!("vsft: loading {}", inputs.model_dir.display());
     // Validated when the recipe was read.
     let frozen_dtype = vsft_model::StoredDtype::from_torch_name(&recipe.model.dtype).unwrap_or(vsft_model::StoredDtype::F32);
-    let mut model = LlavaModel::<B>::load_with(&inputs.model_dir, device, frozen_dtype)?;
+    let mut model = VlmModel::<B>::load_with(&inputs.model_dir, device, frozen_dtype)?;
+    eprintln!("vsft: model family {} ({})", model.family().model_type(), model.family().architecture());
     if frozen_dtype != vsft_model::StoredDtype::F32 {
         eprintln!("vsft: frozen weights in {} (projector, LoRA and optimizer state in f32)", recipe.model.dtype);
     }
     if let Some(p) = &recipe.model.projector {
-        load_projector(&mut model, Path::new(p))?;
+        model = load_projector(model, Path::new(p))?;
         eprintln!("vsft: projector from {p}");
     }
     let lora_cfg = LoraConfig {
@@ -185,12 +189,13 @@ pub fn train_with<B: AutodiffBackend>(
     let settings = OptimSettings {
         lr: t.lr,
         projector_lr: t.projector_lr,
+        vision_lr: t.vision_lr,
         weight_decay: t.weight_decay,
         adam: AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_eps },
         max_grad_norm: t.max_grad_norm,
         seed: t.seed,
     };
-    let mut trainer = Trainer::new(model, t.stage, settings)?;
+    let mut trainer = Trainer::new(model, TrainParts { stage: t.stage, vision_tower: !t.freeze_vision_tower }, settings)?;
     trainer.gradient_checkpointing = recipe.train.gradient_checkpointing;
     if trainer.gradient_checkpointing {
         eprintln!("vsft: gradient checkpointing: decoder layers re-run one at a time in backward");
@@ -237,6 +242,7 @@ pub fn train_with<B: AutodiffBackend>(
         last_loss: None,
         last_eval_loss: None,
         base_model: recipe.model.path.clone(),
+        model_type: trainer.model.family().model_type().to_string(),
     };
     let resume_dir = match resume {
         Resume::No => None,

@@ -1,5 +1,5 @@
-//! One optimizer step of LLaVA training over Burn autodiff: forward (vision tower without a
-//! graph), token-weighted loss over the micro-batches of the step, backward, global-norm
+//! One optimizer step of vision-language training over Burn autodiff, for every model family:
+//! forward (a frozen vision tower without a graph), token-weighted loss over the micro-batches of the step, backward, global-norm
 //! clipping, AdamW on the trainable parameters only.
 
 use std::collections::BTreeMap;
@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use vsft_data::Batch;
-use vsft_model::llava::vision_features_no_grad;
+use vsft_data::{Batch, ImageBatch};
 use vsft_model::loss::IGNORE_INDEX;
-use vsft_model::LlavaModel;
+use vsft_model::weights::ModulePath;
+use vsft_model::{ImageInfo, ImageInputs, VlmModel};
 
 use crate::error::TrainError;
 use crate::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GroupSettings};
@@ -21,6 +21,8 @@ use crate::recipe::Stage;
 pub struct OptimSettings {
     pub lr: f64,
     pub projector_lr: Option<f64>,
+    /// The vision tower's parameters and adapters (`train.vision_lr`); defaults to `lr`.
+    pub vision_lr: Option<f64>,
     pub weight_decay: f64,
     pub adam: AdamWConfig,
     pub max_grad_norm: f64,
@@ -50,7 +52,7 @@ pub struct StepStats {
 
 /// Model + optimizer + which parameters train.
 pub struct Trainer<B: AutodiffBackend> {
-    pub model: LlavaModel<B>,
+    pub model: VlmModel<B>,
     pub optimizer: AdamW<B::InnerBackend>,
     /// Trainable parameter (module path) → its group settings.
     pub trainable: BTreeMap<String, GroupSettings>,
@@ -59,6 +61,23 @@ pub struct Trainer<B: AutodiffBackend> {
     /// `[train] gradient_checkpointing`: keep only each decoder layer's input in the forward
     /// and re-run one layer at a time in backward ([`Trainer::checkpointed_grads`]).
     pub gradient_checkpointing: bool,
+    /// Some vision-tower parameter trains (its weights or adapters): the tower then runs with a
+    /// graph; otherwise on the inner backend, building none.
+    pub tower_trains: bool,
+}
+
+/// What trains in a run besides the stage's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainParts {
+    pub stage: Stage,
+    /// `train.freeze_vision_tower = false`: every tower weight trains.
+    pub vision_tower: bool,
+}
+
+impl From<Stage> for TrainParts {
+    fn from(stage: Stage) -> Self {
+        TrainParts { stage, vision_tower: false }
+    }
 }
 
 /// Label tokens that count for the loss: `labels[:, 1:] != -100`, as transformers counts
@@ -71,21 +90,39 @@ fn is_no_decay(name: &str) -> bool {
     name.ends_with(".bias") || name.contains("norm")
 }
 
-/// Which module paths train in a stage.
-pub fn is_trainable(stage: Stage, path: &str) -> bool {
-    path.starts_with("multi_modal_projector.") || (stage == Stage::Instruct && path.contains(".lora."))
+/// Which module paths train: the projector always; LoRA adapters in the instruct stage; the
+/// vision tower's weights when it is unfrozen. LLaVA-NeXT's `image_newline` never does: LLaVA-
+/// NeXT's own code trains it only with the whole language model.
+pub fn is_trainable(parts: TrainParts, path: &str) -> bool {
+    path.starts_with("multi_modal_projector.")
+        || (parts.stage == Stage::Instruct && path.contains(".lora."))
+        || (parts.vision_tower && path.starts_with("vision_tower."))
+}
+
+/// The images of a batch as the model reads them.
+pub fn image_infos(images: &ImageBatch) -> Vec<ImageInfo> {
+    images.meta.iter().map(|m| ImageInfo { original_hw: m.original_hw, units: m.units, grid: m.grid }).collect()
+}
+
+/// Borrows a batch's images for the model (`infos` from [`image_infos`]).
+pub fn image_inputs<'a>(images: &'a ImageBatch, infos: &'a [ImageInfo]) -> ImageInputs<'a> {
+    ImageInputs { pixel_values: &images.pixel_values, shape: &images.shape, images: infos }
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// Freezes everything that does not train in `stage` (LoRA adapters must already be added
     /// for `instruct`) and sets up AdamW with HF's no-decay rule (biases and norms).
-    pub fn new(model: LlavaModel<B>, stage: Stage, settings: OptimSettings) -> Result<Self, TrainError> {
-        let mut freezer = Freezer { path: Vec::new(), stage, trainable: BTreeMap::new() };
+    pub fn new(model: VlmModel<B>, parts: impl Into<TrainParts>, settings: OptimSettings) -> Result<Self, TrainError> {
+        let parts = parts.into();
+        let stage = parts.stage;
+        let mut freezer = Freezer { path: ModulePath::default(), parts, trainable: BTreeMap::new() };
         let model = model.map(&mut freezer);
         let mut trainable = BTreeMap::new();
         for name in freezer.trainable.keys() {
             let lr = if name.starts_with("multi_modal_projector.") && stage == Stage::Instruct {
                 settings.projector_lr.unwrap_or(settings.lr)
+            } else if name.starts_with("vision_tower.") {
+                settings.vision_lr.unwrap_or(settings.lr)
             } else {
                 settings.lr
             };
@@ -95,7 +132,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         if stage == Stage::Instruct && !trainable.keys().any(|k| k.contains(".lora.")) {
             return Err(TrainError::Other("stage instruct needs LoRA adapters on the language model".into()));
         }
-        Ok(Self { model, optimizer: AdamW::new(settings.adam), trainable, settings, stage, gradient_checkpointing: false })
+        let tower_trains = trainable.keys().any(|k| k.starts_with("vision_tower."));
+        Ok(Self { model, optimizer: AdamW::new(settings.adam), trainable, settings, stage, gradient_checkpointing: false, tower_trains })
+    }
+
+    /// The vision tower's own weights train (not only adapters on it).
+    pub fn tower_trains_in_full(&self) -> bool {
+        self.trainable.keys().any(|k| k.starts_with("vision_tower.") && !k.contains(".lora."))
     }
 
     /// Parameter counts per group, for the start-of-run log (Prismatic's explicit stage report).
@@ -109,12 +152,22 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .sum()
         };
         let lora_params = count("language_model.", Some(true));
+        let vision_lora = count("vision_tower.", Some(true));
         let proj_lr = if self.stage == Stage::Instruct { self.settings.projector_lr.unwrap_or(self.settings.lr) } else { self.settings.lr };
+        let vision_lr = Some(self.settings.vision_lr.unwrap_or(self.settings.lr));
+        let tower_base = self.tower_trains_in_full();
         let mut groups = vec![
-            GroupReport { name: "vision tower", trains: false, params: count("vision_tower.", None), lr: None },
+            GroupReport { name: "vision tower", trains: tower_base, params: count("vision_tower.", Some(false)), lr: vision_lr.filter(|_| tower_base) },
             GroupReport { name: "projector", trains: true, params: count("multi_modal_projector.", None), lr: Some(proj_lr) },
-            GroupReport { name: "language model (base)", trains: false, params: count("language_model.", Some(false)), lr: None },
         ];
+        let newline = count("image_newline", None);
+        if newline > 0 {
+            groups.push(GroupReport { name: "image_newline", trains: false, params: newline, lr: None });
+        }
+        groups.push(GroupReport { name: "language model (base)", trains: false, params: count("language_model.", Some(false)), lr: None });
+        if vision_lora > 0 {
+            groups.push(GroupReport { name: "vision tower LoRA adapters", trains: true, params: vision_lora, lr: vision_lr });
+        }
         if lora_params > 0 {
             groups.push(GroupReport { name: "LoRA adapters", trains: true, params: lora_params, lr: Some(self.settings.lr) });
         }
@@ -123,21 +176,26 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Forward of one batch → (summed token loss, label tokens), in the autodiff graph.
     pub fn loss_sum(&self, batch: &Batch) -> Result<(Tensor<B, 1>, usize), TrainError> {
-        let (ids, mask, feats) = self.inputs(batch);
-        let loss = self.model.loss_with_features(ids, mask, feats, &batch.labels)?;
+        let (ids, mask, feats) = self.inputs(batch)?;
+        let loss = self.model.as_dyn().loss_with_features(ids, mask, feats, &batch.labels)?;
         Ok((loss.sum, loss.label_tokens))
     }
 
     /// A batch's ids and attention mask on the device, and its image features through the
     /// (trainable) projector; the vision tower runs without a graph.
-    fn inputs(&self, batch: &Batch) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Option<Tensor<B, 3>>) {
-        let (ids, mask, _, pixels) = batch_tensors::<B>(batch, &self.device());
-        let feats = pixels.map(|p| self.model.multi_modal_projector.forward(vision_features_no_grad(&self.model, p)));
-        (ids, mask, feats)
+    fn inputs(&self, batch: &Batch) -> Result<(Tensor<B, 2, Int>, Tensor<B, 2, Int>, Option<Tensor<B, 2>>), TrainError> {
+        let (ids, mask, _) = batch_tensors::<B>(batch, &self.device());
+        let infos = image_infos(&batch.images);
+        let feats = if infos.is_empty() {
+            None
+        } else {
+            Some(self.model.image_features_for_training(&image_inputs(&batch.images, &infos), self.tower_trains)?)
+        };
+        Ok((ids, mask, feats))
     }
 
     fn device(&self) -> B::Device {
-        self.model.language_model.model.norm.weight.val().device()
+        self.model.device()
     }
 
     /// Per-decoder-layer gradient checkpointing for one micro-batch: the loss (already divided
@@ -148,9 +206,10 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// layer's dropout seed depends on `seed` and the layer, so both runs draw the same masks.
     pub fn checkpointed_grads(&self, batch: &Batch, num_items: usize, seed: u64) -> Result<(f64, Vec<B::Gradients>), TrainError> {
         let device = self.device();
-        let (ids, mask, feats) = self.inputs(batch);
-        let embeds = self.model.merge_embeddings(ids, feats)?;
-        let lm = &self.model.language_model;
+        let (ids, mask, feats) = self.inputs(batch)?;
+        let model = self.model.as_dyn();
+        let embeds = model.merge_embeddings(ids, feats)?;
+        let lm = model.language_model();
         let layer_seed = |l: usize| seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
 
         // Forward without a graph, keeping each layer's input.
@@ -166,7 +225,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 
         // The top (final norm, head, loss) with a graph from the last layer's output.
         let top = Tensor::<B, 3>::from_inner(x).require_grad();
-        let loss = self.model.loss_from_hidden(lm.model.norm.forward(top.clone()), &batch.labels).sum / num_items as f64;
+        let loss = model.loss_from_hidden(lm.model.norm.forward(top.clone()), &batch.labels).sum / num_items as f64;
         let value = loss.clone().into_scalar().elem::<f64>();
         let grads = loss.backward();
         let mut upstream = top.grad(&grads).ok_or_else(|| TrainError::Other("checkpointing: the loss does not depend on the decoder".into()))?;
@@ -254,42 +313,35 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Replaces trainable parameters by name (keeps their ids, shapes and `require_grad`).
     pub fn set_trainable_values(&mut self, values: BTreeMap<String, Tensor<B::InnerBackend, 1>>) {
-        let mut setter = Setter::<B> { path: Vec::new(), values };
+        let mut setter = Setter::<B> { path: ModulePath::default(), values };
         let model = self.model.clone();
         self.model = model.map(&mut setter);
     }
 }
 
-/// Batch buffers → tensors on `device`.
-pub fn batch_tensors<B: Backend>(
-    batch: &Batch,
-    device: &B::Device,
-) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Int>, Option<Tensor<B, 4>>) {
+/// A batch's ids, attention mask and labels as tensors on `device`.
+pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
     let shape = [batch.batch_size, batch.seq_len];
     let int = |v: &Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), shape), device);
-    let pixels = (batch.n_images > 0).then(|| {
-        let (h, w) = batch.image_hw;
-        Tensor::<B, 4>::from_data(TensorData::new(batch.pixel_values.clone(), [batch.n_images, 3, h, w]), device)
-    });
-    (int(&batch.input_ids), int(&batch.attention_mask), int(&batch.labels), pixels)
+    (int(&batch.input_ids), int(&batch.attention_mask), int(&batch.labels))
 }
 
 struct Freezer {
-    path: Vec<String>,
-    stage: Stage,
+    path: ModulePath,
+    parts: TrainParts,
     trainable: BTreeMap<String, ()>,
 }
 
 impl<B: Backend> ModuleMapper<B> for Freezer {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
     }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _: &str, container_type: &str) {
+        self.path.exit(container_type);
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let name = self.path.join(".");
-        let trains = is_trainable(self.stage, &name);
+        let name = self.path.join();
+        let trains = is_trainable(self.parts, &name);
         if trains {
             self.trainable.insert(name, ());
         }
@@ -300,29 +352,29 @@ impl<B: Backend> ModuleMapper<B> for Freezer {
 /// Collects the trainable parameters, flattened by name: their gradients when `grads` is given,
 /// else their values.
 struct TrainableCollector<'a, B: AutodiffBackend> {
-    path: Vec<String>,
+    path: ModulePath,
     grads: Option<&'a B::Gradients>,
     trainable: &'a BTreeMap<String, GroupSettings>,
     out: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
 }
 
 impl<'a, B: AutodiffBackend> TrainableCollector<'a, B> {
-    fn collect(model: &LlavaModel<B>, trainable: &'a BTreeMap<String, GroupSettings>, grads: Option<&'a B::Gradients>) -> BTreeMap<String, Tensor<B::InnerBackend, 1>> {
-        let mut c = Self { path: Vec::new(), grads, trainable, out: BTreeMap::new() };
+    fn collect(model: &VlmModel<B>, trainable: &'a BTreeMap<String, GroupSettings>, grads: Option<&'a B::Gradients>) -> BTreeMap<String, Tensor<B::InnerBackend, 1>> {
+        let mut c = Self { path: ModulePath::default(), grads, trainable, out: BTreeMap::new() };
         model.visit(&mut c);
         c.out
     }
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for TrainableCollector<'_, B> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
     }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _: &str, container_type: &str) {
+        self.path.exit(container_type);
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let name = self.path.join(".");
+        let name = self.path.join();
         if !self.trainable.contains_key(&name) {
             return;
         }
@@ -338,19 +390,19 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for TrainableCollector<'_, B> {
 }
 
 struct Setter<B: AutodiffBackend> {
-    path: Vec<String>,
+    path: ModulePath,
     values: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Setter<B> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
     }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _: &str, container_type: &str) {
+        self.path.exit(container_type);
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let name = self.path.join(".");
+        let name = self.path.join();
         match self.values.remove(&name) {
             Some(v) => {
                 let (id, old, mapper) = param.consume();

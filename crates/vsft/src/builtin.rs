@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use vsft_model::{LlavaConfig, LlavaModel, StoredDtype};
+use vsft_model::{LlavaConfig, LlavaModel, StoredDtype, VlmModel};
 
 use crate::backend::{device, Compute};
 
@@ -56,7 +56,7 @@ pub fn resolve(name: &str) -> Result<PathBuf> {
                 let vocab = vsft_demo::write_demo_model_files(tmp)?;
                 let cfg: LlavaConfig = serde_json::from_value(vsft_demo::demo_model_config(&vocab))?;
                 cfg.validate().map_err(anyhow::Error::msg)?;
-                let model = LlavaModel::<Compute>::random(&cfg, 0, &device());
+                let model = VlmModel::Llava(LlavaModel::<Compute>::random(&cfg, 0, &device()));
                 model.save(tmp, StoredDtype::F32, u64::MAX)?;
                 Ok(())
             })

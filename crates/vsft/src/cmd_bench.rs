@@ -4,10 +4,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use vsft_data::Batch;
+use vsft_data::{Batch, ImageBatch, ImageMeta};
 use vsft_model::lora::LoraConfig;
 use vsft_model::weights::RandomInit;
-use vsft_model::LlavaModel;
+use vsft_model::VlmModel;
 use vsft_train::optim::AdamWConfig;
 use vsft_train::trainer::OptimSettings;
 use vsft_train::{Stage, Trainer};
@@ -61,11 +61,32 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// One synthetic image per row for a model: LLaVA's one fixed-size image, or for LLaVA-NeXT a
+/// 4:3 photo (640×480 at 336-px tiles), which takes the 2×2 grid plus the base tile: 5 tiles.
+pub fn synthetic_image<B: burn::tensor::backend::Backend>(model: &VlmModel<B>) -> (ImageMeta, (usize, usize)) {
+    match model {
+        VlmModel::Llava(m) => {
+            let s = m.config.vision_config.image_size;
+            (ImageMeta { original_hw: (s, s), units: 1, grid: (1, 1, 1), tokens: m.config.image_tokens_per_image() }, (s, s))
+        }
+        VlmModel::LlavaNext(m) => {
+            let s = m.config.base.vision_config.image_size;
+            let original_hw = (480 * s / 336, 640 * s / 336);
+            let grid = m.config.grid(original_hw);
+            let n = m.config.tile_side();
+            let (unpadded, newlines) = vsft_data::family::llava_next::unpadded_features(original_hw.0, original_hw.1, n, n, grid.1, grid.2);
+            let meta = ImageMeta { original_hw, units: 1 + grid.1 * grid.2, grid, tokens: n * n + unpadded + newlines };
+            (meta, (s, s))
+        }
+    }
+}
+
 /// Random tokens with one image's tokens right after BOS, random pixels; labels = ids, with the
 /// image positions -100 unless `label_all`.
-pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, batch: usize, seq: usize, seed: u64, label_all: bool) -> Batch {
+pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, image: (ImageMeta, (usize, usize)), batch: usize, seq: usize, seed: u64, label_all: bool) -> Batch {
     let mut rng = RandomInit::new(seed);
-    let per_image = cfg.image_tokens_per_image();
+    let (meta, (h, w)) = image;
+    let per_image = meta.tokens;
     assert!(seq > per_image + 2, "--seq-len must exceed the {per_image} image tokens");
     let vocab = cfg.text_config.vocab_size as f64;
     let image = cfg.image_token_index;
@@ -78,8 +99,8 @@ pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, batch: usize, seq: usize, 
             ids.push(if t == image { 3 } else { t });
         }
     }
-    let s = cfg.vision_config.image_size;
-    let pixels = rng.fill(batch * 3 * s * s, vsft_model::weights::Init::Normal(1.0));
+    let units = batch * meta.units;
+    let pixels = rng.fill(units * 3 * h * w, vsft_model::weights::Init::Normal(1.0));
     let labels: Vec<i64> = ids.iter().map(|&t| if t == image && !label_all { vsft_model::loss::IGNORE_INDEX } else { t }).collect();
     let n_label_tokens = labels.iter().filter(|&&l| l != vsft_model::loss::IGNORE_INDEX).count();
     Batch {
@@ -88,9 +109,7 @@ pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, batch: usize, seq: usize, 
         labels,
         attention_mask: vec![1; batch * seq],
         input_ids: ids,
-        pixel_values: pixels,
-        n_images: batch,
-        image_hw: (s, s),
+        images: ImageBatch { pixel_values: pixels, shape: vec![units, 3, h, w], meta: vec![meta; batch] },
         rows: (0..batch).collect(),
         n_label_tokens,
         all_labels_masked: false,
@@ -107,15 +126,20 @@ pub fn run(c: BenchCommand) -> Result<ExitCode> {
     let dev = device();
     let frozen = vsft_model::StoredDtype::from_torch_name(&a.dtype)
         .ok_or_else(|| anyhow::anyhow!("--dtype {}: use float32, bfloat16 or float16", a.dtype))?;
-    let mut model = LlavaModel::<Train>::load_with(&a.model, &dev, frozen)?;
+    let mut model = VlmModel::<Train>::load_with(&a.model, &dev, frozen)?;
     if stage == Stage::Instruct {
         let lora = LoraConfig { r: a.lora_r, alpha: 2.0 * a.lora_r as f64, dropout: 0.0, ..Default::default() };
         model.add_lora(&lora, 0)?;
     }
-    let cfg = model.config.clone();
+    let image = synthetic_image(&model);
+    let cfg = match &model {
+        VlmModel::Llava(m) => m.config.clone(),
+        VlmModel::LlavaNext(m) => m.config.base.clone(),
+    };
     let settings = OptimSettings {
         lr: 1e-4,
         projector_lr: Some(1e-4),
+        vision_lr: None,
         weight_decay: 0.0,
         adam: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
         max_grad_norm: 1.0,
@@ -123,7 +147,7 @@ pub fn run(c: BenchCommand) -> Result<ExitCode> {
     };
     let mut trainer = Trainer::new(model, stage, settings)?;
     trainer.gradient_checkpointing = a.gradient_checkpointing;
-    let batch = synthetic_batch(&cfg, a.batch_size, a.seq_len, 0, a.label_all);
+    let batch = synthetic_batch(&cfg, image, a.batch_size, a.seq_len, 0, a.label_all);
     let mut times = Vec::new();
     for step in 0..=a.steps {
         let t = Instant::now();
@@ -148,6 +172,7 @@ pub fn run(c: BenchCommand) -> Result<ExitCode> {
         "gradient_checkpointing": a.gradient_checkpointing,
         "labels": if a.label_all { "all positions" } else { "image positions -100" },
         "dtype": a.dtype,
+        "family": trainer.model.family().model_type(), "tiles_per_image": image.0.units, "image_tokens": image.0.tokens,
         "batch_size": a.batch_size, "seq_len": a.seq_len, "stage": a.stage, "lora_r": a.lora_r, "steps": a.steps,
     });
     if a.json {

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use vsft_model::weights::{parse_size, read_tensor_file, StoredDtype};
-use vsft_model::LlavaModel;
+use vsft_model::VlmModel;
 
 use crate::backend::{device, Compute};
 
@@ -85,9 +85,9 @@ pub struct LogitsArgs {
 pub fn logits(a: LogitsArgs) -> Result<ExitCode> {
     use burn::tensor::{Int, Tensor, TensorData};
     let dir = crate::cmd_train::resolve_model(&a.model)?;
-    let mut model = LlavaModel::<Compute>::load(&dir, &device())?;
+    let mut model = VlmModel::<Compute>::load(&dir, &device())?;
     if let Some(ad) = &a.adapter {
-        crate::cmd_train::load_adapter_or_projector(&mut model, ad)?;
+        model = crate::cmd_train::load_adapter_or_projector(model, ad)?;
     }
     let t = read_tensor_file(&a.inputs)?;
     let get = |k: &str| t.get(k).with_context(|| format!("{}: no tensor {k}", a.inputs.display()));
@@ -96,14 +96,29 @@ pub fn logits(a: LogitsArgs) -> Result<ExitCode> {
     let int = |k: &str| -> Result<Tensor<Compute, 2, Int>> {
         Ok(Tensor::from_data(TensorData::new(get(k)?.to_i64()?, shape), &device()))
     };
-    let pixels = match t.get("pixel_values") {
+    // transformers' image inputs: LLaVA's `[images, 3, H, W]`, or LLaVA-NeXT's tiles
+    // `[images, max tiles, 3, H, W]` with `image_sizes`.
+    let images = match t.get("pixel_values") {
         Some(p) => {
-            let s: [usize; 4] = p.shape.clone().try_into().map_err(|_| anyhow::anyhow!("pixel_values must be 4-D"))?;
-            Some(Tensor::<Compute, 4>::from_data(TensorData::new(p.to_f32()?, s), &device()))
+            let values = p.to_f32()?;
+            match (&model, p.shape.len()) {
+                (_, 4) => {
+                    let infos = vec![vsft_model::ImageInfo { units: 1, grid: (1, 1, 1), ..Default::default() }; p.shape[0]];
+                    Some((values, p.shape.clone(), infos))
+                }
+                (VlmModel::LlavaNext(m), 5) => {
+                    let sizes: Vec<(usize, usize)> = get("image_sizes")?.to_i64()?.chunks(2).map(|s| (s[0] as usize, s[1] as usize)).collect();
+                    let shape: [usize; 5] = p.shape.clone().try_into().expect("5-D");
+                    let (values, shape, infos) = m.config.from_hf_inputs(&values, shape, &sizes)?;
+                    Some((values, shape.to_vec(), infos))
+                }
+                _ => anyhow::bail!("{}: pixel_values {:?} does not fit a {} model", a.inputs.display(), p.shape, model.family().model_type()),
+            }
         }
         None => None,
     };
-    let logits = model.forward(int("input_ids")?, int("attention_mask")?, pixels)?;
+    let inputs = images.as_ref().map(|(values, shape, infos)| vsft_model::ImageInputs { pixel_values: values, shape, images: infos });
+    let logits = model.as_dyn().forward(int("input_ids")?, int("attention_mask")?, inputs.as_ref())?;
     let dims = logits.dims().to_vec();
     let n: usize = dims.iter().product();
     let r = vsft_model::weights::TensorRef { shape: dims, flat: logits.reshape([n]) };

@@ -3,11 +3,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use burn::tensor::{Tensor, TensorData};
 use clap::Args;
-use vsft_data::{Content, Message, Processor};
+use vsft_data::{Content, ImageBatch, Message, Processor};
 use vsft_model::generate::GenerateOptions;
-use vsft_model::LlavaModel;
+use vsft_model::VlmModel;
+use vsft_train::trainer::{image_infos, image_inputs};
 
 use crate::backend::{device, Compute};
 
@@ -35,22 +35,21 @@ pub struct GenerateArgs {
     pub chat_template: Option<PathBuf>,
 }
 
-/// Prompt ids for one user turn (an image, then the text) with the generation prompt.
-pub fn encode_prompt(processor: &Processor, prompt: &str, with_image: bool) -> Result<Vec<i64>> {
-    let mut content = Vec::new();
-    if with_image {
-        content.push(Content::image(0));
-    }
-    content.push(Content::text(prompt));
-    let ids = processor.text.encode_prompt(&[Message::new("user", content)], usize::from(with_image))?;
-    Ok(ids.into_iter().map(i64::from).collect())
+/// Prompt ids for one user turn (the image, then the text) with the generation prompt, through
+/// the model's chat template, and the image as the model's processor lays it out.
+pub fn encode_prompt(processor: &Processor, prompt: &str, image: &Path) -> Result<(Vec<i64>, ImageBatch)> {
+    let bytes = std::fs::read(image).with_context(|| image.display().to_string())?;
+    let decoded = vsft_data::image_proc::decode_image(&bytes).map_err(|e| anyhow::anyhow!("{}: cannot decode image: {e}", image.display()))?;
+    let messages = [Message::new("user", vec![Content::image(0), Content::text(prompt)])];
+    let (ids, images) = processor.encode_prompt_with_images(&messages, &[decoded]).with_context(|| image.display().to_string())?;
+    Ok((ids.into_iter().map(i64::from).collect(), images))
 }
 
-/// Preprocessed pixels of one image file, `[1, 3, H, W]`.
-pub fn image_tensor(processor: &Processor, path: &Path) -> Result<Tensor<Compute, 4>> {
-    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-    let px = processor.image.process_bytes(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(Tensor::from_data(TensorData::new(px.data, [1, 3, px.height, px.width]), &device()))
+/// Generates from prompt ids and their images.
+pub fn generate_from(model: &VlmModel<Compute>, ids: &[i64], images: &ImageBatch, opts: &GenerateOptions, on_token: &mut dyn FnMut(i64) -> bool) -> Result<Vec<i64>> {
+    let infos = image_infos(images);
+    let inputs = image_inputs(images, &infos);
+    Ok(model.as_dyn().generate(ids, (!infos.is_empty()).then_some(&inputs), opts, on_token)?)
 }
 
 /// EOS ids: the tokenizer's eos token and generation_config.json's `eos_token_id`.
@@ -75,13 +74,12 @@ pub fn eos_ids(model_dir: &Path, processor: &Processor) -> Vec<i64> {
 
 pub fn generate(a: GenerateArgs) -> Result<ExitCode> {
     let model_dir = crate::cmd_train::resolve_model(&a.model)?;
-    let mut model = LlavaModel::<Compute>::load(&model_dir, &device())?;
+    let mut model = VlmModel::<Compute>::load(&model_dir, &device())?;
     if let Some(ad) = &a.adapter {
-        crate::cmd_train::load_adapter_or_projector(&mut model, ad)?;
+        model = crate::cmd_train::load_adapter_or_projector(model, ad)?;
     }
     let processor = Processor::from_model_dir(&model_dir, a.chat_template.as_deref())?;
-    let ids = encode_prompt(&processor, &a.prompt, true)?;
-    let pixels = image_tensor(&processor, &a.image)?;
+    let (ids, images) = encode_prompt(&processor, &a.prompt, &a.image)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -94,7 +92,7 @@ pub fn generate(a: GenerateArgs) -> Result<ExitCode> {
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut stdout = std::io::stdout();
-    model.generate(&ids, Some(pixels), &opts, &mut |t| {
+    generate_from(&model, &ids, &images, &opts, &mut |t| {
         generated.push(t as u32);
         if let Ok(text) = tokenizer.decode(&generated, true) {
             if text.len() > printed && text.is_char_boundary(printed) {
@@ -112,8 +110,8 @@ pub fn generate(a: GenerateArgs) -> Result<ExitCode> {
 /// `[generate_eval]`: answer held-out questions by greedy generation; exact match on the first
 /// word of the answer, overall and per question kind (for the demo's shapes data).
 pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint: &Path) -> Result<()> {
-    let mut model = LlavaModel::<Compute>::load(model_dir, &device())?;
-    crate::cmd_train::load_adapter_or_projector(&mut model, checkpoint)?;
+    let model = VlmModel::<Compute>::load(model_dir, &device())?;
+    let model = crate::cmd_train::load_adapter_or_projector(model, checkpoint)?;
     let processor = Processor::from_model_dir(model_dir, None)?;
     let data = crate::cmd_train::resolve_data(&ge.data, "test")?;
     let mut source = vsft_data::open_dataset(&data, Some("test"), None)?;
@@ -131,13 +129,10 @@ pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint
         let Some(answer) = row.messages.iter().find(|m| m.role == "assistant") else { continue };
         let question: String = user.content.iter().filter_map(|c| c.text.clone()).collect::<Vec<_>>().join(" ");
         let expected: String = answer.content.iter().filter_map(|c| c.text.clone()).collect::<Vec<_>>().join(" ");
-        let n_images = user.content.iter().filter(|c| c.is_image()).count();
-        let ids: Vec<i64> = processor.text.encode_prompt(std::slice::from_ref(user), n_images)?.into_iter().map(i64::from).collect();
-        let pixels = match processor.row_images(&row)?.into_iter().next() {
-            Some(px) if n_images > 0 => Some(Tensor::<Compute, 4>::from_data(TensorData::new(px.data, [1, 3, px.height, px.width]), &device())),
-            _ => None,
-        };
-        let out = model.generate(&ids, pixels, &opts, &mut |_| true)?;
+        let decoded = processor.decode_row_images(&row)?;
+        let (ids, images) = processor.encode_prompt_with_images(std::slice::from_ref(user), &decoded)?;
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        let out = generate_from(&model, &ids, &images, &opts, &mut |_| true)?;
         let tokens: Vec<u32> = out.iter().map(|&t| t as u32).collect();
         let text = processor.text.tokenizer.decode(&tokens, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
         let correct = first_word(&text) == first_word(&expected);

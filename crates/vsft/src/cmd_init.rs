@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use vsft_model::{LlavaConfig, LlavaModel, StoredDtype};
+use vsft_model::{StoredDtype, VlmModel};
 
 use crate::backend::{device, Compute};
 
@@ -30,20 +30,31 @@ pub struct InitArgs {
 pub const TOKENIZER_FILES: [&str; 5] =
     ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json"];
 
-/// `preprocessor_config.json` and `processor_config.json` that match a model's vision config.
-pub fn write_processor_files(cfg: &LlavaConfig, dir: &Path) -> Result<()> {
+/// `preprocessor_config.json` and `processor_config.json` that match a model's vision config
+/// (the Hub's files for llava-1.5 and llava-v1.6 models).
+pub fn write_processor_files(model: &VlmModel<Compute>, dir: &Path) -> Result<()> {
+    let (cfg, pinpoints) = match model {
+        VlmModel::Llava(m) => (&m.config, None),
+        VlmModel::LlavaNext(m) => (&m.config.base, Some(&m.config.image_grid_pinpoints)),
+    };
     let size = cfg.vision_config.image_size;
-    let image_processor = serde_json::json!({
+    let processor_class = if pinpoints.is_some() { "LlavaNextProcessor" } else { "LlavaProcessor" };
+    let mut image_processor = serde_json::json!({
         "crop_size": {"height": size, "width": size}, "do_center_crop": true, "do_convert_rgb": true,
         "do_normalize": true, "do_rescale": true, "do_resize": true,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
         "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1.0 / 255.0,
-        "size": {"shortest_edge": size}, "processor_class": "LlavaProcessor"
+        "size": {"shortest_edge": size}, "processor_class": processor_class
     });
+    if let Some(p) = pinpoints {
+        image_processor["image_processor_type"] = "LlavaNextImageProcessor".into();
+        image_processor["image_grid_pinpoints"] = serde_json::to_value(p)?;
+        image_processor["do_pad"] = true.into();
+    }
     let strategy = serde_json::to_value(cfg.vision_feature_select_strategy)?;
     let processor = serde_json::json!({
         "image_processor": image_processor, "image_token": "<image>", "num_additional_image_tokens": 1,
-        "patch_size": cfg.vision_config.patch_size, "processor_class": "LlavaProcessor",
+        "patch_size": cfg.vision_config.patch_size, "processor_class": processor_class,
         "vision_feature_select_strategy": strategy
     });
     std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&image_processor)?)?;
@@ -52,13 +63,14 @@ pub fn write_processor_files(cfg: &LlavaConfig, dir: &Path) -> Result<()> {
 }
 
 pub fn init(a: InitArgs) -> Result<ExitCode> {
-    let cfg = LlavaConfig::from_file(&a.config)?;
+    let text = std::fs::read_to_string(&a.config).with_context(|| a.config.display().to_string())?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| a.config.display().to_string())?;
     let dtype = StoredDtype::from_torch_name(&a.dtype).with_context(|| format!("--dtype {}: use float32, bfloat16 or float16", a.dtype))?;
     let shard = vsft_model::weights::parse_size(&a.max_shard_size).with_context(|| format!("--max-shard-size {}", a.max_shard_size))?;
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
-    let model = LlavaModel::<Compute>::random(&cfg, a.seed, &device());
+    let model = VlmModel::<Compute>::random_from_config(&cfg, a.seed, &device()).map_err(|e| anyhow::anyhow!("{}: {e}", a.config.display()))?;
     model.save(&a.out, dtype, shard)?;
-    write_processor_files(&cfg, &a.out)?;
+    write_processor_files(&model, &a.out)?;
     if let Some(src) = &a.tokenizer_from {
         let mut copied = 0;
         for f in TOKENIZER_FILES {
@@ -72,6 +84,6 @@ pub fn init(a: InitArgs) -> Result<ExitCode> {
         }
         eprintln!("vsft: copied {copied} tokenizer files from {}", src.display());
     }
-    eprintln!("vsft: wrote a random {} model to {}", cfg.model_type, a.out.display());
+    eprintln!("vsft: wrote a random {} model to {}", model.family().model_type(), a.out.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use vsft_data::{open_dataset, CollatorConfig, Cursor, DataLoader, LoaderConfig, Processor};
-use vsft_model::LlavaModel;
+use vsft_model::VlmModel;
 use vsft_train::run::{evaluate, Inputs, Resume};
 use vsft_train::Recipe;
 
@@ -154,9 +154,9 @@ pub struct EvalArgs {
 
 pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     let model_dir = resolve_model(&a.model)?;
-    let mut model = LlavaModel::<Compute>::load(&model_dir, &device())?;
+    let mut model = VlmModel::<Compute>::load(&model_dir, &device())?;
     if let Some(adapter) = &a.adapter {
-        load_adapter_or_projector(&mut model, adapter)?;
+        model = load_adapter_or_projector(model, adapter)?;
     }
     let processor = Arc::new(Processor::from_model_dir(&model_dir, a.chat_template.as_deref())?);
     let data = resolve_data(&a.data, &a.split)?;
@@ -183,11 +183,10 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
 }
 
 /// `--adapter DIR`: a LoRA adapter (with `adapter_config.json`) or a stage-1 checkpoint's projector.
-pub fn load_adapter_or_projector<B: burn::tensor::backend::Backend>(model: &mut LlavaModel<B>, dir: &Path) -> Result<()> {
+pub fn load_adapter_or_projector<B: burn::tensor::backend::Backend>(model: VlmModel<B>, dir: &Path) -> Result<VlmModel<B>> {
     if dir.join("adapter_config.json").exists() {
-        model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?;
+        Ok(model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?.0)
     } else {
-        vsft_train::run::load_projector(model, dir).with_context(|| format!("loading projector {}", dir.display()))?;
+        Ok(vsft_train::run::load_projector(model, dir).with_context(|| format!("loading projector {}", dir.display()))?)
     }
-    Ok(())
 }
