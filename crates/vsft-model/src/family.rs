@@ -127,6 +127,20 @@ impl ImageInputs<'_> {
     }
 }
 
+/// Images in transformers' batch layout converted to vsft's (owned; borrow with [`Self::inputs`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfImages {
+    pub pixel_values: Vec<f32>,
+    pub shape: Vec<usize>,
+    pub infos: Vec<ImageInfo>,
+}
+
+impl HfImages {
+    pub fn inputs(&self) -> ImageInputs<'_> {
+        ImageInputs { pixel_values: &self.pixel_values, shape: &self.shape, images: &self.infos }
+    }
+}
+
 /// What every family computes. Object safe: [`VlmModel`] hands out `&dyn VisionLanguageModel`.
 pub trait VisionLanguageModel<B: Backend> {
     fn family(&self) -> Family;
@@ -333,6 +347,27 @@ impl<B: Backend> VlmModel<B> {
 
     pub fn family(&self) -> Family {
         self.as_dyn().family()
+    }
+
+    /// `pixel_values` (and `image_sizes`) as transformers' processor batches them for this
+    /// family: LLaVA's `[images, 3, H, W]`; LLaVA-NeXT's `[images, max tiles, 3, H, W]` with the
+    /// tile axis zero-padded. For parity checks and `vsft logits`.
+    pub fn images_from_hf(&self, pixel_values: &weights::RawTensor, image_sizes: Option<&weights::RawTensor>) -> Result<HfImages, ModelError> {
+        let values = pixel_values.to_f32()?;
+        let shape = pixel_values.shape.clone();
+        match (self, shape.len()) {
+            (VlmModel::Llava(_), 4) => {
+                let infos = vec![ImageInfo { original_hw: (shape[2], shape[3]), units: 1, grid: (1, 1, 1) }; shape[0]];
+                Ok(HfImages { pixel_values: values, shape, infos })
+            }
+            (VlmModel::LlavaNext(m), 5) => {
+                let sizes = image_sizes.ok_or_else(|| ModelError::Input("LLaVA-NeXT's pixel_values need image_sizes".into()))?.to_i64()?;
+                let sizes: Vec<(usize, usize)> = sizes.chunks(2).map(|s| (s[0].max(1) as usize, s[1].max(1) as usize)).collect();
+                let (pixel_values, shape, infos) = m.config.from_hf_inputs(&values, shape.try_into().expect("5-D"), &sizes)?;
+                Ok(HfImages { pixel_values, shape: shape.to_vec(), infos })
+            }
+            _ => Err(ModelError::Input(format!("pixel_values {shape:?} does not fit a {} model", self.family().model_type()))),
+        }
     }
 
     pub fn language_model(&self) -> &LlamaForCausalLM<B> {

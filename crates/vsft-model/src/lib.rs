@@ -22,7 +22,7 @@ pub mod weights;
 
 pub use config::LlavaConfig;
 pub use error::ModelError;
-pub use family::{Family, ImageInfo, ImageInputs, VisionLanguageModel, VlmModel};
+pub use family::{Family, HfImages, ImageInfo, ImageInputs, VisionLanguageModel, VlmModel};
 pub use llava::LlavaModel;
 pub use llava_next::{LlavaNextConfig, LlavaNextModel};
 pub use weights::StoredDtype;

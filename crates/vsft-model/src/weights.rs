@@ -464,6 +464,10 @@ pub struct RawTensor {
 }
 
 impl RawTensor {
+    /// An f32 tensor of `shape` holding `values`.
+    pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Self {
+        RawTensor { dtype: "F32".into(), shape, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
     pub fn to_f32(&self) -> Result<Vec<f32>, ModelError> {
         match self.dtype.as_str() {
             "F64" => Ok(self.bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8")) as f32).collect()),

@@ -10,11 +10,10 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use vsft_model::llava::vision_features_no_grad;
 use vsft_model::lora::LoraConfig;
 use vsft_model::loss::causal_lm_loss;
 use vsft_model::weights::read_tensor_file;
-use vsft_model::LlavaModel;
+use vsft_model::{ImageInfo, ImageInputs, VlmModel};
 
 type Train = Autodiff<Flex>;
 
@@ -42,12 +41,12 @@ struct Run {
 fn run(name: &str) -> Run {
     let dev = Default::default();
     let r = read_tensor_file(&fixture_dir(name).join("reference.safetensors")).unwrap();
-    let mut model = LlavaModel::<Train>::load(&fixture_dir(name).join("legacy"), &dev).unwrap();
+    let mut model = VlmModel::<Train>::load(&fixture_dir(name).join("legacy"), &dev).unwrap();
     let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..Default::default() };
     model.add_lora(&lora, 7).unwrap();
     <Train as Backend>::seed(&dev, 11);
-    for (_, linear) in model.language_model_linears_mut() {
-        let l = linear.lora.as_mut().unwrap();
+    for (_, linear) in model.as_dyn_mut().linears_mut() {
+        let Some(l) = linear.lora.as_mut() else { continue };
         let shape = l.lora_b.val().dims();
         l.lora_b = Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.05), &dev));
     }
@@ -58,19 +57,21 @@ fn run(name: &str) -> Run {
     let mut mask = r["attention_mask"].to_i64().unwrap();
     mask[(batch - 1) * seq..(batch - 1) * seq + 3].fill(0);
     let p = &r["pixel_values"];
-    let pixels = Tensor::<Train, 4>::from_data(TensorData::new(p.to_f32().unwrap(), [p.shape[0], p.shape[1], p.shape[2], p.shape[3]]), &dev);
-    let features = vision_features_no_grad(&model, pixels);
-    let projected = model.multi_modal_projector.forward(features);
-    let logits = model.forward_with_features(int(ids.to_i64().unwrap()), int(mask), Some(projected)).unwrap();
+    let pixels = p.to_f32().unwrap();
+    let infos = vec![ImageInfo { original_hw: (p.shape[2], p.shape[3]), units: 1, grid: (1, 1, 1) }; p.shape[0]];
+    let images = ImageInputs { pixel_values: &pixels, shape: &p.shape, images: &infos };
+    let projected = model.image_features_for_training(&images, false).unwrap();
+    let logits = model.as_dyn().forward_with_features(int(ids.to_i64().unwrap()), int(mask), Some(projected)).unwrap();
     let loss = causal_lm_loss(logits.clone(), int(r["labels"].to_i64().unwrap()));
     let loss_value = values(loss.mean())[0];
     let grads = loss.mean().backward();
     let mut out = Vec::new();
-    let p = &model.multi_modal_projector;
+    let VlmModel::Llava(llava) = &model else { panic!("a LLaVA fixture") };
+    let p = &llava.multi_modal_projector;
     out.push(("projector.linear_1.weight".to_string(), values(p.linear_1.weight.val().grad(&grads).unwrap())));
     out.push(("projector.linear_2.bias".to_string(), values(p.linear_2.bias.as_ref().unwrap().val().grad(&grads).unwrap())));
-    for (name, linear) in model.language_model_linears_mut() {
-        let l = linear.lora.as_ref().unwrap();
+    for (name, linear) in model.as_dyn_mut().linears_mut() {
+        let Some(l) = linear.lora.as_ref() else { continue };
         out.push((format!("{name}.lora_A"), values(l.lora_a.val().grad(&grads).unwrap())));
         out.push((format!("{name}.lora_B"), values(l.lora_b.val().grad(&grads).unwrap())));
     }

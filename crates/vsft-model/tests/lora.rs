@@ -7,7 +7,7 @@ use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use vsft_model::lora::LoraConfig;
 use vsft_model::weights::read_tensor_file;
-use vsft_model::LlavaModel;
+use vsft_model::VlmModel;
 
 type Cpu = Flex;
 
@@ -15,18 +15,17 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-fn base() -> LlavaModel<Cpu> {
-    LlavaModel::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap()
+fn base() -> VlmModel<Cpu> {
+    VlmModel::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap()
 }
 
-fn logits(model: &LlavaModel<Cpu>, r: &std::collections::BTreeMap<String, vsft_model::weights::RawTensor>) -> Vec<f32> {
+fn logits(model: &VlmModel<Cpu>, r: &std::collections::BTreeMap<String, vsft_model::weights::RawTensor>) -> Vec<f32> {
     let dev = Default::default();
     let ids = &r["input_ids"];
     let shape = [ids.shape[0], ids.shape[1]];
     let int = |k: &str| Tensor::<Cpu, 2, Int>::from_data(TensorData::new(r[k].to_i64().unwrap(), shape), &dev);
-    let p = &r["pixel_values"];
-    let pix = Tensor::<Cpu, 4>::from_data(TensorData::new(p.to_f32().unwrap(), [p.shape[0], p.shape[1], p.shape[2], p.shape[3]]), &dev);
-    model.forward(int("input_ids"), int("attention_mask"), Some(pix)).unwrap().into_data().convert::<f32>().into_vec().unwrap()
+    let images = model.images_from_hf(&r["pixel_values"], None).unwrap();
+    model.as_dyn().forward(int("input_ids"), int("attention_mask"), Some(&images.inputs())).unwrap().into_data().convert::<f32>().into_vec().unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -38,8 +37,7 @@ fn peft_adapters_give_peft_logits_plain_and_rslora() {
     for name in ["plain", "rslora"] {
         let dir = fixtures().join("lora").join(name);
         let r = read_tensor_file(&dir.join("reference.safetensors")).unwrap();
-        let mut model = base();
-        let cfg = model.load_adapter(&dir).unwrap();
+        let (mut model, cfg) = base().load_adapter(&dir).unwrap();
         assert_eq!(cfg.rslora, name == "rslora");
         let want = r["logits"].to_f32().unwrap();
         let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
@@ -49,7 +47,7 @@ fn peft_adapters_give_peft_logits_plain_and_rslora() {
         // One LoRA linear alone (layer 0's q_proj) against PEFT's lora.Linear: ≤ 1e-5 absolute.
         let x = &r["q_proj.input"];
         let x = Tensor::<Cpu, 2>::from_data(TensorData::new(x.to_f32().unwrap(), [x.shape[0], x.shape[1]]), &Default::default());
-        let y: Vec<f32> = model.language_model.model.layers[0].self_attn.q_proj.forward(x).into_data().convert::<f32>().into_vec().unwrap();
+        let y: Vec<f32> = model.language_model().model.layers[0].self_attn.q_proj.forward(x).into_data().convert::<f32>().into_vec().unwrap();
         let d = max_diff(&y, &r["q_proj.output"].to_f32().unwrap());
         println!("{name}: LoRA linear max abs diff vs PEFT {d:.2e}");
         assert!(d <= 1e-5, "{name}: LoRA linear differs by {d}");
@@ -63,11 +61,10 @@ fn peft_adapters_give_peft_logits_plain_and_rslora() {
 #[test]
 fn vsft_adapter_files_use_peft_keys_and_config_fields() {
     let dir = fixtures().join("lora/plain");
-    let mut model = base();
-    model.load_adapter(&dir).unwrap();
+    let (model, _) = base().load_adapter(&dir).unwrap();
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("adapter-keys");
     std::fs::create_dir_all(&out).unwrap();
-    model.save_adapter_weights(&out).unwrap();
+    model.save_adapter_weights(&out, &|_| false).unwrap();
     let peft = read_tensor_file(&dir.join("adapter_model.safetensors")).unwrap();
     let ours = read_tensor_file(&out.join("adapter_model.safetensors")).unwrap();
     let pk: Vec<&String> = peft.keys().collect();
@@ -80,8 +77,9 @@ fn vsft_adapter_files_use_peft_keys_and_config_fields() {
     let peft_cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
     let cfg = LoraConfig::from_peft_json(&peft_cfg).unwrap();
-    let targeted: Vec<String> = model.language_model_linears().into_iter().map(|(n, _)| n).collect();
-    let ours_cfg = cfg.to_peft_json(&targeted, "base");
+    let mut model = model;
+    let targeted: Vec<String> = model.as_dyn_mut().language_model_mut().linears_mut().into_iter().map(|(n, _)| n).collect();
+    let ours_cfg = cfg.to_peft_json(&targeted, "base", false);
     for field in ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "modules_to_save", "bias"] {
         assert_eq!(ours_cfg[field], peft_cfg[field], "adapter_config.json field {field}");
     }
@@ -89,8 +87,8 @@ fn vsft_adapter_files_use_peft_keys_and_config_fields() {
     let ours_re = LoraConfig { target_modules: vsft_model::lora::TargetModules::Regex(ours_cfg["target_modules"].as_str().unwrap().into()), ..cfg.clone() };
     let m1 = cfg.matcher().unwrap();
     let m2 = ours_re.matcher().unwrap();
-    for (n, _) in model.language_model_linears() {
-        assert_eq!(m1(&n), m2(&n), "{n}");
+    for n in &targeted {
+        assert_eq!(m1(n), m2(n), "{n}");
     }
 }
 
@@ -107,5 +105,5 @@ fn fresh_adapters_start_at_the_base_model() {
     assert_eq!(before, logits(&adapted, &r), "B = 0 at init: the adapter adds nothing");
     let bad = LoraConfig { target_modules: vsft_model::lora::TargetModules::Suffixes(vec!["fc1".into()]), ..cfg };
     let err = adapted.add_lora(&bad, 3).unwrap_err().to_string();
-    assert!(err.contains("matches no language-model linear"), "{err}");
+    assert!(err.contains("matches no linear layer"), "{err}");
 }

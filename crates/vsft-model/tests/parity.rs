@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use vsft_model::llava::vision_features_no_grad;
 use vsft_model::loss::causal_lm_loss;
 use vsft_model::weights::{read_tensor_file, RawTensor};
-use vsft_model::{LlavaModel, StoredDtype};
+use vsft_model::{HfImages, StoredDtype, VlmModel};
 
 type Cpu = Flex;
 type Train = Autodiff<Flex>;
@@ -30,7 +29,7 @@ struct Inputs<B: Backend> {
     input_ids: Tensor<B, 2, Int>,
     attention_mask: Tensor<B, 2, Int>,
     labels: Tensor<B, 2, Int>,
-    pixel_values: Tensor<B, 4>,
+    pixel_values: RawTensor,
 }
 
 fn inputs<B: Backend>(r: &BTreeMap<String, RawTensor>) -> Inputs<B> {
@@ -39,14 +38,7 @@ fn inputs<B: Backend>(r: &BTreeMap<String, RawTensor>) -> Inputs<B> {
         let t = &r[k];
         Tensor::<B, 2, Int>::from_data(TensorData::new(t.to_i64().unwrap(), [t.shape[0], t.shape[1]]), &dev)
     };
-    let p = &r["pixel_values"];
-    let shape: [usize; 4] = p.shape.clone().try_into().unwrap();
-    Inputs {
-        input_ids: int("input_ids"),
-        attention_mask: int("attention_mask"),
-        labels: int("labels"),
-        pixel_values: Tensor::from_data(TensorData::new(p.to_f32().unwrap(), shape), &dev),
-    }
+    Inputs { input_ids: int("input_ids"), attention_mask: int("attention_mask"), labels: int("labels"), pixel_values: r["pixel_values"].clone() }
 }
 
 fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -63,11 +55,23 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     max_abs_diff(a, b) / scale.max(1e-12)
 }
 
-fn logits_of(model: &LlavaModel<Cpu>, x: &Inputs<Cpu>) -> Vec<f32> {
+fn images<B: Backend>(model: &VlmModel<B>, x: &Inputs<B>) -> HfImages {
+    model.images_from_hf(&x.pixel_values, None).unwrap()
+}
+
+fn logits_of(model: &VlmModel<Cpu>, x: &Inputs<Cpu>) -> Vec<f32> {
     let logits = model
-        .forward(x.input_ids.clone(), x.attention_mask.clone(), Some(x.pixel_values.clone()))
+        .as_dyn()
+        .forward(x.input_ids.clone(), x.attention_mask.clone(), Some(&images(model, x).inputs()))
         .unwrap();
     values(logits)
+}
+
+fn llava<B: Backend>(model: &VlmModel<B>) -> &vsft_model::LlavaModel<B> {
+    match model {
+        VlmModel::Llava(m) => m,
+        _ => panic!("a LLaVA fixture"),
+    }
 }
 
 #[test]
@@ -77,7 +81,7 @@ fn logits_match_transformers_in_every_key_layout() {
         let x = inputs::<Cpu>(&r);
         let want = r["logits"].to_f32().unwrap();
         for layout in ["legacy", "v452", "v5"] {
-            let model = LlavaModel::<Cpu>::load(&fixture_dir(name).join(layout), &Default::default()).unwrap();
+            let model = VlmModel::<Cpu>::load(&fixture_dir(name).join(layout), &Default::default()).unwrap();
             let diff = max_abs_diff(&logits_of(&model, &x), &want);
             println!("{name}/{layout}: logits max abs diff {diff:.3e}");
             assert!(diff <= 1e-4, "{name}/{layout}: logits differ by {diff}");
@@ -93,7 +97,7 @@ fn bf16_shards_with_a_total_size_index_load_and_match() {
         let want = read_tensor_file(&fixture_dir(name).join("reference_sharded_bf16.safetensors")).unwrap()["logits"]
             .to_f32()
             .unwrap();
-        let model = LlavaModel::<Cpu>::load(&fixture_dir(name).join("sharded"), &Default::default()).unwrap();
+        let model = VlmModel::<Cpu>::load(&fixture_dir(name).join("sharded"), &Default::default()).unwrap();
         let diff = max_abs_diff(&logits_of(&model, &x), &want);
         println!("{name}/sharded bf16: logits max abs diff {diff:.3e}");
         assert!(diff <= 1e-4, "{name}: sharded bf16 logits differ by {diff}");
@@ -105,8 +109,9 @@ fn loss_matches_transformers_mean_and_sum() {
     for name in CONFIGS {
         let r = reference(name);
         let x = inputs::<Cpu>(&r);
-        let model = LlavaModel::<Cpu>::load(&fixture_dir(name).join("legacy"), &Default::default()).unwrap();
-        let logits = model.forward(x.input_ids, x.attention_mask, Some(x.pixel_values)).unwrap();
+        let model = VlmModel::<Cpu>::load(&fixture_dir(name).join("legacy"), &Default::default()).unwrap();
+        let imgs = images(&model, &x);
+        let logits = model.as_dyn().forward(x.input_ids, x.attention_mask, Some(&imgs.inputs())).unwrap();
         let loss = causal_lm_loss(logits, x.labels);
         assert_eq!(loss.label_tokens as i64, r["label_tokens"].to_i64().unwrap()[0]);
         let mean = values(loss.mean())[0];
@@ -124,12 +129,12 @@ fn projector_gradients_match_torch_autograd() {
     for name in CONFIGS {
         let r = reference(name);
         let x = inputs::<Train>(&r);
-        let model = LlavaModel::<Train>::load(&fixture_dir(name).join("legacy"), &Default::default()).unwrap();
-        let features = vision_features_no_grad(&model, x.pixel_values);
-        let projected = model.multi_modal_projector.forward(features);
-        let logits = model.forward_with_features(x.input_ids, x.attention_mask, Some(projected)).unwrap();
+        let model = VlmModel::<Train>::load(&fixture_dir(name).join("legacy"), &Default::default()).unwrap();
+        let imgs = images(&model, &x);
+        let projected = model.image_features_for_training(&imgs.inputs(), false).unwrap();
+        let logits = model.as_dyn().forward_with_features(x.input_ids, x.attention_mask, Some(projected)).unwrap();
         let grads = causal_lm_loss(logits, x.labels).mean().backward();
-        let p = &model.multi_modal_projector;
+        let p = &llava(&model).multi_modal_projector;
         let got = [
             ("linear_1.weight", values(p.linear_1.weight.val().grad(&grads).unwrap())),
             ("linear_1.bias", values(p.linear_1.bias.as_ref().unwrap().val().grad(&grads).unwrap())),
@@ -143,7 +148,7 @@ fn projector_gradients_match_torch_autograd() {
             assert!(rel <= 1e-4, "{name}: gradient of {param} differs: {rel}");
         }
         // The frozen vision tower built no graph: it has no gradient.
-        let patch = model.vision_tower.vision_model.embeddings.patch_embedding.weight.val();
+        let patch = llava(&model).vision_tower.vision_model.embeddings.patch_embedding.weight.val();
         assert!(patch.grad(&grads).is_none(), "the vision tower must not be in the autodiff graph");
     }
 }
@@ -152,7 +157,7 @@ fn projector_gradients_match_torch_autograd() {
 fn save_then_load_gives_identical_tensors_in_sharded_legacy_layout() {
     for name in CONFIGS {
         let dev = Default::default();
-        let model = LlavaModel::<Cpu>::load(&fixture_dir(name).join("v5"), &dev).unwrap();
+        let model = VlmModel::<Cpu>::load(&fixture_dir(name).join("v5"), &dev).unwrap();
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("roundtrip-{name}"));
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out).unwrap();
@@ -164,7 +169,7 @@ fn save_then_load_gives_identical_tensors_in_sharded_legacy_layout() {
         assert!(names.iter().all(|n| n.starts_with("language_model.")
             || n.starts_with("vision_tower.vision_model.")
             || n.starts_with("multi_modal_projector.")), "legacy layout only: {names:?}");
-        let again = LlavaModel::<Cpu>::load(&out, &dev).unwrap();
+        let again = VlmModel::<Cpu>::load(&out, &dev).unwrap();
         let a = model.named_tensors();
         let b = again.named_tensors();
         assert_eq!(a.len(), b.len());
@@ -196,7 +201,7 @@ fn mismatched_checkpoints_report_every_problem_at_once() {
     cfg["text_config"]["intermediate_size"] = 144.into();
     cfg["vision_config"]["num_hidden_layers"] = 2.into();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let err = LlavaModel::<Cpu>::load(&dir, &Default::default()).unwrap_err().to_string();
+    let err = VlmModel::<Cpu>::load(&dir, &Default::default()).unwrap_err().to_string();
     assert!(err.contains("missing tensor language_model.model.layers.2.self_attn.q_proj.weight"), "{err}");
     assert!(err.contains("tensor language_model.model.layers.0.mlp.up_proj.weight has shape [128, 64] in the checkpoint but the config gives [144, 64]"), "{err}");
     assert!(err.contains("unexpected tensor vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"), "{err}");
@@ -209,16 +214,19 @@ fn unsupported_config_and_image_token_mismatch_are_clear_errors() {
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     cfg["vision_config"]["hidden_act"] = "relu6".into();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let err = LlavaModel::<Cpu>::load(&dir, &Default::default()).unwrap_err().to_string();
+    let err = VlmModel::<Cpu>::load(&dir, &Default::default()).unwrap_err().to_string();
     assert!(err.contains("relu6") && err.contains("quick_gelu"), "{err}");
 
     let r = reference("tiny-llava-mha");
     let x = inputs::<Cpu>(&r);
-    let model = LlavaModel::<Cpu>::load(&fixture_dir("tiny-llava-mha").join("legacy"), &Default::default()).unwrap();
+    let model = VlmModel::<Cpu>::load(&fixture_dir("tiny-llava-mha").join("legacy"), &Default::default()).unwrap();
     // One image for two rows that each hold an image's tokens.
-    let one = x.pixel_values.slice([0..1, 0..3, 0..32, 0..32]);
-    let err = model.forward(x.input_ids, x.attention_mask, Some(one)).unwrap_err().to_string();
-    assert!(err.contains("image tokens (32) and image features (16)"), "{err}");
+    let p = &x.pixel_values;
+    let per: usize = p.shape[1..].iter().product();
+    let one = RawTensor::from_f32([&[1], &p.shape[1..]].concat(), &p.to_f32().unwrap()[..per]);
+    let one = model.images_from_hf(&one, None).unwrap();
+    let err = model.as_dyn().forward(x.input_ids, x.attention_mask, Some(&one.inputs())).unwrap_err().to_string();
+    assert!(err.contains("image tokens (32;") && err.contains("image features (16)"), "{err}");
 }
 
 /// `model.dtype = "bfloat16"`: frozen weights held in bf16 (the sharded fixture's weights are
@@ -231,7 +239,7 @@ fn frozen_bf16_weights_stay_bf16_and_track_the_f32_reference() {
         let r = reference(name);
         let x = inputs::<Train>(&r);
         let dir = fixture_dir(name).join("sharded");
-        let model = LlavaModel::<Train>::load_with(&dir, &Default::default(), StoredDtype::BF16).unwrap();
+        let model = VlmModel::<Train>::load_with(&dir, &Default::default(), StoredDtype::BF16).unwrap();
         let dtypes: Vec<(String, burn::tensor::DType)> =
             model.named_tensors().iter().map(|(n, _, t)| (n.clone(), t.flat.dtype())).collect();
         for (n, dt) in &dtypes {
@@ -239,13 +247,13 @@ fn frozen_bf16_weights_stay_bf16_and_track_the_f32_reference() {
             assert_eq!(*dt, want, "{name}: {n} is {dt:?}");
         }
         let want = read_tensor_file(&fixture_dir(name).join("reference_sharded_bf16.safetensors")).unwrap()["logits"].to_f32().unwrap();
-        let features = vision_features_no_grad(&model, x.pixel_values);
-        let projected = model.multi_modal_projector.forward(features);
-        let logits = model.forward_with_features(x.input_ids, x.attention_mask, Some(projected)).unwrap();
+        let imgs = images(&model, &x);
+        let projected = model.image_features_for_training(&imgs.inputs(), false).unwrap();
+        let logits = model.as_dyn().forward_with_features(x.input_ids, x.attention_mask, Some(projected)).unwrap();
         let got = values(logits.clone());
         let diff = rel_diff(&got, &want);
         let grads = causal_lm_loss(logits, x.labels).mean().backward();
-        let g = values(model.multi_modal_projector.linear_2.weight.val().grad(&grads).unwrap());
+        let g = values(llava(&model).multi_modal_projector.linear_2.weight.val().grad(&grads).unwrap());
         let g_want = r["grad.multi_modal_projector.linear_2.weight"].to_f32().unwrap();
         let g_diff = rel_diff(&g, &g_want);
         println!("{name}: bf16 frozen weights: logits rel diff {diff:.2e}, projector grad rel diff {g_diff:.2e}");

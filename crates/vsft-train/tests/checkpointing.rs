@@ -4,7 +4,7 @@
 
 use burn::backend::{Autodiff, Flex};
 use vsft_model::weights::read_tensor_file;
-use vsft_model::LlavaModel;
+use vsft_model::VlmModel;
 use vsft_train::optim::AdamWConfig;
 use vsft_train::trainer::OptimSettings;
 use vsft_train::{Stage, Trainer};
@@ -21,12 +21,13 @@ use common::{batch_from, fixtures};
 fn gradient_checkpointing_matches_the_plain_step_with_lora() {
     let t = read_tensor_file(&fixtures().join("train/stage1_batches.safetensors")).unwrap();
     let run = |checkpointing: bool, dropout: f64| {
-        let mut model = LlavaModel::<Train>::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap();
+        let mut model = VlmModel::<Train>::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap();
         let lora = vsft_model::lora::LoraConfig { r: 4, alpha: 8.0, dropout, ..Default::default() };
         model.add_lora(&lora, 3).unwrap();
         let settings = OptimSettings {
             lr: 1e-3,
             projector_lr: None,
+        vision_lr: None,
             weight_decay: 0.0,
             adam: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
             max_grad_norm: 1.0,

@@ -4,7 +4,7 @@
 
 use burn::backend::{Autodiff, Flex};
 use vsft_model::weights::read_tensor_file;
-use vsft_model::LlavaModel;
+use vsft_model::VlmModel;
 use vsft_train::optim::{lr_lambda, AdamWConfig};
 use vsft_train::recipe::Scheduler;
 use vsft_train::trainer::OptimSettings;
@@ -24,10 +24,11 @@ fn trainer(r: &serde_json::Value) -> Trainer<Train> {
 }
 
 fn trainer_on<B: burn::tensor::backend::AutodiffBackend>(r: &serde_json::Value) -> Trainer<B> {
-    let model = LlavaModel::<B>::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap();
+    let model = VlmModel::<B>::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap();
     let settings = OptimSettings {
         lr: r["lr"].as_f64().unwrap(),
         projector_lr: None,
+        vision_lr: None,
         weight_decay: r["weight_decay"].as_f64().unwrap(),
         adam: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
         max_grad_norm: 0.0,

@@ -96,28 +96,8 @@ pub fn logits(a: LogitsArgs) -> Result<ExitCode> {
     let int = |k: &str| -> Result<Tensor<Compute, 2, Int>> {
         Ok(Tensor::from_data(TensorData::new(get(k)?.to_i64()?, shape), &device()))
     };
-    // transformers' image inputs: LLaVA's `[images, 3, H, W]`, or LLaVA-NeXT's tiles
-    // `[images, max tiles, 3, H, W]` with `image_sizes`.
-    let images = match t.get("pixel_values") {
-        Some(p) => {
-            let values = p.to_f32()?;
-            match (&model, p.shape.len()) {
-                (_, 4) => {
-                    let infos = vec![vsft_model::ImageInfo { units: 1, grid: (1, 1, 1), ..Default::default() }; p.shape[0]];
-                    Some((values, p.shape.clone(), infos))
-                }
-                (VlmModel::LlavaNext(m), 5) => {
-                    let sizes: Vec<(usize, usize)> = get("image_sizes")?.to_i64()?.chunks(2).map(|s| (s[0] as usize, s[1] as usize)).collect();
-                    let shape: [usize; 5] = p.shape.clone().try_into().expect("5-D");
-                    let (values, shape, infos) = m.config.from_hf_inputs(&values, shape, &sizes)?;
-                    Some((values, shape.to_vec(), infos))
-                }
-                _ => anyhow::bail!("{}: pixel_values {:?} does not fit a {} model", a.inputs.display(), p.shape, model.family().model_type()),
-            }
-        }
-        None => None,
-    };
-    let inputs = images.as_ref().map(|(values, shape, infos)| vsft_model::ImageInputs { pixel_values: values, shape, images: infos });
+    let images = t.get("pixel_values").map(|p| model.images_from_hf(p, t.get("image_sizes"))).transpose()?;
+    let inputs = images.as_ref().map(|i| i.inputs());
     let logits = model.as_dyn().forward(int("input_ids")?, int("attention_mask")?, inputs.as_ref())?;
     let dims = logits.dims().to_vec();
     let n: usize = dims.iter().product();

@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use vsft_data::Batch;
+use vsft_data::{Batch, ImageBatch, ImageMeta};
 use vsft_model::weights::RawTensor;
+use vsft_model::LlavaNextConfig;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -19,6 +20,7 @@ pub fn batch_from(t: &std::collections::BTreeMap<String, RawTensor>, i: usize, r
     let labels = t[&format!("batch{i}.labels")].to_i64().unwrap();
     let pix = &t[&format!("batch{i}.pixel_values")];
     let per_image: usize = pix.shape[1..].iter().product();
+    let (h, w) = (pix.shape[2], pix.shape[3]);
     let pix = pix.to_f32().unwrap();
     assert!(rows.end <= bsz);
     let width = if unpad { rows.clone().map(|r| mask[r * seq..(r + 1) * seq].iter().sum::<i64>() as usize).max().unwrap() } else { seq };
@@ -31,10 +33,41 @@ pub fn batch_from(t: &std::collections::BTreeMap<String, RawTensor>, i: usize, r
         input_ids: take(&ids),
         attention_mask: take(&mask),
         labels: labels_v,
-        pixel_values: rows.clone().flat_map(|r| pix[r * per_image..(r + 1) * per_image].to_vec()).collect(),
-        n_images: rows.len(),
-        image_hw: (t[&format!("batch{i}.pixel_values")].shape[2], t[&format!("batch{i}.pixel_values")].shape[3]),
+        images: ImageBatch {
+            pixel_values: rows.clone().flat_map(|r| pix[r * per_image..(r + 1) * per_image].to_vec()).collect(),
+            shape: vec![rows.len(), 3, h, w],
+            meta: vec![ImageMeta { original_hw: (h, w), units: 1, grid: (1, 1, 1), tokens: 0 }; rows.len()],
+        },
         rows: rows.collect(),
+        n_label_tokens,
+        all_labels_masked: n_label_tokens == 0,
+    }
+}
+
+/// A whole batch in transformers' LLaVA-NeXT layout (`{prefix}input_ids`, …, `pixel_values
+/// [images, max tiles, 3, H, W]`, `image_sizes`) as vsft's batch: padding tiles dropped.
+#[allow(dead_code)]
+pub fn llava_next_batch(t: &std::collections::BTreeMap<String, RawTensor>, prefix: &str, cfg: &LlavaNextConfig) -> Batch {
+    let ids = &t[&format!("{prefix}input_ids")];
+    let (bsz, seq) = (ids.shape[0], ids.shape[1]);
+    let labels = t[&format!("{prefix}labels")].to_i64().unwrap();
+    let pix = &t[&format!("{prefix}pixel_values")];
+    let shape: [usize; 5] = pix.shape.clone().try_into().unwrap();
+    let sizes: Vec<(usize, usize)> = t[&format!("{prefix}image_sizes")].to_i64().unwrap().chunks(2).map(|s| (s[0] as usize, s[1] as usize)).collect();
+    let (pixel_values, shape, infos) = cfg.from_hf_inputs(&pix.to_f32().unwrap(), shape, &sizes).unwrap();
+    let n_label_tokens = labels.iter().filter(|&&l| l != -100).count();
+    Batch {
+        batch_size: bsz,
+        seq_len: seq,
+        input_ids: ids.to_i64().unwrap(),
+        attention_mask: t[&format!("{prefix}attention_mask")].to_i64().unwrap(),
+        labels,
+        images: ImageBatch {
+            pixel_values,
+            shape: shape.to_vec(),
+            meta: infos.iter().map(|i| ImageMeta { original_hw: i.original_hw, units: i.units, grid: i.grid, tokens: 0 }).collect(),
+        },
+        rows: (0..bsz).collect(),
         n_label_tokens,
         all_labels_masked: n_label_tokens == 0,
     }
