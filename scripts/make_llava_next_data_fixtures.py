@@ -111,6 +111,8 @@ def make_images():
         "coffee_30x50.png": png(fit(cof, 30, 50)),                      # small: upscale
         "motorcycle_333x517.jpg": jpeg(fit(mot, 333, 517), 88, subsampling=1),  # odd sizes, 4:2:2
         "camera_900x31.png": png(fit(cam, 900, 31)),                    # mode L, extreme aspect
+        "hubble_5000x1.png": png(fit(hub, 5000, 1)),                    # one row: base-only tokens
+        "rocket_1x600.png": png(fit(roc, 1, 600)),                      # one column
     }
 
 

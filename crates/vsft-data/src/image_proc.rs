@@ -174,15 +174,30 @@ pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&s).map_err(|e| DataError::Json { path: path.to_path_buf(), msg: e.to_string() })
 }
 
+/// Largest image decoded, in pixels: Pillow raises `DecompressionBombError` above twice
+/// `Image.MAX_IMAGE_PIXELS` (89478485), so nothing larger can reach transformers either.
+pub const MAX_IMAGE_PIXELS: usize = 2 * 89_478_485;
+
 /// Decodes JPEG/PNG/WebP/GIF (first frame) bytes to RGB; alpha is composited onto white
-/// exactly as transformers' `convert_to_rgb` (PIL `alpha_composite`) does.
+/// exactly as transformers' `convert_to_rgb` (PIL `alpha_composite`) does. Images of more
+/// than `MAX_IMAGE_PIXELS` pixels are refused before any pixel buffer is allocated.
 pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     // Baseline JPEGs: our libjpeg-turbo-exact decoder (what Pillow uses); anything it does
     // not handle (progressive, CMYK, odd sampling) goes to the `image` crate.
     if bytes.len() > 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 {
-        if let Ok((w, h, rgb)) = crate::jpeg::decode(bytes) {
-            return Ok(RgbImage::new(w, h, rgb));
+        match crate::jpeg::decode(bytes) {
+            Ok((w, h, rgb)) => return Ok(RgbImage::new(w, h, rgb)),
+            Err(crate::jpeg::JpegError::TooLarge(m)) => return Err(m),
+            Err(_) => {}
         }
+    }
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+    let (w, h) = reader.into_dimensions().map_err(|e| e.to_string())?;
+    if w as usize * h as usize > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "{w}x{h} = {} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels (Pillow's decompression-bomb limit)",
+            w as usize * h as usize
+        ));
     }
     let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
     let (w, h) = (img.width() as usize, img.height() as usize);

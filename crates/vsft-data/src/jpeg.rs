@@ -8,6 +8,8 @@ pub enum JpegError {
     /// Valid JPEG features this decoder does not implement (progressive, arithmetic, CMYK...).
     Unsupported(String),
     Corrupt(String),
+    /// More pixels than Pillow opens (`Image.MAX_IMAGE_PIXELS` × 2: `DecompressionBombError`).
+    TooLarge(String),
 }
 
 type R<T> = Result<T, JpegError>;
@@ -454,6 +456,13 @@ pub fn decode(data: &[u8]) -> R<(usize, usize, Vec<u8>)> {
                 let nc = seg[5] as usize;
                 if width == 0 || height == 0 {
                     return Err(JpegError::Unsupported("zero size or DNL".into()));
+                }
+                if width * height > crate::image_proc::MAX_IMAGE_PIXELS {
+                    return Err(JpegError::TooLarge(format!(
+                        "{width}x{height} = {} pixels exceeds the limit of {} pixels (Pillow's decompression-bomb limit)",
+                        width * height,
+                        crate::image_proc::MAX_IMAGE_PIXELS
+                    )));
                 }
                 if !(nc == 1 || nc == 3) || seg.len() < 6 + 3 * nc {
                     return Err(JpegError::Unsupported(format!("{nc} components")));

@@ -412,6 +412,25 @@ fn extreme_and_degenerate_images_never_panic() {
     assert!(p.preprocess(&[bad]).is_err());
     assert!(p.meta(0, 10).is_err());
     assert!(p.process_bytes(b"not an image").is_err());
+    // decompression bombs: refused from the header, before any pixel buffer exists
+    let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08, 0xFF, 0xFF, 0xFF, 0xFF, 0x03];
+    jpeg.extend_from_slice(&[1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1, 0xFF, 0xD9]);
+    let e = decode_image(&jpeg).unwrap_err();
+    assert!(e.contains("65535x65535") && e.contains("limit"), "{e}");
+    let chunk = |kind: &[u8], data: &[u8]| -> Vec<u8> {
+        let crc = [kind, data].concat().iter().fold(!0u32, |mut c, &b| {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+            }
+            c
+        });
+        [&(data.len() as u32).to_be_bytes()[..], kind, data, &(!crc).to_be_bytes()].concat()
+    };
+    let ihdr = [&40000u32.to_be_bytes()[..], &40000u32.to_be_bytes()[..], &[8, 2, 0, 0, 0]].concat();
+    let png = [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &ihdr), &chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]), &chunk(b"IEND", &[])].concat();
+    let e = decode_image(&png).unwrap_err();
+    assert!(e.contains("40000x40000") && e.contains("limit"), "{e}");
 }
 
 fn write_dir(files: &[(&str, String)]) -> PathBuf {
