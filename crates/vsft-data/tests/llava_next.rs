@@ -478,6 +478,26 @@ fn configs_are_validated_with_clear_errors() {
     });
     let p = VisionProcessor::from_model_dir(&d).unwrap();
     assert_eq!(anyres(&p).config.image_grid_pinpoints, vsft_data::family::llava_next::DEFAULT_PINPOINTS.to_vec());
+    // the strategy: "default" drops one token; "full" and an absent key (None in
+    // LlavaNextProcessor) do not
+    let base = VisionProcessor::from_model_dir(&fx().join("processor")).unwrap();
+    let pc: serde_json::Value = serde_json::from_str(&proc_cfg).unwrap();
+    for (strategy, extra) in [(Some("full"), 1), (None, 1)] {
+        let mut c = pc.clone();
+        match strategy {
+            Some(s) => c["vision_feature_select_strategy"] = s.into(),
+            None => {
+                c.as_object_mut().unwrap().remove("vision_feature_select_strategy");
+            }
+        }
+        let d = write_dir(&[("preprocessor_config.json", pre.to_string()), ("processor_config.json", c.to_string())]);
+        let p = VisionProcessor::from_model_dir(&d).unwrap();
+        assert_eq!(p.image_tokens(480, 640).unwrap(), base.image_tokens(480, 640).unwrap() + extra, "{strategy:?}");
+    }
+    let mut c = pc.clone();
+    c["vision_feature_select_strategy"] = "cls_only".into();
+    let d = write_dir(&[("preprocessor_config.json", pre.to_string()), ("processor_config.json", c.to_string())]);
+    assert!(VisionProcessor::from_model_dir(&d).unwrap_err().to_string().contains("cls_only"));
     // no patch size anywhere
     let mut v = pre.clone();
     v["image_processor_type"] = "LlavaNextImageProcessor".into();

@@ -135,11 +135,14 @@ fn bad(path: &Path, msg: impl Into<String>) -> DataError {
 /// `vision_feature_select_strategy`): `processor_config.json`, else the model's `config.json`
 /// (vision tower patch size; the CLS token counted, as the Hub processors set it).
 fn processor_settings(dir: &Path) -> Result<(usize, usize, FeatureStrategy)> {
-    let strategy = |s: Option<&str>, path: &Path| -> Result<FeatureStrategy> {
-        match s.unwrap_or("default") {
-            "default" => Ok(FeatureStrategy::Default),
-            "full" => Ok(FeatureStrategy::Full),
-            o => Err(bad(path, format!("vision_feature_select_strategy {o:?} is not supported (\"default\" | \"full\")"))),
+    // LlavaNextProcessor subtracts one token only for "default"; an absent strategy (None)
+    // subtracts nothing. The model config's default is "default".
+    let strategy = |s: Option<&str>, absent: FeatureStrategy, path: &Path| -> Result<FeatureStrategy> {
+        match s {
+            None => Ok(absent),
+            Some("default") => Ok(FeatureStrategy::Default),
+            Some("full") => Ok(FeatureStrategy::Full),
+            Some(o) => Err(bad(path, format!("vision_feature_select_strategy {o:?} is not supported (\"default\" | \"full\")"))),
         }
     };
     let pc = dir.join("processor_config.json");
@@ -151,7 +154,7 @@ fn processor_settings(dir: &Path) -> Result<(usize, usize, FeatureStrategy)> {
                 None | Some(serde_json::Value::Null) => 0, // LlavaNextProcessor's default
                 Some(x) => x.as_u64().ok_or_else(|| bad(&pc, format!("num_additional_image_tokens {x} is not an integer")))? as usize,
             };
-            let s = strategy(v.get("vision_feature_select_strategy").and_then(|s| s.as_str()), &pc)?;
+            let s = strategy(v.get("vision_feature_select_strategy").and_then(|s| s.as_str()), FeatureStrategy::Full, &pc)?;
             return Ok((patch, extra, s));
         }
     }
@@ -159,7 +162,7 @@ fn processor_settings(dir: &Path) -> Result<(usize, usize, FeatureStrategy)> {
     if cfg.exists() {
         let v = read_json(&cfg)?;
         if let Some(p) = v.pointer("/vision_config/patch_size").and_then(|p| p.as_u64()).filter(|&p| p > 0) {
-            let s = strategy(v.get("vision_feature_select_strategy").and_then(|s| s.as_str()), &cfg)?;
+            let s = strategy(v.get("vision_feature_select_strategy").and_then(|s| s.as_str()), FeatureStrategy::Default, &cfg)?;
             return Ok((p as usize, 1, s));
         }
     }
