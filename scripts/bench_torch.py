@@ -14,7 +14,7 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 
 def main():
@@ -34,7 +34,12 @@ def main():
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").to(dev)
+    cfg = AutoConfig.from_pretrained(a.model)
+    # LLaVA-1.5, or LLaVA-NeXT with one 4:3 photo per row (640×480 at 336-px tiles: the 2×2 grid
+    # plus the base tile, 5 tiles), as `vsft bench train` lays out the same step.
+    next_family = cfg.model_type == "llava_next"
+    cls = LlavaNextForConditionalGeneration if next_family else LlavaForConditionalGeneration
+    model = cls.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").to(dev)
     cfg = model.config
     if a.stage == "instruct":
         lcfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
@@ -52,12 +57,20 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    per_image = cfg.image_seq_length
+    s = cfg.vision_config.image_size
+    extra = {}
+    if next_family:
+        sizes = torch.tensor([[480 * s // 336, 640 * s // 336]] * a.batch_size)
+        pix = torch.randn((a.batch_size, 5, 3, s, s), generator=g).to(dev, dtype)
+        with torch.no_grad():
+            per_image = model.get_image_features(pixel_values=pix[:1], image_sizes=sizes[:1]).pooler_output[0].shape[0]
+        extra["image_sizes"] = sizes.to(dev)
+    else:
+        per_image = cfg.image_seq_length
+        pix = torch.randn((a.batch_size, 3, s, s), generator=g).to(dev, dtype)
     ids = torch.randint(3, 32000, (a.batch_size, a.seq_len), generator=g)
     ids[:, 0] = 1
     ids[:, 1:1 + per_image] = cfg.image_token_index
-    s = cfg.vision_config.image_size
-    pix = torch.randn((a.batch_size, 3, s, s), generator=g).to(dev, dtype)
     ids = ids.to(dev)
     mask = torch.ones_like(ids)
     labels = ids.clone()
@@ -68,7 +81,7 @@ def main():
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels)
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels, **extra)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -81,7 +94,8 @@ def main():
     res = {"step_ms_median": med, "tokens_per_s": a.batch_size * a.seq_len / (med / 1e3),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
            "backend": f"torch {torch.__version__} {a.device}", "threads": a.threads, "final_loss": loss,
-           "labels": "all positions" if a.label_all else "image positions -100"}
+           "labels": "all positions" if a.label_all else "image positions -100",
+           "family": cfg.model_type, "image_tokens": per_image}
     if dev.type == "cuda":
         res["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(res))

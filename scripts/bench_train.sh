@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # vsft vs PyTorch (transformers + PEFT) on the same machine, same model, same step, one run.
-#   [ROUNDS=3] scripts/bench_train.sh [BATCH] [SEQ] [LORA_R] [STEPS]
+#   [ROUNDS=3] [CONFIG=configs/bench-llava-512x8.json] scripts/bench_train.sh [BATCH] [SEQ] [LORA_R] [STEPS]
+# CONFIG=configs/bench-llava-next-512x8.json times LLaVA-NeXT (5 tiles, 1048 image tokens per row).
 # Builds nothing if target/release/vsft exists; needs python3 with torch, transformers, peft.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-4}; L=${2:-512}; R=${3:-16}; N=${4:-5}
 VSFT=${VSFT:-target/release/vsft}
 [ -x "$VSFT" ] || cargo build --release -p vsft
-MODEL=${MODEL:-target/bench-llava-512x8}
-[ -f "$MODEL/config.json" ] || "$VSFT" init --config configs/bench-llava-512x8.json --out "$MODEL"
+CONFIG=${CONFIG:-configs/bench-llava-512x8.json}
+MODEL=${MODEL:-target/$(basename "$CONFIG" .json)}
+[ -f "$MODEL/config.json" ] || "$VSFT" init --config "$CONFIG" --out "$MODEL"
 THREADS=$(nproc)
 # PyTorch's step time on this 2-core machine varies by ±20 % from run to run (vsft's by ±3 %),
 # so the two alternate for ROUNDS rounds and the table gives each side's median over rounds.
