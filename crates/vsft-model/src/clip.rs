@@ -158,11 +158,22 @@ impl<B: Backend> ClipVisionTower<B> {
         out
     }
 
+    /// `hidden_states[0]`: the embeddings after `pre_layrnorm`, the first layer's input.
+    pub fn stem(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
+        let vm = &self.vision_model;
+        vm.pre_layrnorm.forward(vm.embeddings.forward(pixel_values))
+    }
+
+    /// Encoder layer `i` (its output is `hidden_states[i + 1]`).
+    pub fn layer(&self, i: usize, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.vision_model.encoder.layers[i].forward(x)
+    }
+
     /// `hidden_states[i]` for each requested `i` (0 = embeddings after `pre_layrnorm`, i = output
     /// of encoder layer i-1). Layers past the deepest requested one are not run.
     pub fn hidden_states(&self, pixel_values: Tensor<B, 4>, indices: &[usize]) -> Vec<Tensor<B, 3>> {
         let vm = &self.vision_model;
-        let mut x = vm.pre_layrnorm.forward(vm.embeddings.forward(pixel_values));
+        let mut x = self.stem(pixel_values);
         let deepest = indices.iter().copied().max().unwrap_or(0);
         let mut out: Vec<Option<Tensor<B, 3>>> = vec![None; indices.len()];
         for depth in 0..=deepest {

@@ -141,6 +141,16 @@ impl HfImages {
     }
 }
 
+/// A vision tower seen as a stack of layers, for per-layer gradient checkpointing when it
+/// trains: the first layer's input, `depth` layers, and the states the projector reads from the
+/// last layer's output. `vision_states = head(layer(depth−1, … layer(0, stem(images))))`.
+pub struct TowerStack<'a, B: Backend> {
+    pub depth: usize,
+    pub stem: Box<dyn Fn(&ImageInputs) -> Result<Tensor<B, 3>, ModelError> + 'a>,
+    pub layer: Box<dyn Fn(usize, Tensor<B, 3>) -> Tensor<B, 3> + 'a>,
+    pub head: Box<dyn Fn(Tensor<B, 3>) -> Tensor<B, 3> + 'a>,
+}
+
 /// What every family computes. Object safe: [`VlmModel`] hands out `&dyn VisionLanguageModel`.
 pub trait VisionLanguageModel<B: Backend> {
     fn family(&self) -> Family;
@@ -153,6 +163,9 @@ pub trait VisionLanguageModel<B: Backend> {
     /// Vision states → the features that fill the image tokens, in token order over all images
     /// `[image tokens, hidden]` (projector, then the family's layout: LLaVA-NeXT's packing).
     fn project(&self, states: Tensor<B, 3>, images: &ImageInputs) -> Result<Tensor<B, 2>, ModelError>;
+    /// The tower as a stack of layers ([`TowerStack`]); `None` when it is not one (then a
+    /// trained tower keeps its whole graph even with gradient checkpointing).
+    fn tower_stack(&self) -> Option<TowerStack<'_, B>>;
     /// Every linear layer an adapter can sit on, language model first, under PEFT's module
     /// names (`model.language_model.layers.N.self_attn.q_proj`, `model.vision_tower.…`).
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)>;

@@ -79,6 +79,11 @@ pub fn open_checkpoint(dir: &Path, cfg: &LlavaConfig) -> Result<CheckpointReader
 pub fn clip_features<B: Backend>(tower: &ClipVisionTower<B>, cfg: &LlavaConfig, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
     let states = tower.hidden_states(pixel_values, &cfg.vision_hidden_state_indices());
     let x = if states.len() == 1 { states.into_iter().next().expect("one") } else { Tensor::cat(states, 2) };
+    select_tokens(cfg, x)
+}
+
+/// `vision_feature_select_strategy`: "default" drops the CLS token.
+pub fn select_tokens<B: Backend>(cfg: &LlavaConfig, x: Tensor<B, 3>) -> Tensor<B, 3> {
     match cfg.vision_feature_select_strategy {
         SelectStrategy::Default => {
             let [n, t, h] = x.dims();
@@ -86,6 +91,19 @@ pub fn clip_features<B: Backend>(tower: &ClipVisionTower<B>, cfg: &LlavaConfig, 
         }
         SelectStrategy::Full => x,
     }
+}
+
+/// A CLIP tower as a stack for per-layer checkpointing ([`crate::family::TowerStack`]): one
+/// selected hidden state is the output of layer `index − 1` (several selected states are not a
+/// stack: their tower trains with a whole graph).
+pub fn clip_stack<'a, B: Backend>(tower: &'a ClipVisionTower<B>, cfg: &'a LlavaConfig) -> Option<crate::family::TowerStack<'a, B>> {
+    let [depth] = cfg.vision_hidden_state_indices()[..] else { return None };
+    Some(crate::family::TowerStack {
+        depth,
+        stem: Box::new(move |images: &ImageInputs| Ok(tower.stem(images.pixels_4d(&tower.vision_model.post_layernorm.weight.val().device())?))),
+        layer: Box::new(move |i, x| tower.layer(i, x)),
+        head: Box::new(move |x| select_tokens(cfg, x)),
+    })
 }
 
 impl<B: Backend> LlavaModel<B> {
@@ -148,6 +166,9 @@ impl<B: Backend> VisionLanguageModel<B> for LlavaModel<B> {
         let f = self.multi_modal_projector.forward(states);
         let h = f.dims()[2];
         Ok(f.reshape([n * t, h]))
+    }
+    fn tower_stack(&self) -> Option<crate::family::TowerStack<'_, B>> {
+        clip_stack(&self.vision_tower, &self.config)
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
         let mut out = self.language_model.linears_mut();

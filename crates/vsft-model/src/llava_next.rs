@@ -18,7 +18,7 @@ use crate::config::{LlavaConfig, SelectStrategy};
 use crate::error::ModelError;
 use crate::family::{Family, ImageInfo, ImageInputs, VisionLanguageModel};
 use crate::llama::LlamaForCausalLM;
-use crate::llava::{clip_features, open_checkpoint, LlavaParts, MultiModalProjector};
+use crate::llava::{clip_features, clip_stack, open_checkpoint, LlavaParts, MultiModalProjector};
 use crate::nn::Linear;
 use crate::weights::{Builder, Init, RandomInit, StoredDtype, TensorProvider};
 
@@ -224,6 +224,9 @@ impl<B: Backend> VisionLanguageModel<B> for LlavaNextModel<B> {
         let index = self.pack_index(images, units * tokens)?;
         let len = index.len();
         Ok(table.select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(index, [len]), &self.device())))
+    }
+    fn tower_stack(&self) -> Option<crate::family::TowerStack<'_, B>> {
+        clip_stack(&self.vision_tower, &self.config.base)
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
         let mut out = self.language_model.linears_mut();

@@ -198,51 +198,80 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.model.device()
     }
 
-    /// Per-decoder-layer gradient checkpointing for one micro-batch: the loss (already divided
-    /// by `num_items`) and the gradients, in parts. The forward runs the decoder without a
-    /// graph, keeping only each layer's input; backward goes from the top down, re-running one
-    /// layer at a time with a graph and handing its input gradient to the layer below. Costs
-    /// one more decoder forward; activation memory is one layer's graph plus the inputs. Each
-    /// layer's dropout seed depends on `seed` and the layer, so both runs draw the same masks.
+    /// Per-layer gradient checkpointing for one micro-batch: the loss (already divided by
+    /// `num_items`) and the gradients, in parts. The forward runs the decoder (and a trained
+    /// vision tower) without a graph, keeping only each layer's input; backward goes from the
+    /// top down, re-running one layer at a time with a graph and handing its input gradient to
+    /// the layer below. Costs one more forward; activation memory is one layer's graph plus the
+    /// inputs. Each layer's dropout seed depends on `seed` and the layer, so both runs draw the
+    /// same masks.
     pub fn checkpointed_grads(&self, batch: &Batch, num_items: usize, seed: u64) -> Result<(f64, Vec<B::Gradients>), TrainError> {
         let device = self.device();
-        let (ids, mask, feats) = self.inputs(batch)?;
         let model = self.model.as_dyn();
+        let layer_seed = |l: usize| seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let tower_seed = |l: usize| layer_seed(l + 1_000_000);
+        let frozen = self.model.valid();
+
+        // A trained tower that is a stack of layers: checkpointed like the decoder.
+        let infos = image_infos(&batch.images);
+        let images = image_inputs(&batch.images, &infos);
+        let stacks = match (self.tower_trains && !infos.is_empty(), frozen.as_dyn().tower_stack(), model.tower_stack()) {
+            (true, Some(inner), Some(outer)) => Some((inner, outer)),
+            _ => None,
+        };
+        let (ids, mask, feats, tower) = match stacks {
+            Some((inner, outer)) => {
+                let (ids, mask, _) = batch_tensors::<B>(batch, &device);
+                let (top, inputs) = forward_keeping_inputs((inner.stem)(&images)?, inner.depth, |i, x| {
+                    B::seed(&device, tower_seed(i));
+                    vsft_model::nn::with_training_dropout(|| (inner.layer)(i, x))
+                });
+                let top = Tensor::<B, 3>::from_inner(top).require_grad();
+                let feats = model.project((outer.head)(top.clone()), &images)?;
+                (ids, mask, Some(feats), Some((top, inputs, outer)))
+            }
+            None => {
+                let (ids, mask, feats) = self.inputs(batch)?;
+                (ids, mask, feats, None)
+            }
+        };
         let embeds = model.merge_embeddings(ids, feats)?;
         let lm = model.language_model();
-        let layer_seed = |l: usize| seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
 
-        // Forward without a graph, keeping each layer's input.
-        let frozen = lm.valid();
-        let mut x = embeds.clone().inner();
-        let (rope, layer_mask) = frozen.layer_inputs(&x, mask.clone().inner());
-        let mut inputs = Vec::with_capacity(frozen.model.layers.len());
-        for (l, layer) in frozen.model.layers.iter().enumerate() {
-            inputs.push(x.clone());
+        // The decoder without a graph, keeping each layer's input.
+        let frozen_lm = frozen.language_model();
+        let (rope, layer_mask) = frozen_lm.layer_inputs(&embeds.clone().inner(), mask.clone().inner());
+        let (x, inputs) = forward_keeping_inputs(embeds.clone().inner(), frozen_lm.model.layers.len(), |l, x| {
             B::seed(&device, layer_seed(l));
-            x = vsft_model::nn::with_training_dropout(|| layer.forward(x, &rope, &layer_mask));
-        }
+            vsft_model::nn::with_training_dropout(|| frozen_lm.model.layers[l].forward(x, &rope, &layer_mask))
+        });
 
         // The top (final norm, head, loss) with a graph from the last layer's output.
         let top = Tensor::<B, 3>::from_inner(x).require_grad();
         let loss = model.loss_from_hidden(lm.model.norm.forward(top.clone()), &batch.labels).sum / num_items as f64;
         let value = loss.clone().into_scalar().elem::<f64>();
         let grads = loss.backward();
-        let mut upstream = top.grad(&grads).ok_or_else(|| TrainError::Other("checkpointing: the loss does not depend on the decoder".into()))?;
+        let upstream = top.grad(&grads).ok_or_else(|| TrainError::Other("checkpointing: the loss does not depend on the decoder".into()))?;
         let mut all = vec![grads];
 
-        // Each layer again, top down, with a graph.
+        // Each decoder layer again, top down, with a graph; then the embeddings (and through them
+        // the projector, and the tower's top when it trains).
         let (rope, layer_mask) = lm.layer_inputs(&embeds, mask);
-        for (l, layer) in lm.model.layers.iter().enumerate().rev() {
-            let input = Tensor::<B, 3>::from_inner(inputs[l].clone()).require_grad();
+        let upstream = backward_through_layers::<B>(&inputs, upstream, &mut all, "decoder layer", |l, x| {
             B::seed(&device, layer_seed(l));
-            let out = layer.forward(input.clone(), &rope, &layer_mask);
-            let grads = (out * Tensor::from_inner(upstream)).sum().backward();
-            upstream = input.grad(&grads).ok_or_else(|| TrainError::Other(format!("checkpointing: layer {l} has no input gradient")))?;
-            all.push(grads);
-        }
-        // The embeddings (and through them the projector).
+            lm.model.layers[l].forward(x, &rope, &layer_mask)
+        })?;
         all.push((embeds * Tensor::from_inner(upstream)).sum().backward());
+
+        // The tower's layers, top down, then its stem (embeddings).
+        if let Some((top, inputs, stack)) = tower {
+            let upstream = top.grad(all.last().expect("one")).ok_or_else(|| TrainError::Other("checkpointing: the features do not depend on the vision tower".into()))?;
+            let upstream = backward_through_layers::<B>(&inputs, upstream, &mut all, "vision layer", |i, x| {
+                B::seed(&device, tower_seed(i));
+                (stack.layer)(i, x)
+            })?;
+            all.push(((stack.stem)(&images)? * Tensor::from_inner(upstream)).sum().backward());
+        }
         Ok((value, all))
     }
 
@@ -317,6 +346,35 @@ impl<B: AutodiffBackend> Trainer<B> {
         let model = self.model.clone();
         self.model = model.map(&mut setter);
     }
+}
+
+/// Runs `n` layers without a graph from `x`, keeping each layer's input: (output, inputs).
+fn forward_keeping_inputs<B: Backend>(mut x: Tensor<B, 3>, n: usize, layer: impl Fn(usize, Tensor<B, 3>) -> Tensor<B, 3>) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
+    let mut inputs = Vec::with_capacity(n);
+    for l in 0..n {
+        inputs.push(x.clone());
+        x = layer(l, x);
+    }
+    (x, inputs)
+}
+
+/// Re-runs the layers whose `inputs` a graph-less forward kept, top down, each with a graph,
+/// carrying the gradient of its output (`upstream`) to its input; pushes each layer's gradients
+/// and returns the gradient of the first layer's input.
+fn backward_through_layers<B: AutodiffBackend>(
+    inputs: &[Tensor<B::InnerBackend, 3>],
+    mut upstream: Tensor<B::InnerBackend, 3>,
+    all: &mut Vec<B::Gradients>,
+    what: &str,
+    layer: impl Fn(usize, Tensor<B, 3>) -> Tensor<B, 3>,
+) -> Result<Tensor<B::InnerBackend, 3>, TrainError> {
+    for (l, input) in inputs.iter().enumerate().rev() {
+        let input = Tensor::<B, 3>::from_inner(input.clone()).require_grad();
+        let grads = (layer(l, input.clone()) * Tensor::from_inner(upstream)).sum().backward();
+        upstream = input.grad(&grads).ok_or_else(|| TrainError::Other(format!("checkpointing: {what} {l} has no input gradient")))?;
+        all.push(grads);
+    }
+    Ok(upstream)
 }
 
 /// A batch's ids, attention mask and labels as tensors on `device`.
