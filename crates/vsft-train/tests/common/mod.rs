@@ -12,6 +12,7 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// Rows `rows` of fixture batch `i`; `unpad` trims to the longest row.
+#[allow(dead_code)]
 pub fn batch_from(t: &std::collections::BTreeMap<String, RawTensor>, i: usize, rows: std::ops::Range<usize>, unpad: bool) -> Batch {
     let ids = &t[&format!("batch{i}.input_ids")];
     let (bsz, seq) = (ids.shape[0], ids.shape[1]);
