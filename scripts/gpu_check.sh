@@ -6,7 +6,9 @@
 # built elsewhere with `cargo build --release -p vsft --features cuda`. Needs python3 with
 # torch, transformers and peft (to create the model and run the PyTorch side). ~6-8 minutes.
 #
-#   scripts/gpu_check.sh path/to/vsft-cuda [BATCH] [SEQ] [STEPS]
+#   [CONFIG=configs/llava-v1.6-mistral-7b.json] scripts/gpu_check.sh path/to/vsft-cuda [BATCH] [SEQ] [STEPS]
+# CONFIG picks the 7B shape: LLaVA-1.5 (default) or LLaVA-NeXT (Mistral-7B, 5 tiles per image:
+# use SEQ >= 2560, since one 640×480 photo takes 2340 image tokens).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VSFT=${1:?usage: scripts/gpu_check.sh path/to/vsft-cuda [BATCH] [SEQ] [STEPS]}
@@ -14,17 +16,18 @@ B=${2:-8}; L=${3:-1024}; N=${4:-3}; R=128
 WORK=${WORK:-/tmp/vsft-gpu-check}
 mkdir -p "$WORK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-MODEL=$WORK/llava-1.5-7b-random
+CONFIG=${CONFIG:-configs/llava-1.5-7b.json}
+MODEL=$WORK/$(basename "$CONFIG" .json)-random
 if [ ! -f "$MODEL/config.json" ]; then
-  echo "== creating a random LLaVA-1.5-7B (bf16) with transformers"
-  python3 - "$MODEL" <<'PY'
+  echo "== creating a random $(basename "$CONFIG" .json) (bf16) with transformers"
+  python3 - "$MODEL" "$CONFIG" <<'PY'
 import sys, time, torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoModelForImageTextToText
 t = time.time()
-cfg = LlavaConfig.from_pretrained("configs/llava-1.5-7b.json")
+cfg = AutoConfig.from_pretrained(sys.argv[2])
 with torch.device("cuda"):
     torch.manual_seed(0)
-    m = LlavaForConditionalGeneration(cfg).to(torch.bfloat16)
+    m = AutoModelForImageTextToText.from_config(cfg).to(torch.bfloat16)
 m.save_pretrained(sys.argv[1], max_shard_size="5GB")
 print(f"created in {time.time()-t:.0f} s")
 PY

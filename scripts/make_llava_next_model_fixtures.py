@@ -214,6 +214,19 @@ def main_rows():
     ]
 
 
+def resolved_7b():
+    """What LlavaNextConfig makes of configs/llava-v1.6-mistral-7b.json (the Hub's partial config)."""
+    c = LlavaNextConfig.from_pretrained(os.path.join(ROOT, "configs", "llava-v1.6-mistral-7b.json"))
+    t, v = c.text_config, c.vision_config
+    return {"hidden_size": t.hidden_size, "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim, "intermediate_size": t.intermediate_size, "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_parameters["rope_theta"], "sliding_window": t.sliding_window,
+            "vocab_size": t.vocab_size, "tie_word_embeddings": c.tie_word_embeddings,
+            "image_grid_pinpoints": c.image_grid_pinpoints, "vision_hidden_act": v.hidden_act,
+            "vision_image_size": v.image_size, "image_token_id": c.image_token_id}
+
+
 def lora_rows():
     return [
         [(conv("Who is this?", "An astronaut.", 1), [photo(skimage.data.astronaut(), 112, 112)]),
@@ -595,6 +608,7 @@ def build():
                             "first_changed_position_per_row": first_changed,
                             "mask": "causal and key > query - 8 (a query sees 8 keys including itself)"},
         "lora": lora,
+        "resolved_7b": resolved_7b(),
     }
     with open(os.path.join(OUT, "reference.json"), "w", encoding="utf-8") as f:
         json.dump(reference, f, indent=1, ensure_ascii=False)

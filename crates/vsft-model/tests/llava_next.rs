@@ -251,3 +251,23 @@ fn save_writes_the_legacy_layout_and_reloads_identically() {
         assert_eq!(values(ta.flat.clone()), values(tb.flat.clone()), "{na}");
     }
 }
+
+/// The Hub's partial config of llava-v1.6-mistral-7b-hf (configs/llava-v1.6-mistral-7b.json)
+/// resolves to what LlavaNextConfig makes of it: Mistral's own defaults, not Llama's.
+#[test]
+fn the_7b_hub_config_resolves_as_transformers_resolves_it() {
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
+    let want = &reference["resolved_7b"];
+    let cfg = vsft_model::LlavaNextConfig::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/llava-v1.6-mistral-7b.json")).unwrap();
+    let t = &cfg.base.text_config;
+    let got = serde_json::json!({
+        "hidden_size": t.hidden_size, "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_kv_heads(),
+        "head_dim": t.head_dim(), "intermediate_size": t.intermediate_size, "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": t.rope_theta(), "sliding_window": t.sliding_window(),
+        "vocab_size": t.vocab_size, "tie_word_embeddings": cfg.base.tie_word_embeddings(),
+        "image_grid_pinpoints": cfg.image_grid_pinpoints, "vision_hidden_act": cfg.base.vision_config.hidden_act,
+        "vision_image_size": cfg.base.vision_config.image_size, "image_token_id": cfg.base.image_token_index,
+    });
+    assert_eq!(&got, want);
+}
