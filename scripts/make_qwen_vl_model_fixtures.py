@@ -779,6 +779,12 @@ def build(family):
             "vision_params_without_grad": no_grad,
             "stage1_vs_vt_merger_grad_max_abs_diff": stage1_vs_vt,
             "left": {"loss": lout.loss.item(), "logits_position_kinds": lkinds,
+                     "label_tokens": int((left["labels"][:, 1:] != -100).sum()),
+                     "label_note": "labels = ids with pads -100, shifted inside the loss: with left padding the "
+                                   "first real token of a padded row IS a target, predicted from the last pad "
+                                   "position, so left.loss has one more term per padded row than the right-padded "
+                                   "loss (which never predicts a row's first token); the real tokens' logits are "
+                                   "the same",
                      "real_token_logits_max_abs_diff_vs_right": lr_diff,
                      "tensors": "left.logits_positions / left.logits (same columns) / left.logsumexp / left.argmax "
                                 "/ left.token_logprob / left.loss"},
