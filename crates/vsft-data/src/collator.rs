@@ -15,7 +15,8 @@ pub enum LabelMask {
     #[default]
     #[serde(rename = "pad")]
     Pad,
-    /// Also image tokens -100.
+    /// Also image tokens -100, with the vision wrappers around them (Qwen's
+    /// `<|vision_start|>` / `<|vision_end|>`).
     #[serde(rename = "pad+image")]
     PadImage,
     /// Only assistant-turn tokens (image and pad excluded).
@@ -66,9 +67,11 @@ impl Default for CollatorConfig {
 pub struct ImageMeta {
     /// Original (height, width) before any resize: transformers' `image_sizes`.
     pub original_hw: (usize, usize),
-    /// Leading-axis entries of `pixel_values` this image occupies: 1 for CLIP, 1 + gh·gw tiles for LLaVA-NeXT.
+    /// Leading-axis entries of `pixel_values` this image occupies: 1 for CLIP, 1 + gh·gw tiles
+    /// for LLaVA-NeXT, gh·gw patch rows for Qwen2-VL.
     pub units: usize,
-    /// (t, h, w) grid: LLaVA-NeXT (1, gh, gw) = best resolution / tile size (base tile not counted); CLIP (1, 1, 1).
+    /// (t, h, w) grid: LLaVA-NeXT (1, gh, gw) = best resolution / tile size (base tile not
+    /// counted); Qwen2-VL (1, gh, gw) = resized size / patch size (`image_grid_thw`); CLIP (1, 1, 1).
     pub grid: (usize, usize, usize),
     /// Image tokens this image becomes in input_ids.
     pub tokens: usize,
@@ -78,18 +81,28 @@ pub struct ImageMeta {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ImageBatch {
     pub pixel_values: Vec<f32>,
-    /// Shape of `pixel_values`: `[Σ units, 3, H, W]` (CLIP-style towers). LLaVA-NeXT tiles are
-    /// not padded to a batch maximum here (the model drops padding tiles anyway); see
-    /// [`ImageBatch::padded_tiles`] for transformers' padded layout. Empty for
-    /// `ImageBatch::default()`; `[0, 3, H, W]` for a processed example without images.
+    /// Shape of `pixel_values`: `[Σ units, 3, H, W]` (CLIP-style towers: LLaVA, LLaVA-NeXT) or
+    /// `[Σ patches, 1176]` (Qwen2-VL: `C·T·p·p` values per patch row, every image's rows in
+    /// merge-block order, images concatenated). LLaVA-NeXT tiles are not padded to a batch
+    /// maximum here (the model drops padding tiles anyway); see [`ImageBatch::padded_tiles`]
+    /// for transformers' padded layout. Empty for `ImageBatch::default()`; `[0, ..unit]` for a
+    /// processed example without images.
     pub shape: Vec<usize>,
     pub meta: Vec<ImageMeta>,
 }
 
 impl ImageBatch {
-    /// An empty batch whose units are `unit_hw` (height, width).
+    /// An empty batch whose units are `[3, h, w]` images.
     pub fn empty(unit_hw: (usize, usize)) -> Self {
-        ImageBatch { pixel_values: Vec::new(), shape: vec![0, 3, unit_hw.0, unit_hw.1], meta: Vec::new() }
+        Self::empty_units(&[3, unit_hw.0, unit_hw.1])
+    }
+
+    /// An empty batch whose units have shape `unit` (`[3, H, W]`, or `[1176]` for Qwen2-VL).
+    pub fn empty_units(unit: &[usize]) -> Self {
+        let mut shape = Vec::with_capacity(1 + unit.len());
+        shape.push(0);
+        shape.extend_from_slice(unit);
+        ImageBatch { pixel_values: Vec::new(), shape, meta: Vec::new() }
     }
 
     pub fn n_images(&self) -> usize {
@@ -105,7 +118,13 @@ impl ImageBatch {
         self.shape.first().copied().unwrap_or(0)
     }
 
-    /// (height, width) of one unit (tile / image); (0, 0) when unknown.
+    /// Shape of one unit: `shape[1..]` (empty when unknown).
+    pub fn unit_shape(&self) -> &[usize] {
+        self.shape.get(1..).unwrap_or(&[])
+    }
+
+    /// (height, width) of one unit (tile / image) for `[N, 3, H, W]` layouts; (0, 0) when
+    /// unknown or for the 2-D patch layout of Qwen2-VL.
     pub fn unit_hw(&self) -> (usize, usize) {
         match self.shape.as_slice() {
             [_, _, h, w] => (*h, *w),
@@ -113,15 +132,25 @@ impl ImageBatch {
         }
     }
 
-    /// f32 values of one unit.
+    /// f32 values of one unit (the product of `unit_shape()`; 0 when unknown).
     pub fn unit_len(&self) -> usize {
-        let (h, w) = self.unit_hw();
-        3 * h * w
+        let u = self.unit_shape();
+        if u.is_empty() {
+            0
+        } else {
+            u.iter().product()
+        }
     }
 
     /// Original (height, width) of each image: transformers' `image_sizes`.
     pub fn image_sizes(&self) -> Vec<(usize, usize)> {
         self.meta.iter().map(|m| m.original_hw).collect()
+    }
+
+    /// `(t, h, w)` grid of each image: transformers' `image_grid_thw` for Qwen2-VL (patch
+    /// units), `(1, gh, gw)` tiles for LLaVA-NeXT, `(1, 1, 1)` for LLaVA.
+    pub fn grid_thw(&self) -> Vec<(usize, usize, usize)> {
+        self.meta.iter().map(|m| m.grid).collect()
     }
 
     /// Image tokens of all images.
@@ -142,7 +171,7 @@ impl ImageBatch {
         &self.pixel_values[r.start * n..r.end * n]
     }
 
-    /// Appends the images of `other` (same unit size; an empty part of any size is fine).
+    /// Appends the images of `other` (same unit shape; an empty part of any shape is fine).
     pub fn extend(&mut self, other: &ImageBatch) {
         if other.n_units() == 0 && other.meta.is_empty() {
             if self.shape.is_empty() {
@@ -150,11 +179,11 @@ impl ImageBatch {
             }
             return;
         }
-        if self.n_units() == 0 {
-            let (h, w) = other.unit_hw();
-            self.shape = vec![0, 3, h, w];
+        if self.n_units() == 0 && self.meta.is_empty() {
+            self.shape = other.shape.clone();
+            self.shape[0] = 0;
         } else {
-            assert_eq!(self.unit_hw(), other.unit_hw(), "all images of a batch must have the same unit size");
+            assert_eq!(self.unit_shape(), other.unit_shape(), "all images of a batch must have the same unit shape");
         }
         self.pixel_values.extend_from_slice(&other.pixel_values);
         self.shape[0] += other.n_units();
@@ -171,7 +200,8 @@ impl ImageBatch {
     }
 
     /// transformers' batch layout: `[n_images, max units, 3, H, W]`, each image's units
-    /// followed by zero units up to the batch maximum (LLaVA-NeXT's `do_pad`).
+    /// followed by zero units up to the batch maximum (LLaVA-NeXT's `do_pad`). For `[N, 3, H, W]`
+    /// layouts only (Qwen2-VL's patch rows are never padded: use `pixel_values` as is).
     pub fn padded_tiles(&self) -> (Vec<f32>, [usize; 5]) {
         let (h, w) = self.unit_hw();
         let max = self.meta.iter().map(|m| m.units).max().unwrap_or(0);
@@ -213,7 +243,7 @@ pub fn truncate(ex: &mut Encoded, max_length: Option<usize>) -> Truncation {
     if ex.input_ids.len() <= max {
         return Truncation::Fits;
     }
-    if ex.image_spans.iter().any(|&(_, e)| e > max) {
+    if ex.image_spans.iter().chain(&ex.vision_spans).any(|&(_, e)| e > max) {
         return Truncation::CutsImage;
     }
     ex.input_ids.truncate(max);
@@ -267,6 +297,7 @@ pub fn example_labels(enc: &Encoded, mode: LabelMask, image_token_id: u32) -> Ve
                     *l = IGNORE_INDEX;
                 }
             }
+            mask_vision_spans(&mut labels, enc);
         }
         LabelMask::Assistant => {
             match &enc.assistant_mask {
@@ -285,9 +316,20 @@ pub fn example_labels(enc: &Encoded, mode: LabelMask, image_token_id: u32) -> Ve
                     *l = IGNORE_INDEX;
                 }
             }
+            mask_vision_spans(&mut labels, enc);
         }
     }
     labels
+}
+
+/// Masks each image's tokens with their `<|vision_start|>` / `<|vision_end|>` wrappers.
+fn mask_vision_spans(labels: &mut [i64], enc: &Encoded) {
+    let n = labels.len();
+    for &(s, e) in &enc.vision_spans {
+        for l in &mut labels[s.min(n)..e.min(n)] {
+            *l = IGNORE_INDEX;
+        }
+    }
 }
 
 /// Pads and stacks examples (already truncated) into a batch; images are concatenated.

@@ -584,6 +584,15 @@ impl ImageProcessor {
     /// Rescale + normalise an already resized and cropped image, appending its CHW planes
     /// to `out` (no intermediate buffer).
     pub fn normalize_into(&self, cur: &RgbImage, out: &mut Vec<f32>) {
+        let lut = self.normalize_lut();
+        for (ch, l) in lut.iter().enumerate() {
+            out.extend(cur.data.chunks_exact(3).map(|p| l[p[ch] as usize]));
+        }
+    }
+
+    /// Per channel, the rescaled and normalised value of every 8-bit level:
+    /// `f32(f64(v)·rescale_factor)`, then `(x − mean) / std` in f32 (transformers' PIL backend).
+    pub fn normalize_lut(&self) -> [[f32; 256]; 3] {
         let c = &self.config;
         let mut lut = [[0f32; 256]; 3];
         for (ch, l) in lut.iter_mut().enumerate() {
@@ -598,9 +607,7 @@ impl ImageProcessor {
                 *o = x;
             }
         }
-        for (ch, l) in lut.iter().enumerate() {
-            out.extend(cur.data.chunks_exact(3).map(|p| l[p[ch] as usize]));
-        }
+        lut
     }
 
     /// Decode + preprocess.

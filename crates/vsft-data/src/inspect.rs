@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::collator::{example_labels, CollatorConfig, LabelMask, IGNORE_INDEX};
 use crate::dataset::{open_dataset, OnBadRow, SkipStats};
 use crate::error::Result;
+use crate::family::ProcessorOverrides;
 use crate::pipeline::Processor;
 
 /// Options shared by `inspect` and `summarize`.
@@ -27,6 +28,8 @@ pub struct InspectOptions {
     /// Rows to look at (`None` = all).
     pub limit: Option<usize>,
     pub on_bad_row: OnBadRow,
+    /// `data.min_pixels` / `data.max_pixels` (Qwen2-VL), to see their effect on the summary.
+    pub overrides: ProcessorOverrides,
 }
 
 impl InspectOptions {
@@ -42,6 +45,7 @@ impl InspectOptions {
             max_length: None,
             limit: None,
             on_bad_row: OnBadRow::Skip,
+            overrides: ProcessorOverrides::default(),
         }
     }
 
@@ -160,7 +164,7 @@ pub fn mark_trained(processor: &Processor, ids: &[i64], labels: &[i64]) -> Strin
 
 /// Renders, tokenizes and masks the first `limit` rows (in file order).
 pub fn inspect(opts: &InspectOptions) -> Result<(Vec<InspectedExample>, SkipStats)> {
-    let processor = Processor::from_model_dir(&opts.model_dir, opts.chat_template.as_deref())?;
+    let processor = Processor::from_model_dir_with(&opts.model_dir, opts.chat_template.as_deref(), &opts.overrides)?;
     inspect_with(&processor, opts)
 }
 
@@ -207,6 +211,15 @@ pub struct Summary {
     pub trained_tokens_total: usize,
     /// (percentile, tokens) for 0, 50, 90, 95, 99, 100.
     pub length_percentiles: Vec<(u32, usize)>,
+    /// Image tokens of all rows.
+    pub image_tokens_total: usize,
+    /// Rows with at least one image.
+    pub rows_with_images: usize,
+    /// (percentile, image tokens per row) for 0, 50, 90, 95, 99, 100, over the rows with
+    /// images: what `max_length` and, for Qwen2-VL, `data.max_pixels` must accommodate.
+    pub image_tokens_percentiles: Vec<(u32, usize)>,
+    /// Most image tokens of one image.
+    pub max_image_tokens_per_image: usize,
     #[serde(serialize_with = "ser_skips")]
     pub skipped: SkipStats,
 }
@@ -222,16 +235,20 @@ fn ser_skips<S: serde::Serializer>(s: &SkipStats, ser: S) -> std::result::Result
 
 impl Summary {
     pub fn to_text(&self) -> String {
-        let p = self.length_percentiles.iter().map(|(q, v)| format!("p{q}={v}")).collect::<Vec<_>>().join(" ");
+        let pct = |v: &[(u32, usize)]| v.iter().map(|(q, v)| format!("p{q}={v}")).collect::<Vec<_>>().join(" ");
         format!(
-            "rows: {} ({} ok, {} skipped)\nimages: {}\ntokens: {} (trained {})\nlength: {}\nskipped: {}\n",
+            "rows: {} ({} ok, {} skipped)\nimages: {}\ntokens: {} (trained {})\nlength: {}\nimage tokens/row: {} ({} rows with images; total {}, at most {} per image)\nskipped: {}\n",
             self.rows,
             self.rows_ok,
             self.skipped.total(),
             self.images,
             self.tokens_total,
             self.trained_tokens_total,
-            p,
+            pct(&self.length_percentiles),
+            pct(&self.image_tokens_percentiles),
+            self.rows_with_images,
+            self.image_tokens_total,
+            self.max_image_tokens_per_image,
             self.skipped.report()
         )
     }
@@ -249,7 +266,7 @@ pub fn percentile(sorted: &[usize], q: u32) -> usize {
 /// Processes every row (or `limit`) on `workers` threads and summarises. Bad rows are
 /// counted (with `on_bad_row = error` the first one is returned as the error).
 pub fn summarize(opts: &InspectOptions, workers: usize) -> Result<Summary> {
-    let processor = Arc::new(Processor::from_model_dir(&opts.model_dir, opts.chat_template.as_deref())?);
+    let processor = Arc::new(Processor::from_model_dir_with(&opts.model_dir, opts.chat_template.as_deref(), &opts.overrides)?);
     let source = open_dataset(&opts.data, opts.split.as_deref(), opts.image_root.as_deref())?;
     let rows = opts.limit.unwrap_or(usize::MAX).min(source.len());
     let cfg = crate::loader::LoaderConfig {
@@ -264,6 +281,8 @@ pub fn summarize(opts: &InspectOptions, workers: usize) -> Result<Summary> {
     };
     let loader = crate::loader::DataLoader::new(source, processor, cfg, crate::dataset::Cursor::default());
     let mut lens = Vec::new();
+    let mut image_tokens = Vec::new();
+    let mut max_per_image = 0;
     let mut images = 0;
     let mut trained = 0;
     let mut loader = loader;
@@ -276,6 +295,10 @@ pub fn summarize(opts: &InspectOptions, workers: usize) -> Result<Summary> {
             Some(Ok(b)) => {
                 lens.push(b.seq_len);
                 images += b.images.n_images();
+                if !b.images.is_empty() {
+                    image_tokens.push(b.images.total_tokens());
+                    max_per_image = max_per_image.max(b.images.meta.iter().map(|m| m.tokens).max().unwrap_or(0));
+                }
                 trained += b.n_label_tokens;
             }
             Some(Err(e)) => return Err(e),
@@ -284,13 +307,20 @@ pub fn summarize(opts: &InspectOptions, workers: usize) -> Result<Summary> {
     let skipped = loader.skipped().clone();
     let tokens_total = lens.iter().sum();
     lens.sort_unstable();
+    let image_tokens_total = image_tokens.iter().sum();
+    image_tokens.sort_unstable();
+    const Q: [u32; 6] = [0, 50, 90, 95, 99, 100];
     Ok(Summary {
         rows: lens.len() + skipped.total(),
         rows_ok: lens.len(),
         images,
         tokens_total,
         trained_tokens_total: trained,
-        length_percentiles: [0, 50, 90, 95, 99, 100].iter().map(|&q| (q, percentile(&lens, q))).collect(),
+        length_percentiles: Q.iter().map(|&q| (q, percentile(&lens, q))).collect(),
+        image_tokens_total,
+        rows_with_images: image_tokens.len(),
+        image_tokens_percentiles: Q.iter().map(|&q| (q, percentile(&image_tokens, q))).collect(),
+        max_image_tokens_per_image: max_per_image,
         skipped,
     })
 }

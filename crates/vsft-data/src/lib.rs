@@ -5,8 +5,9 @@
 //!
 //! Batches are plain buffers (`Vec<i64>` ids/mask/labels `[batch, seq]`, an `ImageBatch` of
 //! `Vec<f32>` pixels `[Σ units, 3, H, W]` with per-image `ImageMeta`); no tensor library is
-//! involved. Model families (`family`): `llava` (CLIP, fixed `<image>` count) and
-//! `llava_next` (anyres tiles, per-image count).
+//! involved. Model families (`family`): `llava` (CLIP, fixed `<image>` count),
+//! `llava_next` (anyres tiles, per-image count) and `qwen2_vl` (Qwen2-VL / Qwen2.5-VL: patch
+//! rows `[Σ patches, 1176]`, `<|image_pad|>` × gh·gw/4, M-RoPE positions by `rope_index`).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -46,7 +47,7 @@ pub use collator::{Batch, CollatorConfig, Example, ImageBatch, ImageMeta, LabelM
 pub use dataset::{open_dataset, Cursor, ImageSource, OnBadRow, Row, RowSource, SkipStats};
 pub use inspect::{inspect, summarize, InspectOptions, InspectedExample, Summary};
 pub use error::{BadRowKind, DataError, Result};
-pub use family::{AnyResProcessor, ClipImages, PreparedImage, VisionProcessor};
+pub use family::{rope_index, AnyResProcessor, ClipImages, PreparedImage, ProcessorOverrides, Qwen2VlProcessor, VisionProcessor};
 pub use image_proc::{ImageProcessor, ImageProcessorConfig, PixelValues, RgbImage};
 pub use loader::{DataLoader, LoaderConfig};
 pub use pipeline::{Prepared, Processor};

@@ -7,9 +7,9 @@ use std::path::Path;
 use crate::collator::{self, Batch, CollatorConfig, Example, ImageBatch, ImageMeta, LabelMask, Truncation};
 use crate::dataset::{validate_row, Row};
 use crate::error::{BadRowKind, DataError, Result};
-use crate::family::{PreparedImage, VisionProcessor};
+use crate::family::{qwen2_vl, PreparedImage, ProcessorOverrides, VisionProcessor};
 use crate::image_proc::{decode_image, RgbImage};
-use crate::template::{AssistantSpans, Encoded, Message, TextProcessor};
+use crate::template::{AssistantSpans, Encoded, ImageTokenSpec, Message, TextProcessor};
 
 /// A row processed up to its 8-bit images (resized, cropped / tiled): what a batch needs
 /// before normalisation (which then writes straight into the batch buffer).
@@ -32,16 +32,42 @@ impl Processor {
     /// `preprocessor_config.json` / `processor_config.json`, chat template). `chat_template`
     /// overrides the model's template.
     pub fn from_model_dir(dir: &Path, chat_template: Option<&Path>) -> Result<Self> {
-        let image = VisionProcessor::from_model_dir(dir)?;
-        let mut text = TextProcessor::from_model_dir(dir, chat_template, Some(image.unit_hw()))?;
-        match &image {
-            VisionProcessor::Llava(p) => text.image.image_seq_length = p.tokens,
-            VisionProcessor::LlavaNext(_) => text.image.dynamic = true,
-        }
+        Self::from_model_dir_with(dir, chat_template, &ProcessorOverrides::default())
+    }
+
+    /// `from_model_dir` with user overrides of the processor files' settings
+    /// (`data.min_pixels` / `data.max_pixels`, Qwen2-VL only: an error naming the key on
+    /// other families).
+    pub fn from_model_dir_with(dir: &Path, chat_template: Option<&Path>, overrides: &ProcessorOverrides) -> Result<Self> {
+        let image = VisionProcessor::from_model_dir_with(dir, overrides)?;
+        let text = match &image {
+            VisionProcessor::Llava(p) => {
+                let mut text = TextProcessor::from_model_dir(dir, chat_template, Some(image.unit_hw()))?;
+                text.image.image_seq_length = p.tokens;
+                text
+            }
+            VisionProcessor::LlavaNext(_) => {
+                let mut text = TextProcessor::from_model_dir(dir, chat_template, Some(image.unit_hw()))?;
+                text.image.dynamic = true;
+                text
+            }
+            VisionProcessor::Qwen2Vl(_) => {
+                // Qwen2VLProcessor: `<|image_pad|>`, each image's count from its grid; the
+                // template writes <|vision_start|> / <|vision_end|> around it.
+                let spec = ImageTokenSpec { image_token: qwen2_vl::IMAGE_TOKEN.to_string(), image_seq_length: 1, dynamic: true };
+                let mut text = TextProcessor::from_model_dir_with_spec(dir, chat_template, spec)?;
+                let tok_path = dir.join("tokenizer.json");
+                let id = |t: &str| {
+                    text.tokenizer.token_to_id(t).ok_or_else(|| DataError::Tokenizer { path: tok_path.clone(), msg: format!("{t} is not in the vocabulary") })
+                };
+                text.vision_wrappers = Some((id(qwen2_vl::VISION_START_TOKEN)?, id(qwen2_vl::VISION_END_TOKEN)?));
+                text
+            }
+        };
         Ok(Processor { image, text })
     }
 
-    /// `"llava"` / `"llava_next"`.
+    /// `"llava"` / `"llava_next"` / `"qwen2_vl"` (also for Qwen2.5-VL: same processor).
     pub fn family(&self) -> &'static str {
         self.image.family()
     }

@@ -536,6 +536,9 @@ pub struct Encoded {
     pub assistant_mask: Option<Vec<bool>>,
     /// Positions (token index ranges) of each image's tokens.
     pub image_spans: Vec<(usize, usize)>,
+    /// Each image's tokens with the vision wrappers around them when the family has them
+    /// (Qwen: `<|vision_start|>` … `<|vision_end|>`); equal to `image_spans` otherwise.
+    pub vision_spans: Vec<(usize, usize)>,
     pub n_images: usize,
 }
 
@@ -557,6 +560,9 @@ pub struct TextProcessor {
     pub image_token_id: u32,
     pub pad_token_id: u32,
     pub bos_token_id: Option<u32>,
+    /// Token ids written before and after each image's tokens (Qwen: `<|vision_start|>`,
+    /// `<|vision_end|>`), masked with them by the `pad+image` label mask.
+    pub vision_wrappers: Option<(u32, u32)>,
 }
 
 impl std::fmt::Debug for TextProcessor {
@@ -566,6 +572,7 @@ impl std::fmt::Debug for TextProcessor {
             .field("image", &self.image)
             .field("image_token_id", &self.image_token_id)
             .field("pad_token_id", &self.pad_token_id)
+            .field("vision_wrappers", &self.vision_wrappers)
             .finish()
     }
 }
@@ -578,13 +585,18 @@ impl TextProcessor {
     /// Loads `tokenizer.json`, `tokenizer_config.json`, the chat template and the image-token
     /// settings from a model directory. `crop_hw` is the image processor's output size.
     pub fn from_model_dir(dir: &Path, chat_template: Option<&Path>, crop_hw: Option<(usize, usize)>) -> Result<Self> {
+        let image = ImageTokenSpec::from_model_dir(dir, crop_hw)?;
+        Self::from_model_dir_with_spec(dir, chat_template, image)
+    }
+
+    /// `from_model_dir` with the image-token settings given (the family knows them).
+    pub fn from_model_dir_with_spec(dir: &Path, chat_template: Option<&Path>, image: ImageTokenSpec) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = load_tokenizer(&tok_path)?;
         let tc_path = dir.join("tokenizer_config.json");
         let special = if tc_path.exists() { SpecialTokens::from_tokenizer_config(&read_json(&tc_path)?) } else { SpecialTokens::default() };
         let (src, src_path) = load_chat_template(dir, chat_template)?;
         let template = ChatTemplate::new(&src).map_err(|e| DataError::Template(format!("{}: {e}", src_path.display())))?;
-        let image = ImageTokenSpec::from_model_dir(dir, crop_hw)?;
         Self::new(tokenizer, template, special, image, &tok_path)
     }
 
@@ -601,7 +613,7 @@ impl TextProcessor {
             .token_to_id(&pad)
             .ok_or_else(|| DataError::Tokenizer { path: tok_path.to_path_buf(), msg: format!("pad token {pad:?} not in vocabulary") })?;
         let bos_token_id = special.bos_token.as_deref().and_then(|b| tokenizer.token_to_id(b));
-        Ok(TextProcessor { tokenizer: Arc::new(tokenizer), template, special, image, image_token_id, pad_token_id, bos_token_id })
+        Ok(TextProcessor { tokenizer: Arc::new(tokenizer), template, special, image, image_token_id, pad_token_id, bos_token_id, vision_wrappers: None })
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Rendered> {
@@ -734,7 +746,18 @@ impl TextProcessor {
                 }
             }
         }
-        Ok(Encoded { text, input_ids, assistant_mask: mask, image_spans, n_images })
+        let vision_spans = image_spans
+            .iter()
+            .map(|&(s, e)| match self.vision_wrappers {
+                Some((vs, ve)) => {
+                    let s = if s > 0 && input_ids[s - 1] == vs { s - 1 } else { s };
+                    let e = if e < input_ids.len() && input_ids[e] == ve { e + 1 } else { e };
+                    (s, e)
+                }
+                None => (s, e),
+            })
+            .collect();
+        Ok(Encoded { text, input_ids, assistant_mask: mask, image_spans, vision_spans, n_images })
     }
 
     /// `encode_images` (no generation prompt) with errors that carry the row location.
