@@ -161,7 +161,20 @@ impl LlamaConfig {
             .or(self.rope_theta)
             .unwrap_or(10000.0)
     }
-    fn rope_type(&self) -> Option<String> {
+    /// Qwen2's decoders put biases on q, k and v (not on o); Llama's follow `attention_bias`.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type.starts_with("qwen2")
+    }
+
+    /// `mrope_section` (multimodal RoPE: frequency slots taken from the t, h and w positions),
+    /// from `rope_parameters` (transformers 5) or the Hub's `rope_scaling`.
+    pub fn mrope_section(&self) -> Option<Vec<usize>> {
+        [&self.rope_parameters, &self.rope_scaling].into_iter().flatten().find_map(|v| {
+            v.get("mrope_section").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+        })
+    }
+
+    pub fn rope_type(&self) -> Option<String> {
         for v in [&self.rope_parameters, &self.rope_scaling].into_iter().flatten() {
             if let Some(t) = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str) {
                 return Some(t.to_string());

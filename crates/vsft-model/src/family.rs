@@ -21,9 +21,10 @@ use serde_json::Value;
 
 use crate::error::ModelError;
 use crate::generate::{pick_token, GenerateOptions};
-use crate::llama::{KvCache, LlamaForCausalLM};
+use crate::llama::{KvCache, LlamaForCausalLM, Positions};
 use crate::llava::LlavaModel;
 use crate::llava_next::LlavaNextModel;
+use crate::qwen2_vl::{Qwen2VlConfig, Qwen2VlModel};
 use crate::loss::{shifted_targets, token_loss_sum, LossSum, IGNORE_INDEX};
 use crate::nn::Linear;
 use crate::weights::{self, ModulePath, NamedParams, RandomInit, StoredDtype, TensorRef};
@@ -36,15 +37,22 @@ pub enum Family {
     /// LLaVA-NeXT / LLaVA-1.6 (`LlavaNextForConditionalGeneration`): any-resolution tiles,
     /// unpadded and closed by `image_newline` rows.
     LlavaNext,
+    /// Qwen2-VL: native-resolution ViT with 2D RoPE, patch merger, Qwen2 decoder with
+    /// multimodal RoPE.
+    Qwen2Vl,
+    /// Qwen2.5-VL: Qwen2-VL with window attention, RMSNorm and SwiGLU in the ViT.
+    Qwen25Vl,
 }
 
 impl Family {
-    pub const ALL: [Family; 2] = [Family::Llava, Family::LlavaNext];
+    pub const ALL: [Family; 4] = [Family::Llava, Family::LlavaNext, Family::Qwen2Vl, Family::Qwen25Vl];
 
     pub fn model_type(self) -> &'static str {
         match self {
             Family::Llava => "llava",
             Family::LlavaNext => "llava_next",
+            Family::Qwen2Vl => "qwen2_vl",
+            Family::Qwen25Vl => "qwen2_5_vl",
         }
     }
 
@@ -53,6 +61,8 @@ impl Family {
         match self {
             Family::Llava => "LlavaForConditionalGeneration",
             Family::LlavaNext => "LlavaNextForConditionalGeneration",
+            Family::Qwen2Vl => "Qwen2VLForConditionalGeneration",
+            Family::Qwen25Vl => "Qwen2_5_VLForConditionalGeneration",
         }
     }
 
@@ -151,6 +161,37 @@ pub struct TowerStack<'a, B: Backend> {
     pub head: Box<dyn Fn(Tensor<B, 3>) -> Tensor<B, 3> + 'a>,
 }
 
+/// Where a family's parts live, by tensor-name prefix, and the module names PEFT saves them under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartNames {
+    /// The part that trains in every stage (`multi_modal_projector.`, Qwen's `visual.merger.`).
+    pub projector: &'static str,
+    /// The vision tower (`vision_tower.`, Qwen's `visual.`, which holds its merger too).
+    pub tower: &'static str,
+    /// PEFT `modules_to_save` names of the projector and of a tower trained in full.
+    pub projector_module: &'static str,
+    pub tower_module: &'static str,
+}
+
+impl PartNames {
+    /// LLaVA's names, shared by LLaVA-NeXT.
+    pub const LLAVA: PartNames = PartNames {
+        projector: "multi_modal_projector.",
+        tower: "vision_tower.",
+        projector_module: "multi_modal_projector",
+        tower_module: "vision_tower",
+    };
+
+    pub fn is_projector(&self, name: &str) -> bool {
+        name.starts_with(self.projector)
+    }
+
+    /// In the tower and not its projector (Qwen's merger sits inside `visual.`).
+    pub fn is_tower(&self, name: &str) -> bool {
+        name.starts_with(self.tower) && !self.is_projector(name)
+    }
+}
+
 /// What every family computes. Object safe: [`VlmModel`] hands out `&dyn VisionLanguageModel`.
 pub trait VisionLanguageModel<B: Backend> {
     fn family(&self) -> Family;
@@ -163,17 +204,33 @@ pub trait VisionLanguageModel<B: Backend> {
     /// Vision states → the features that fill the image tokens, in token order over all images
     /// `[image tokens, hidden]` (projector, then the family's layout: LLaVA-NeXT's packing).
     fn project(&self, states: Tensor<B, 3>, images: &ImageInputs) -> Result<Tensor<B, 2>, ModelError>;
-    /// The tower as a stack of layers ([`TowerStack`]); `None` when it is not one (then a
-    /// trained tower keeps its whole graph even with gradient checkpointing).
-    fn tower_stack(&self) -> Option<TowerStack<'_, B>>;
+    /// The tower as a stack of layers for a batch's images ([`TowerStack`]); `None` when it is
+    /// not one (then a trained tower keeps its whole graph even with gradient checkpointing).
+    fn tower_stack(&self, images: &ImageInputs) -> Option<TowerStack<'_, B>>;
     /// Every linear layer an adapter can sit on, language model first, under PEFT's module
     /// names (`model.language_model.layers.N.self_attn.q_proj`, `model.vision_tower.…`).
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)>;
+    /// Where the projector and the tower live ([`PartNames`]).
+    fn part_names(&self) -> PartNames {
+        PartNames::LLAVA
+    }
+    /// The tensor name a checkpoint of the family's Hub layout uses for a parameter (vsft's
+    /// names are the LLaVA families' legacy layout, which they write as is).
+    fn hub_name(&self, name: &str) -> String {
+        name.to_string()
+    }
     /// The family's `config.json` (`architectures` and `torch_dtype` are added on saving).
     fn config_json(&self) -> Value;
 
     fn device(&self) -> B::Device {
         self.language_model().model.norm.weight.val().device()
+    }
+
+    /// Where the tokens sit for the decoder's rotary embedding, from host `input_ids` and
+    /// `attention_mask` (`[batch·seq]`) and the batch's images: `0..seq` per row unless the
+    /// family places image tokens on a grid (Qwen2-VL's multimodal RoPE).
+    fn positions(&self, _input_ids: &[i64], _attention_mask: &[i64], _seq: usize, _images: &[ImageInfo]) -> Result<Positions, ModelError> {
+        Ok(Positions::Sequential)
     }
 
     /// Image features through the whole model (tower with a graph if the backend has one).
@@ -220,17 +277,25 @@ pub trait VisionLanguageModel<B: Backend> {
         Ok(table.select(0, index).reshape([batch, seq, hidden]))
     }
 
+    /// [`Self::positions`] from device tensors.
+    fn positions_of(&self, input_ids: &Tensor<B, 2, Int>, attention_mask: &Tensor<B, 2, Int>, images: &[ImageInfo]) -> Result<Positions, ModelError> {
+        let host = |t: &Tensor<B, 2, Int>| t.to_data().convert::<i64>().into_vec::<i64>().expect("int data");
+        self.positions(&host(input_ids), &host(attention_mask), input_ids.dims()[1], images)
+    }
+
     /// Full forward: logits `[batch, seq, vocab]`.
     fn forward(&self, input_ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2, Int>, images: Option<&ImageInputs>) -> Result<Tensor<B, 3>, ModelError> {
-        let feats = images.filter(|i| i.n_images() > 0).map(|i| self.image_features(i)).transpose()?;
-        self.forward_with_features(input_ids, attention_mask, feats)
+        let images = images.filter(|i| i.n_images() > 0);
+        let positions = self.positions_of(&input_ids, &attention_mask, images.map(|i| i.images).unwrap_or(&[]))?;
+        let feats = images.map(|i| self.image_features(i)).transpose()?;
+        self.forward_with_features(input_ids, attention_mask, feats, &positions)
     }
 
     /// Forward from already computed image features.
-    fn forward_with_features(&self, input_ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2, Int>, image_features: Option<Tensor<B, 2>>) -> Result<Tensor<B, 3>, ModelError> {
+    fn forward_with_features(&self, input_ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2, Int>, image_features: Option<Tensor<B, 2>>, positions: &Positions) -> Result<Tensor<B, 3>, ModelError> {
         let embeds = self.merge_embeddings(input_ids, image_features)?;
         let lm = self.language_model();
-        Ok(lm.logits(lm.decode(embeds, attention_mask)))
+        Ok(lm.logits(lm.decode_at(embeds, attention_mask, positions)))
     }
 
     /// Summed token loss from image features and host labels `[batch, seq]`, computing logits
@@ -243,13 +308,14 @@ pub trait VisionLanguageModel<B: Backend> {
         attention_mask: Tensor<B, 2, Int>,
         image_features: Option<Tensor<B, 2>>,
         labels: &[i64],
+        positions: &Positions,
     ) -> Result<LossSum<B>, ModelError> {
         let [batch, seq] = input_ids.dims();
         if labels.len() != batch * seq {
             return Err(ModelError::Input(format!("{} labels for a batch of {batch} × {seq} tokens", labels.len())));
         }
         let embeds = self.merge_embeddings(input_ids, image_features)?;
-        let hidden = self.language_model().decode(embeds, attention_mask);
+        let hidden = self.language_model().decode_at(embeds, attention_mask, positions);
         Ok(self.loss_from_hidden(hidden, labels))
     }
 
@@ -282,11 +348,17 @@ pub trait VisionLanguageModel<B: Backend> {
         let device = self.device();
         let lm = self.language_model();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(prompt_ids.to_vec(), [1, prompt_ids.len()]), &device);
-        let features = images.filter(|i| i.n_images() > 0).map(|i| self.image_features(i)).transpose()?;
+        let images = images.filter(|i| i.n_images() > 0);
+        let positions = self.positions(prompt_ids, &vec![1; prompt_ids.len()], prompt_ids.len(), images.map(|i| i.images).unwrap_or(&[]))?;
+        let features = images.map(|i| self.image_features(i)).transpose()?;
         let embeds = self.merge_embeddings(ids, features)?;
         let mut cache = KvCache::default();
+        if let Positions::Multimodal(p) = &positions {
+            // The tokens after the prompt continue from its largest position.
+            cache.position_delta = p.iter().flatten().max().map_or(0, |m| m + 1) - prompt_ids.len() as i64;
+        }
         let mut rng = RandomInit::new(opts.seed);
-        let mut hidden = lm.decode_cached(embeds, &mut cache);
+        let mut hidden = lm.decode_cached(embeds, &mut cache, Some(&positions));
         let mut out = Vec::new();
         for _ in 0..opts.max_new_tokens {
             let [_, t, h] = hidden.dims();
@@ -299,7 +371,7 @@ pub trait VisionLanguageModel<B: Backend> {
             }
             let next = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![token], [1, 1]), &device);
             let embeds = lm.model.embed_tokens.forward(next);
-            hidden = lm.decode_cached(embeds, &mut cache);
+            hidden = lm.decode_cached(embeds, &mut cache, None);
         }
         Ok(out)
     }
@@ -311,6 +383,8 @@ pub trait VisionLanguageModel<B: Backend> {
 pub enum VlmModel<B: Backend> {
     Llava(LlavaModel<B>),
     LlavaNext(LlavaNextModel<B>),
+    /// Qwen2-VL and Qwen2.5-VL.
+    QwenVl(Qwen2VlModel<B>),
 }
 
 impl<B: Backend> VlmModel<B> {
@@ -318,6 +392,7 @@ impl<B: Backend> VlmModel<B> {
         match self {
             VlmModel::Llava(m) => m,
             VlmModel::LlavaNext(m) => m,
+            VlmModel::QwenVl(m) => m,
         }
     }
 
@@ -325,6 +400,7 @@ impl<B: Backend> VlmModel<B> {
         match self {
             VlmModel::Llava(m) => m,
             VlmModel::LlavaNext(m) => m,
+            VlmModel::QwenVl(m) => m,
         }
     }
 
@@ -339,6 +415,7 @@ impl<B: Backend> VlmModel<B> {
         Ok(match Family::from_config_file(&dir.join("config.json"))? {
             Family::Llava => VlmModel::Llava(LlavaModel::load_with(dir, device, frozen_dtype)?),
             Family::LlavaNext => VlmModel::LlavaNext(LlavaNextModel::load_with(dir, device, frozen_dtype)?),
+            Family::Qwen2Vl | Family::Qwen25Vl => VlmModel::QwenVl(Qwen2VlModel::load_with(dir, device, frozen_dtype)?),
         })
     }
 
@@ -355,6 +432,7 @@ impl<B: Backend> VlmModel<B> {
                 cfg.validate()?;
                 VlmModel::LlavaNext(LlavaNextModel::random(&cfg, seed, device))
             }
+            Family::Qwen2Vl | Family::Qwen25Vl => VlmModel::QwenVl(Qwen2VlModel::random(&Qwen2VlConfig::from_value(config.clone())?, seed, device)),
         })
     }
 
@@ -362,9 +440,10 @@ impl<B: Backend> VlmModel<B> {
         self.as_dyn().family()
     }
 
-    /// `pixel_values` (and `image_sizes`) as transformers' processor batches them for this
-    /// family: LLaVA's `[images, 3, H, W]`; LLaVA-NeXT's `[images, max tiles, 3, H, W]` with the
-    /// tile axis zero-padded. For parity checks and `vsft logits`.
+    /// `pixel_values` (and `image_sizes`, or Qwen's `image_grid_thw`) as transformers' processor
+    /// batches them for this family: LLaVA's `[images, 3, H, W]`; LLaVA-NeXT's
+    /// `[images, max tiles, 3, H, W]` with the tile axis zero-padded; Qwen's `[patches, 1176]`.
+    /// For parity checks and `vsft logits`.
     pub fn images_from_hf(&self, pixel_values: &weights::RawTensor, image_sizes: Option<&weights::RawTensor>) -> Result<HfImages, ModelError> {
         let values = pixel_values.to_f32()?;
         let shape = pixel_values.shape.clone();
@@ -378,6 +457,17 @@ impl<B: Backend> VlmModel<B> {
                 let sizes: Vec<(usize, usize)> = sizes.chunks(2).map(|s| (s[0].max(1) as usize, s[1].max(1) as usize)).collect();
                 let (pixel_values, shape, infos) = m.config.from_hf_inputs(&values, shape.try_into().expect("5-D"), &sizes)?;
                 Ok(HfImages { pixel_values, shape: shape.to_vec(), infos })
+            }
+            (VlmModel::QwenVl(_), 2) => {
+                let grids = image_sizes.ok_or_else(|| ModelError::Input("Qwen's pixel_values need image_grid_thw".into()))?.to_i64()?;
+                let infos = grids
+                    .chunks(3)
+                    .map(|g| {
+                        let (t, h, w) = (g[0].max(0) as usize, g[1].max(0) as usize, g[2].max(0) as usize);
+                        ImageInfo { original_hw: (h, w), units: t * h * w, grid: (t, h, w) }
+                    })
+                    .collect();
+                Ok(HfImages { pixel_values: values, shape, infos })
             }
             _ => Err(ModelError::Input(format!("pixel_values {shape:?} does not fit a {} model", self.family().model_type()))),
         }
@@ -400,7 +490,8 @@ impl<B: Backend> VlmModel<B> {
     /// `max_shard_bytes`) into `dir`, which must exist.
     pub fn save(&self, dir: &Path, dtype: StoredDtype, max_shard_bytes: u64) -> Result<(), ModelError> {
         let named = self.named_tensors();
-        let pending = named.iter().map(|(n, _, t)| weights::PendingTensor::from_tensor(n.clone(), t)).collect();
+        let m = self.as_dyn();
+        let pending = named.iter().map(|(n, _, t)| weights::PendingTensor::from_tensor(m.hub_name(n), t)).collect();
         weights::write_sharded(dir, pending, dtype, max_shard_bytes)?;
         let mut cfg = self.as_dyn().config_json();
         cfg["torch_dtype"] = dtype.torch_name().into();
@@ -412,9 +503,10 @@ impl<B: Backend> VlmModel<B> {
     /// The parameters that train with the projector in every stage (the projector, and
     /// LLaVA-NeXT's `image_newline`), by tensor name.
     pub fn projector_tensors(&self) -> Vec<(String, TensorRef<B>)> {
+        let parts = self.as_dyn().part_names();
         self.named_tensors()
             .into_iter()
-            .filter(|(n, _, _)| weights::ALWAYS_TRAINED.iter().any(|p| n.starts_with(p)))
+            .filter(|(n, _, _)| parts.is_projector(n))
             .map(|(n, _, t)| (n, t))
             .collect()
     }

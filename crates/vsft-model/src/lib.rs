@@ -18,11 +18,15 @@ pub mod llava_next;
 pub mod lora;
 pub mod loss;
 pub mod nn;
+pub mod qwen2_vl;
+pub mod qwen_vision;
 pub mod weights;
 
 pub use config::LlavaConfig;
 pub use error::ModelError;
-pub use family::{Family, HfImages, ImageInfo, ImageInputs, VisionLanguageModel, VlmModel};
+pub use family::{Family, HfImages, ImageInfo, ImageInputs, PartNames, VisionLanguageModel, VlmModel};
+pub use llama::Positions;
 pub use llava::LlavaModel;
 pub use llava_next::{LlavaNextConfig, LlavaNextModel};
+pub use qwen2_vl::{Qwen2VlConfig, Qwen2VlModel};
 pub use weights::StoredDtype;

@@ -45,6 +45,9 @@ pub struct LlamaModel<B: Backend> {
     pub layers: Vec<LlamaDecoderLayer<B>>,
     pub norm: RmsNorm<B>,
     pub rope_theta: f64,
+    /// Multimodal RoPE (Qwen2-VL): how many frequency slots the t, h and w positions fill.
+    #[module(skip)]
+    pub mrope_section: Option<Vec<usize>>,
     /// Mistral's sliding window: a query sees this many keys, itself included (`None`: all).
     #[module(skip)]
     pub sliding_window: Option<usize>,
@@ -57,29 +60,42 @@ pub struct LlamaForCausalLM<B: Backend> {
     pub lm_head: Option<Linear<B>>,
 }
 
+/// Where each token sits for the rotary embedding.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Positions {
+    /// `0..seq` in every row (1-D RoPE).
+    #[default]
+    Sequential,
+    /// `(t, h, w)` per token, `[batch·seq]` (Qwen2-VL's `get_rope_index`).
+    Multimodal(Vec<[i64; 3]>),
+}
+
 /// The rotary tables for one sequence length, shared by every layer of a forward pass.
 #[derive(Clone, Debug)]
 pub struct Rope<B: Backend> {
-    /// `[1, 1, seq, head_dim]`.
+    /// `[1 or batch, 1, seq, head_dim]`.
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
-    /// The same tables on the host, `[seq, head_dim]`, for the fused attention kernel.
-    pub host_cos: Arc<Vec<f32>>,
-    pub host_sin: Arc<Vec<f32>>,
+    /// The same tables on the host, `[seq, head_dim]`, for the fused attention kernel; `None`
+    /// when each row has its own (multimodal RoPE), which the kernel does not take.
+    pub host: Option<(Arc<Vec<f32>>, Arc<Vec<f32>>)>,
+}
+
+/// `inv_freq = 1/θ^(2i/d)` computed as torch computes it: f32 power, f32 division.
+fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect()
 }
 
 impl<B: Backend> Rope<B> {
-    /// `inv_freq = 1/θ^(2i/d)` in f32 and `emb = cat(freqs, freqs)`, as transformers computes it.
-    /// `positions` holds one position per token (`arange` in training).
+    /// `emb = cat(freqs, freqs)` with `freqs = position · inv_freq` in f32, as transformers
+    /// computes it. `positions` holds one position per token (`arange` in training).
     pub fn new(positions: &[usize], head_dim: usize, theta: f64, device: &B::Device) -> Self {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+        let inv = inv_freq(head_dim, theta);
         let seq = positions.len();
         let mut cos = Vec::with_capacity(seq * head_dim);
         let mut sin = Vec::with_capacity(seq * head_dim);
         for &p in positions {
-            let freqs: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
+            let freqs: Vec<f32> = inv.iter().map(|f| p as f32 * f).collect();
             for _ in 0..2 {
                 cos.extend(freqs.iter().map(|f| f.cos()));
                 sin.extend(freqs.iter().map(|f| f.sin()));
@@ -89,9 +105,27 @@ impl<B: Backend> Rope<B> {
         Self {
             cos: Tensor::from_data(TensorData::new(cos.clone(), shape), device),
             sin: Tensor::from_data(TensorData::new(sin.clone(), shape), device),
-            host_cos: Arc::new(cos),
-            host_sin: Arc::new(sin),
+            host: Some((Arc::new(cos), Arc::new(sin))),
         }
+    }
+
+    /// Multimodal RoPE: frequency slot `i` takes its angle from the t, h or w position as
+    /// `section` assigns the slots in order (`[16, 24, 24]`: 16 from t, 24 from h, 24 from w),
+    /// per row. `positions: [batch·seq]`.
+    pub fn multimodal(positions: &[[i64; 3]], batch: usize, head_dim: usize, theta: f64, section: &[usize], device: &B::Device) -> Self {
+        let inv = inv_freq(head_dim, theta);
+        let component: Vec<usize> = section.iter().enumerate().flat_map(|(c, &n)| std::iter::repeat_n(c % 3, n)).collect();
+        let mut cos = Vec::with_capacity(positions.len() * head_dim);
+        let mut sin = Vec::with_capacity(positions.len() * head_dim);
+        for p in positions {
+            let freqs: Vec<f32> = inv.iter().zip(&component).map(|(f, &c)| p[c] as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(freqs.iter().map(|f| f.cos()));
+                sin.extend(freqs.iter().map(|f| f.sin()));
+            }
+        }
+        let shape = [batch, 1, positions.len() / batch.max(1), head_dim];
+        Self { cos: Tensor::from_data(TensorData::new(cos, shape), device), sin: Tensor::from_data(TensorData::new(sin, shape), device), host: None }
     }
 
     /// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = cat(-x[d/2:], x[:d/2])`.
@@ -186,12 +220,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
                         let mut l = ls.scope(&i.to_string());
                         let self_attn = {
                             let mut a = l.scope("self_attn");
-                            let bias = cfg.attention_bias;
+                            let (qkv_bias, o_bias) = (cfg.qkv_bias(), cfg.attention_bias);
                             LlamaAttention {
-                                q_proj: Linear::new(&mut a, "q_proj", h, nh * hd, bias),
-                                k_proj: Linear::new(&mut a, "k_proj", h, nkv * hd, bias),
-                                v_proj: Linear::new(&mut a, "v_proj", h, nkv * hd, bias),
-                                o_proj: Linear::new(&mut a, "o_proj", nh * hd, h, bias),
+                                q_proj: Linear::new(&mut a, "q_proj", h, nh * hd, qkv_bias),
+                                k_proj: Linear::new(&mut a, "k_proj", h, nkv * hd, qkv_bias),
+                                v_proj: Linear::new(&mut a, "v_proj", h, nkv * hd, qkv_bias),
+                                o_proj: Linear::new(&mut a, "o_proj", nh * hd, h, o_bias),
                                 num_heads: nh,
                                 num_kv_heads: nkv,
                                 head_dim: hd,
@@ -216,7 +250,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                     .collect()
             };
             let norm = RmsNorm::new(&mut m, "norm", h, eps);
-            LlamaModel { embed_tokens, layers, norm, rope_theta: cfg.rope_theta(), sliding_window: cfg.sliding_window() }
+            LlamaModel { embed_tokens, layers, norm, rope_theta: cfg.rope_theta(), mrope_section: cfg.mrope_section(), sliding_window: cfg.sliding_window() }
         };
         // A random model's head gets std 1/√hidden rather than transformers' 0.02: with a frozen
         // head after RMSNorm, 0.02 caps every logit near ±2.6, and a LoRA-only run (the demo) could
@@ -228,7 +262,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     /// Decoder over `inputs_embeds: [batch, seq, hidden]` → final hidden states (after `norm`).
     pub fn decode(&self, inputs_embeds: Tensor<B, 3>, attention_mask: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let (rope, mask) = self.layer_inputs(&inputs_embeds, attention_mask);
+        self.decode_at(inputs_embeds, attention_mask, &Positions::Sequential)
+    }
+
+    /// [`Self::decode`] with the tokens at `positions`.
+    pub fn decode_at(&self, inputs_embeds: Tensor<B, 3>, attention_mask: Tensor<B, 2, Int>, positions: &Positions) -> Tensor<B, 3> {
+        let (rope, mask) = self.layer_inputs_at(&inputs_embeds, attention_mask, positions);
         let mut x = inputs_embeds;
         for layer in &self.model.layers {
             x = layer.forward(x, &rope, &mask);
@@ -238,21 +277,41 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     /// The rotary tables and the mask every layer of a full pass over `inputs_embeds` reads.
     pub fn layer_inputs(&self, inputs_embeds: &Tensor<B, 3>, attention_mask: Tensor<B, 2, Int>) -> (Rope<B>, CausalMask<B>) {
-        let [_, seq, _] = inputs_embeds.dims();
-        let head_dim = self.model.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
-        let positions: Vec<usize> = (0..seq).collect();
-        let rope = Rope::new(&positions, head_dim, self.model.rope_theta, &inputs_embeds.device());
+        self.layer_inputs_at(inputs_embeds, attention_mask, &Positions::Sequential)
+    }
+
+    /// [`Self::layer_inputs`] with the tokens at `positions`.
+    pub fn layer_inputs_at(&self, inputs_embeds: &Tensor<B, 3>, attention_mask: Tensor<B, 2, Int>, positions: &Positions) -> (Rope<B>, CausalMask<B>) {
+        let [batch, seq, _] = inputs_embeds.dims();
+        let head_dim = self.head_dim();
+        let device = inputs_embeds.device();
+        let rope = match (positions, &self.model.mrope_section) {
+            (Positions::Multimodal(p), Some(section)) => Rope::multimodal(p, batch, head_dim, self.model.rope_theta, section, &device),
+            _ => Rope::new(&(0..seq).collect::<Vec<_>>(), head_dim, self.model.rope_theta, &device),
+        };
         (rope, CausalMask::new(attention_mask, vsft_kernels::supported(&[inputs_embeds]), self.model.sliding_window))
     }
 
+    fn head_dim(&self) -> usize {
+        self.model.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2)
+    }
+
     /// Decoder over new positions of one sequence, reading and extending `cache` (generation).
-    pub fn decode_cached(&self, inputs_embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+    /// `positions` places the new tokens (multimodal RoPE for a prompt with images); without it
+    /// they follow the cache, shifted by its `position_delta`.
+    pub fn decode_cached(&self, inputs_embeds: Tensor<B, 3>, cache: &mut KvCache<B>, positions: Option<&Positions>) -> Tensor<B, 3> {
         let [_, t, _] = inputs_embeds.dims();
         let device = inputs_embeds.device();
-        let head_dim = self.model.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
+        let head_dim = self.head_dim();
         let start = cache.len;
-        let positions: Vec<usize> = (start..start + t).collect();
-        let rope = Rope::new(&positions, head_dim, self.model.rope_theta, &device);
+        let rope = match (positions, &self.model.mrope_section) {
+            (Some(Positions::Multimodal(p)), Some(section)) => Rope::multimodal(p, 1, head_dim, self.model.rope_theta, section, &device),
+            (_, Some(section)) => {
+                let p: Vec<[i64; 3]> = (start..start + t).map(|i| [i as i64 + cache.position_delta; 3]).collect();
+                Rope::multimodal(&p, 1, head_dim, self.model.rope_theta, section, &device)
+            }
+            _ => Rope::new(&(start..start + t).collect::<Vec<_>>(), head_dim, self.model.rope_theta, &device),
+        };
         // Query i (absolute start + i) must not see keys after it, nor keys a sliding window has
         // left behind; one new token within the window sees everything.
         let s = start + t;
@@ -296,6 +355,8 @@ pub struct KvCache<B: Backend> {
     pub layers: Vec<LayerCache<B>>,
     /// Positions already in the cache.
     pub len: usize,
+    /// Multimodal RoPE: the next token's position minus `len` (transformers' `rope_deltas`).
+    pub position_delta: i64,
 }
 
 impl<B: Backend> LlamaDecoderLayer<B> {
@@ -333,17 +394,17 @@ impl<B: Backend> LlamaAttention<B> {
     /// A full causal pass: the fused kernel on the CPU backend, Burn's ops elsewhere.
     pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, mask: &CausalMask<B>) -> Tensor<B, 3> {
         let (q, k, v) = (self.q_proj.forward(x.clone()), self.k_proj.forward(x.clone()), self.v_proj.forward(x));
+        let Some(host_rope) = rope.host.clone().filter(|_| mask.fused_ok()) else {
+            return self.attend(q, k, v, rope, Some(mask.dense()), None);
+        };
         let spec = vsft_kernels::AttentionSpec {
             num_heads: self.num_heads,
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
             causal: true,
-            rope: Some((rope.host_cos.clone(), rope.host_sin.clone())),
+            rope: Some(host_rope),
             key_padding: mask.key_padding.clone(),
         };
-        if !mask.fused_ok() {
-            return self.attend(q, k, v, rope, Some(mask.dense()), None);
-        }
         match vsft_kernels::attention(q, k, v, &spec) {
             Ok(ctx) => self.o_proj.forward(ctx),
             Err((q, k, v)) => self.attend(q, k, v, rope, Some(mask.dense()), None),

@@ -167,7 +167,7 @@ impl<B: Backend> VisionLanguageModel<B> for LlavaModel<B> {
         let h = f.dims()[2];
         Ok(f.reshape([n * t, h]))
     }
-    fn tower_stack(&self) -> Option<crate::family::TowerStack<'_, B>> {
+    fn tower_stack(&self, _images: &ImageInputs) -> Option<crate::family::TowerStack<'_, B>> {
         clip_stack(&self.vision_tower, &self.config)
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {

@@ -225,7 +225,7 @@ impl<B: Backend> VisionLanguageModel<B> for LlavaNextModel<B> {
         let len = index.len();
         Ok(table.select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(index, [len]), &self.device())))
     }
-    fn tower_stack(&self) -> Option<crate::family::TowerStack<'_, B>> {
+    fn tower_stack(&self, _images: &ImageInputs) -> Option<crate::family::TowerStack<'_, B>> {
         clip_stack(&self.vision_tower, &self.config.base)
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {

@@ -167,13 +167,14 @@ impl<B: Backend> VlmModel<B> {
     pub fn adapter_tensors_with(&self, trained_in_full: &dyn Fn(&str) -> bool) -> Vec<(String, TensorRef<B>)> {
         let mut out = Vec::new();
         let mut full = Vec::new();
+        let parts = self.as_dyn().part_names();
         for (name, _, t) in self.named_tensors() {
             match name.split_once(".lora.") {
                 Some((module, which)) => {
                     let which = if which == "lora_a" { "lora_A" } else { "lora_B" };
                     out.push((format!("base_model.model.{}.{which}.weight", peft_module_name(module)), t));
                 }
-                None if weights::ALWAYS_TRAINED.iter().any(|p| name.starts_with(p)) || trained_in_full(&name) => {
+                None if parts.is_projector(&name) || trained_in_full(&name) => {
                     let (module, param) = name.rsplit_once('.').unwrap_or(("", &name));
                     full.push((format!("base_model.model.{}.{param}", peft_module_name(module)), t));
                 }
@@ -205,6 +206,7 @@ impl<B: Backend> VlmModel<B> {
         let weights_path = dir.join("adapter_model.safetensors");
         let tensors = read_tensor_file(&weights_path)?;
         let device = self.device();
+        let parts = self.as_dyn().part_names();
         // Normalise keys: drop `base_model.model.` and PEFT's adapter name.
         let mut by_module: BTreeMap<String, [Option<weights::RawTensor>; 2]> = BTreeMap::new();
         let mut projector = Vec::new();
@@ -217,7 +219,7 @@ impl<B: Backend> VlmModel<B> {
                 (m, 1)
             } else {
                 let canonical = weights::canonical_name(&k);
-                if weights::ALWAYS_TRAINED.iter().any(|p| canonical.starts_with(p)) {
+                if parts.is_projector(&canonical) {
                     projector.push((canonical, raw.clone()));
                     continue;
                 }
@@ -309,10 +311,10 @@ impl LoraConfig {
 
     /// `adapter_config.json` as PEFT writes it (the fields PEFT 0.21 needs, plus the usual ones);
     /// `vision_tower_in_full` adds the tower to `modules_to_save`.
-    pub fn to_peft_json(&self, targeted: &[String], base_model: &str, vision_tower_in_full: bool) -> serde_json::Value {
-        let mut modules_to_save = vec!["multi_modal_projector"];
+    pub fn to_peft_json(&self, targeted: &[String], base_model: &str, parts: crate::family::PartNames, vision_tower_in_full: bool) -> serde_json::Value {
+        let mut modules_to_save = vec![parts.projector_module];
         if vision_tower_in_full {
-            modules_to_save.push("vision_tower");
+            modules_to_save.push(parts.tower_module);
         }
         serde_json::json!({
             "peft_type": "LORA",

@@ -44,16 +44,21 @@ pub struct Builder<'a, B: Backend> {
     pub device: B::Device,
     /// The dtype of parameters that never train (everything outside the projector).
     frozen_dtype: StoredDtype,
+    /// The prefix of the parameters that train in every stage (the family's projector): they
+    /// stay f32 whatever `frozen_dtype` says. LLaVA-NeXT's `image_newline` is not among them:
+    /// LLaVA-NeXT's own code trains it only when the whole language model trains.
+    always_trained: &'static str,
 }
-
-/// The parameters that train in every stage (the projector); they stay f32 whatever
-/// `frozen_dtype` says. LLaVA-NeXT's `image_newline` is not among them: LLaVA-NeXT's own code
-/// trains it only when the whole language model trains, which no vsft stage does.
-pub const ALWAYS_TRAINED: [&str; 1] = ["multi_modal_projector."];
 
 impl<'a, B: Backend> Builder<'a, B> {
     pub fn new(provider: &'a mut dyn TensorProvider, device: &B::Device) -> Self {
-        Self { provider, prefix: String::new(), device: device.clone(), frozen_dtype: StoredDtype::F32 }
+        Self { provider, prefix: String::new(), device: device.clone(), frozen_dtype: StoredDtype::F32, always_trained: "multi_modal_projector." }
+    }
+
+    /// The family's projector prefix (kept in f32 under a bf16 `frozen_dtype`).
+    pub fn with_projector(mut self, prefix: &'static str) -> Self {
+        self.always_trained = prefix;
+        self
     }
 
     /// Frozen parameters (vision tower, language model) in `dtype`: bf16 halves their memory;
@@ -69,6 +74,7 @@ impl<'a, B: Backend> Builder<'a, B> {
             prefix: join(&self.prefix, name),
             device: self.device.clone(),
             frozen_dtype: self.frozen_dtype,
+            always_trained: self.always_trained,
         }
     }
 
@@ -77,7 +83,7 @@ impl<'a, B: Backend> Builder<'a, B> {
         let n: usize = shape.iter().product();
         let values = self.provider.provide(&full, &shape, init).unwrap_or_else(|| vec![0.0; n]);
         let dtype = match self.frozen_dtype {
-            _ if ALWAYS_TRAINED.iter().any(|p| full.starts_with(p)) => burn::tensor::DType::F32,
+            _ if full.starts_with(self.always_trained) => burn::tensor::DType::F32,
             StoredDtype::F32 => burn::tensor::DType::F32,
             StoredDtype::BF16 => burn::tensor::DType::BF16,
             StoredDtype::F16 => burn::tensor::DType::F16,
@@ -231,11 +237,18 @@ pub struct CheckpointReader {
     problems: Vec<String>,
     /// Canonical names that the model does not read (e.g. a tied `lm_head`) and that are fine to skip.
     ignorable: HashSet<String>,
+    /// A stored key → its canonical name (the family's key layouts → one naming).
+    naming: fn(&str) -> String,
 }
 
 impl CheckpointReader {
-    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    /// Opens a checkpoint with the LLaVA families' naming ([`canonical_name`]).
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        Self::open_with(dir, canonical_name)
+    }
+
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    pub fn open_with(dir: &Path, naming: fn(&str) -> String) -> Result<Self, ModelError> {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let shard_names: Vec<String> = if index_path.exists() {
@@ -268,6 +281,7 @@ impl CheckpointReader {
             consumed: HashSet::new(),
             problems: Vec::new(),
             ignorable: HashSet::new(),
+            naming,
         };
         for name in shard_names {
             reader.add_file(&dir.join(name))?;
@@ -283,7 +297,7 @@ impl CheckpointReader {
                 path: path.to_path_buf(),
                 message: format!("tensor {}: unsupported dtype {} (vsft reads F32, F16, BF16)", h.key, h.dtype),
             })?;
-            let canonical = canonical_name(&h.key);
+            let canonical = (self.naming)(&h.key);
             if let Some(prev) = self.entries.get(&canonical) {
                 return Err(ModelError::Safetensors {
                     path: path.to_path_buf(),

@@ -61,7 +61,7 @@ fn run(name: &str) -> Run {
     let infos = vec![ImageInfo { original_hw: (p.shape[2], p.shape[3]), units: 1, grid: (1, 1, 1) }; p.shape[0]];
     let images = ImageInputs { pixel_values: &pixels, shape: &p.shape, images: &infos };
     let projected = model.image_features_for_training(&images, false).unwrap();
-    let logits = model.as_dyn().forward_with_features(int(ids.to_i64().unwrap()), int(mask), Some(projected)).unwrap();
+    let logits = model.as_dyn().forward_with_features(int(ids.to_i64().unwrap()), int(mask), Some(projected), &Default::default()).unwrap();
     let loss = causal_lm_loss(logits.clone(), int(r["labels"].to_i64().unwrap()));
     let loss_value = values(loss.mean())[0];
     let grads = loss.mean().backward();

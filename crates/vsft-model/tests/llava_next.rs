@@ -103,7 +103,7 @@ fn packed_image_features_and_loss_match_transformers() {
     println!("packed image features rel diff {d:.2e}");
     assert!(d <= 1e-5, "packed image features differ by {d}");
     let labels = x.labels.to_data().convert::<i64>().into_vec::<i64>().unwrap();
-    let loss = model.as_dyn().loss_with_features(x.ids, x.mask, Some(feats), &labels).unwrap();
+    let loss = model.as_dyn().loss_with_features(x.ids, x.mask, Some(feats), &labels, &Default::default()).unwrap();
     let sum = values(loss.sum.clone())[0] as f64;
     let want_sum = r["loss_sum"].to_f32().unwrap()[0] as f64;
     let want_mean = r["loss"].to_f32().unwrap()[0] as f64;
@@ -122,7 +122,7 @@ fn gradients_match_torch_autograd_with_the_tower_frozen_and_trained() {
     for (tower_trains, prefix) in [(false, "grad."), (true, "grad_vt.")] {
         let x = inputs(&model, &tensors("inputs.safetensors"));
         let feats = model.image_features_for_training(&x.images.inputs(), tower_trains).unwrap();
-        let logits = model.as_dyn().forward_with_features(x.ids, x.mask, Some(feats)).unwrap();
+        let logits = model.as_dyn().forward_with_features(x.ids, x.mask, Some(feats), &Default::default()).unwrap();
         let grads = causal_lm_loss(logits, x.labels).mean().backward();
         let mut checked = 0;
         let mut worst = (0f32, String::new());

@@ -79,7 +79,7 @@ fn vsft_adapter_files_use_peft_keys_and_config_fields() {
     let cfg = LoraConfig::from_peft_json(&peft_cfg).unwrap();
     let mut model = model;
     let targeted: Vec<String> = model.as_dyn_mut().language_model_mut().linears_mut().into_iter().map(|(n, _)| n).collect();
-    let ours_cfg = cfg.to_peft_json(&targeted, "base", false);
+    let ours_cfg = cfg.to_peft_json(&targeted, "base", vsft_model::PartNames::LLAVA, false);
     for field in ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "modules_to_save", "bias"] {
         assert_eq!(ours_cfg[field], peft_cfg[field], "adapter_config.json field {field}");
     }

@@ -132,7 +132,7 @@ fn projector_gradients_match_torch_autograd() {
         let model = VlmModel::<Train>::load(&fixture_dir(name).join("legacy"), &Default::default()).unwrap();
         let imgs = images(&model, &x);
         let projected = model.image_features_for_training(&imgs.inputs(), false).unwrap();
-        let logits = model.as_dyn().forward_with_features(x.input_ids, x.attention_mask, Some(projected)).unwrap();
+        let logits = model.as_dyn().forward_with_features(x.input_ids, x.attention_mask, Some(projected), &Default::default()).unwrap();
         let grads = causal_lm_loss(logits, x.labels).mean().backward();
         let p = &llava(&model).multi_modal_projector;
         let got = [
@@ -249,7 +249,7 @@ fn frozen_bf16_weights_stay_bf16_and_track_the_f32_reference() {
         let want = read_tensor_file(&fixture_dir(name).join("reference_sharded_bf16.safetensors")).unwrap()["logits"].to_f32().unwrap();
         let imgs = images(&model, &x);
         let projected = model.image_features_for_training(&imgs.inputs(), false).unwrap();
-        let logits = model.as_dyn().forward_with_features(x.input_ids, x.attention_mask, Some(projected)).unwrap();
+        let logits = model.as_dyn().forward_with_features(x.input_ids, x.attention_mask, Some(projected), &Default::default()).unwrap();
         let got = values(logits.clone());
         let diff = rel_diff(&got, &want);
         let grads = causal_lm_loss(logits, x.labels).mean().backward();

@@ -97,7 +97,7 @@ pub fn save<B: AutodiffBackend>(output_dir: &Path, c: CheckpointContent<'_, B>, 
         Some((cfg, targeted)) => {
             let trains = |n: &str| c.trainer.trainable.contains_key(n);
             model.save_adapter_weights(&tmp, &trains)?;
-            let json = cfg.to_peft_json(targeted, &c.state.base_model, c.trainer.tower_trains_in_full());
+            let json = cfg.to_peft_json(targeted, &c.state.base_model, model.as_dyn().part_names(), c.trainer.tower_trains_in_full());
             write_json(&tmp.join("adapter_config.json"), &json)?;
         }
         None => {

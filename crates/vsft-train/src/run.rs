@@ -97,7 +97,8 @@ pub fn evaluate<B: Backend>(model: &VlmModel<B>, batches: impl Iterator<Item = R
         let (ids, mask, _) = batch_tensors::<B>(&batch, &device);
         let infos = image_infos(&batch.images);
         let feats = (!infos.is_empty()).then(|| model.image_features(&image_inputs(&batch.images, &infos))).transpose()?;
-        let loss = model.loss_with_features(ids, mask, feats, &batch.labels)?;
+        let positions = crate::trainer::batch_positions(model, &batch)?;
+        let loss = model.loss_with_features(ids, mask, feats, &batch.labels, &positions)?;
         sum += loss.sum.into_scalar().elem::<f64>();
         tokens += loss.label_tokens;
         examples += batch.batch_size;
@@ -120,10 +121,10 @@ pub fn load_projector<B: Backend>(model: VlmModel<B>, path: &Path) -> Result<Vlm
     let projector: Vec<_> = raw
         .into_iter()
         .map(|(k, v)| (vsft_model::weights::canonical_name(&k.strip_prefix("base_model.model.").unwrap_or(&k).replace(".modules_to_save.default.", ".")), v))
-        .filter(|(k, _)| vsft_model::weights::ALWAYS_TRAINED.iter().any(|p| k.starts_with(p)))
+        .filter(|(k, _)| model.as_dyn().part_names().is_projector(k))
         .collect();
     if projector.is_empty() {
-        return Err(TrainError::Recipe(format!("model.projector: {} holds no multi_modal_projector.* tensor", file.display())));
+        return Err(TrainError::Recipe(format!("model.projector: {} holds no {}* tensor", file.display(), model.as_dyn().part_names().projector)));
     }
     Ok(model.with_tensors(&projector, &file)?)
 }

@@ -10,7 +10,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use vsft_data::{Batch, ImageBatch};
 use vsft_model::loss::IGNORE_INDEX;
 use vsft_model::weights::ModulePath;
-use vsft_model::{ImageInfo, ImageInputs, VlmModel};
+use vsft_model::{ImageInfo, ImageInputs, PartNames, VisionLanguageModel, VlmModel};
 
 use crate::error::TrainError;
 use crate::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GroupSettings};
@@ -93,10 +93,13 @@ fn is_no_decay(name: &str) -> bool {
 /// Which module paths train: the projector always; LoRA adapters in the instruct stage; the
 /// vision tower's weights when it is unfrozen. LLaVA-NeXT's `image_newline` never does: LLaVA-
 /// NeXT's own code trains it only with the whole language model.
-pub fn is_trainable(parts: TrainParts, path: &str) -> bool {
-    path.starts_with("multi_modal_projector.")
-        || (parts.stage == Stage::Instruct && path.contains(".lora."))
-        || (parts.vision_tower && path.starts_with("vision_tower."))
+pub fn is_trainable(parts: TrainParts, names: PartNames, path: &str) -> bool {
+    names.is_projector(path) || (parts.stage == Stage::Instruct && path.contains(".lora.")) || (parts.vision_tower && names.is_tower(path))
+}
+
+/// Where a batch's tokens sit for the decoder's rotary embedding.
+pub fn batch_positions<B: Backend>(model: &dyn VisionLanguageModel<B>, batch: &Batch) -> Result<vsft_model::Positions, TrainError> {
+    Ok(model.positions(&batch.input_ids, &batch.attention_mask, batch.seq_len, &image_infos(&batch.images))?)
 }
 
 /// The images of a batch as the model reads them.
@@ -115,13 +118,14 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(model: VlmModel<B>, parts: impl Into<TrainParts>, settings: OptimSettings) -> Result<Self, TrainError> {
         let parts = parts.into();
         let stage = parts.stage;
-        let mut freezer = Freezer { path: ModulePath::default(), parts, trainable: BTreeMap::new() };
+        let names = model.as_dyn().part_names();
+        let mut freezer = Freezer { path: ModulePath::default(), parts, names, trainable: BTreeMap::new() };
         let model = model.map(&mut freezer);
         let mut trainable = BTreeMap::new();
         for name in freezer.trainable.keys() {
-            let lr = if name.starts_with("multi_modal_projector.") && stage == Stage::Instruct {
+            let lr = if names.is_projector(name) && stage == Stage::Instruct {
                 settings.projector_lr.unwrap_or(settings.lr)
-            } else if name.starts_with("vision_tower.") {
+            } else if names.is_tower(name) {
                 settings.vision_lr.unwrap_or(settings.lr)
             } else {
                 settings.lr
@@ -132,33 +136,37 @@ impl<B: AutodiffBackend> Trainer<B> {
         if stage == Stage::Instruct && !trainable.keys().any(|k| k.contains(".lora.")) {
             return Err(TrainError::Other("stage instruct needs LoRA adapters on the language model".into()));
         }
-        let tower_trains = trainable.keys().any(|k| k.starts_with("vision_tower."));
+        let tower_trains = trainable.keys().any(|k| names.is_tower(k));
         Ok(Self { model, optimizer: AdamW::new(settings.adam), trainable, settings, stage, gradient_checkpointing: false, tower_trains })
     }
 
     /// The vision tower's own weights train (not only adapters on it).
     pub fn tower_trains_in_full(&self) -> bool {
-        self.trainable.keys().any(|k| k.starts_with("vision_tower.") && !k.contains(".lora."))
+        let names = self.model.as_dyn().part_names();
+        self.trainable.keys().any(|k| names.is_tower(k) && !k.contains(".lora."))
     }
 
     /// Parameter counts per group, for the start-of-run log (Prismatic's explicit stage report).
     pub fn group_report(&self) -> Vec<GroupReport> {
         let named = vsft_model::weights::NamedParams::collect(&self.model);
+        let names = self.model.as_dyn().part_names();
+        // "tower" is the tower without its projector; other prefixes count as they are.
         let count = |prefix: &str, lora: Option<bool>| -> usize {
             named
                 .iter()
-                .filter(|(n, _, _)| n.starts_with(prefix) && lora.is_none_or(|l| n.contains(".lora.") == l))
+                .filter(|(n, _, _)| if prefix == names.tower { names.is_tower(n) } else { n.starts_with(prefix) })
+                .filter(|(n, _, _)| lora.is_none_or(|l| n.contains(".lora.") == l))
                 .map(|(_, _, t)| t.shape.iter().product::<usize>())
                 .sum()
         };
         let lora_params = count("language_model.", Some(true));
-        let vision_lora = count("vision_tower.", Some(true));
+        let vision_lora = count(names.tower, Some(true));
         let proj_lr = if self.stage == Stage::Instruct { self.settings.projector_lr.unwrap_or(self.settings.lr) } else { self.settings.lr };
         let vision_lr = Some(self.settings.vision_lr.unwrap_or(self.settings.lr));
         let tower_base = self.tower_trains_in_full();
         let mut groups = vec![
-            GroupReport { name: "vision tower", trains: tower_base, params: count("vision_tower.", Some(false)), lr: vision_lr.filter(|_| tower_base) },
-            GroupReport { name: "projector", trains: true, params: count("multi_modal_projector.", None), lr: Some(proj_lr) },
+            GroupReport { name: "vision tower", trains: tower_base, params: count(names.tower, Some(false)), lr: vision_lr.filter(|_| tower_base) },
+            GroupReport { name: "projector", trains: true, params: count(names.projector, None), lr: Some(proj_lr) },
         ];
         let newline = count("image_newline", None);
         if newline > 0 {
@@ -177,7 +185,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Forward of one batch → (summed token loss, label tokens), in the autodiff graph.
     pub fn loss_sum(&self, batch: &Batch) -> Result<(Tensor<B, 1>, usize), TrainError> {
         let (ids, mask, feats) = self.inputs(batch)?;
-        let loss = self.model.as_dyn().loss_with_features(ids, mask, feats, &batch.labels)?;
+        let positions = batch_positions(self.model.as_dyn(), batch)?;
+        let loss = self.model.as_dyn().loss_with_features(ids, mask, feats, &batch.labels, &positions)?;
         Ok((loss.sum, loss.label_tokens))
     }
 
@@ -215,7 +224,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         // A trained tower that is a stack of layers: checkpointed like the decoder.
         let infos = image_infos(&batch.images);
         let images = image_inputs(&batch.images, &infos);
-        let stacks = match (self.tower_trains && !infos.is_empty(), frozen.as_dyn().tower_stack(), model.tower_stack()) {
+        let stacks = match (self.tower_trains && !infos.is_empty(), frozen.as_dyn().tower_stack(&images), model.tower_stack(&images)) {
             (true, Some(inner), Some(outer)) => Some((inner, outer)),
             _ => None,
         };
@@ -237,10 +246,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         let embeds = model.merge_embeddings(ids, feats)?;
         let lm = model.language_model();
+        let positions = batch_positions(model, batch)?;
 
         // The decoder without a graph, keeping each layer's input.
         let frozen_lm = frozen.language_model();
-        let (rope, layer_mask) = frozen_lm.layer_inputs(&embeds.clone().inner(), mask.clone().inner());
+        let (rope, layer_mask) = frozen_lm.layer_inputs_at(&embeds.clone().inner(), mask.clone().inner(), &positions);
         let (x, inputs) = forward_keeping_inputs(embeds.clone().inner(), frozen_lm.model.layers.len(), |l, x| {
             B::seed(&device, layer_seed(l));
             vsft_model::nn::with_training_dropout(|| frozen_lm.model.layers[l].forward(x, &rope, &layer_mask))
@@ -256,7 +266,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 
         // Each decoder layer again, top down, with a graph; then the embeddings (and through them
         // the projector, and the tower's top when it trains).
-        let (rope, layer_mask) = lm.layer_inputs(&embeds, mask);
+        let (rope, layer_mask) = lm.layer_inputs_at(&embeds, mask, &positions);
         let upstream = backward_through_layers::<B>(&inputs, upstream, &mut all, "decoder layer", |l, x| {
             B::seed(&device, layer_seed(l));
             lm.model.layers[l].forward(x, &rope, &layer_mask)
@@ -387,6 +397,7 @@ pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B
 struct Freezer {
     path: ModulePath,
     parts: TrainParts,
+    names: PartNames,
     trainable: BTreeMap<String, ()>,
 }
 
@@ -399,7 +410,7 @@ impl<B: Backend> ModuleMapper<B> for Freezer {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let name = self.path.join();
-        let trains = is_trainable(self.parts, &name);
+        let trains = is_trainable(self.parts, self.names, &name);
         if trains {
             self.trainable.insert(name, ());
         }

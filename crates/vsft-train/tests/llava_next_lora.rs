@@ -33,7 +33,7 @@ fn mean_loss(model: &VlmModel<Flex>, cfg: &LlavaNextConfig) -> f64 {
     let infos = vsft_train::trainer::image_infos(&b.images);
     let m = model.as_dyn();
     let feats = m.image_features(&vsft_train::trainer::image_inputs(&b.images, &infos)).unwrap();
-    let loss = m.loss_with_features(int(&b.input_ids), int(&b.attention_mask), Some(feats), &b.labels).unwrap();
+    let loss = m.loss_with_features(int(&b.input_ids), int(&b.attention_mask), Some(feats), &b.labels, &Default::default()).unwrap();
     loss.sum.into_scalar().elem::<f64>() / loss.label_tokens as f64
 }
 
@@ -76,7 +76,7 @@ fn six_lora_steps_match_peft_and_the_adapter_round_trips() {
     std::fs::create_dir_all(&out).unwrap();
     trainer.model.save_adapter_weights(&out, &|_| false).unwrap();
     let targeted: Vec<String> = trainer.trainable.keys().filter_map(|k| k.split_once(".lora.")).map(|(m, _)| m.replacen("language_model.model.", "model.language_model.", 1)).collect();
-    std::fs::write(out.join("adapter_config.json"), lora_cfg.to_peft_json(&targeted, "base", false).to_string()).unwrap();
+    std::fs::write(out.join("adapter_config.json"), lora_cfg.to_peft_json(&targeted, "base", vsft_model::PartNames::LLAVA, false).to_string()).unwrap();
     let ours = read_tensor_file(&out.join("adapter_model.safetensors")).unwrap();
     let peft = read_tensor_file(&dir().join("lora_final/adapter_model.safetensors")).unwrap();
     assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>(), "adapter keys differ from PEFT's");

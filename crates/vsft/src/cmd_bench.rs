@@ -61,13 +61,34 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// One synthetic image per row for a model: LLaVA's one fixed-size image, or for LLaVA-NeXT a
-/// 4:3 photo (640×480 at 336-px tiles), which takes the 2×2 grid plus the base tile: 5 tiles.
-pub fn synthetic_image<B: burn::tensor::backend::Backend>(model: &VlmModel<B>) -> (ImageMeta, (usize, usize)) {
-    match model {
+/// One synthetic image per row for a model, as its processor would lay out a 4:3 photo:
+/// LLaVA's one fixed-size image; LLaVA-NeXT's 640×480 (at 336-px tiles), the 2×2 grid plus the
+/// base tile, 5 tiles; Qwen2-VL's 640×480 at native resolution (smart_resize → 476×644, 34×46
+/// patches, 391 tokens).
+pub struct SyntheticImage {
+    pub meta: ImageMeta,
+    /// The shape of one unit of `pixel_values` (`[3, H, W]`, or Qwen's `[1176]`).
+    pub unit_shape: Vec<usize>,
+    /// The image-token id and the ids around an image's run (BOS before LLaVA's; Qwen's
+    /// `<|vision_start|>` … `<|vision_end|>`).
+    pub image_token: i64,
+    pub before: Option<i64>,
+    pub after: Option<i64>,
+    pub vocab: usize,
+}
+
+pub fn synthetic_image<B: burn::tensor::backend::Backend>(model: &VlmModel<B>) -> Result<SyntheticImage> {
+    Ok(match model {
         VlmModel::Llava(m) => {
             let s = m.config.vision_config.image_size;
-            (ImageMeta { original_hw: (s, s), units: 1, grid: (1, 1, 1), tokens: m.config.image_tokens_per_image() }, (s, s))
+            SyntheticImage {
+                meta: ImageMeta { original_hw: (s, s), units: 1, grid: (1, 1, 1), tokens: m.config.image_tokens_per_image() },
+                unit_shape: vec![3, s, s],
+                image_token: m.config.image_token_index,
+                before: Some(1),
+                after: None,
+                vocab: m.config.text_config.vocab_size,
+            }
         }
         VlmModel::LlavaNext(m) => {
             let s = m.config.base.vision_config.image_size;
@@ -75,45 +96,68 @@ pub fn synthetic_image<B: burn::tensor::backend::Backend>(model: &VlmModel<B>) -
             let grid = m.config.grid(original_hw);
             let n = m.config.tile_side();
             let (unpadded, newlines) = vsft_data::family::llava_next::unpadded_features(original_hw.0, original_hw.1, n, n, grid.1, grid.2);
-            let meta = ImageMeta { original_hw, units: 1 + grid.1 * grid.2, grid, tokens: n * n + unpadded + newlines };
-            (meta, (s, s))
+            SyntheticImage {
+                meta: ImageMeta { original_hw, units: 1 + grid.1 * grid.2, grid, tokens: n * n + unpadded + newlines },
+                unit_shape: vec![3, s, s],
+                image_token: m.config.base.image_token_index,
+                before: Some(1),
+                after: None,
+                vocab: m.config.base.text_config.vocab_size,
+            }
         }
-    }
+        VlmModel::QwenVl(m) => {
+            let v = &m.config.vision_config;
+            let (p, merge) = (v.patch_size, v.spatial_merge_size());
+            let (h, w) = vsft_data::family::qwen2_vl::smart_resize(480, 640, p * merge, 3136, 12845056).map_err(anyhow::Error::msg)?;
+            let (gh, gw) = (h / p, w / p);
+            SyntheticImage {
+                meta: ImageMeta { original_hw: (480, 640), units: gh * gw, grid: (1, gh, gw), tokens: gh * gw / (merge * merge) },
+                unit_shape: vec![v.patch_dim()],
+                image_token: m.config.image_token_id,
+                before: Some(m.config.vision_start_token_id),
+                after: Some(m.config.vision_end_token_id),
+                vocab: m.config.text_config.vocab_size,
+            }
+        }
+    })
 }
 
-/// Random tokens with one image's tokens right after BOS, random pixels; labels = ids, with the
+/// Random tokens with one image's tokens at the start, random pixels; labels = ids, with the
 /// image positions -100 unless `label_all`.
-pub fn synthetic_batch(cfg: &vsft_model::LlavaConfig, image: (ImageMeta, (usize, usize)), batch: usize, seq: usize, seed: u64, label_all: bool) -> Batch {
+pub fn synthetic_batch(image: &SyntheticImage, batch: usize, seq: usize, seed: u64, label_all: bool) -> Result<Batch> {
     let mut rng = RandomInit::new(seed);
-    let (meta, (h, w)) = image;
+    let meta = image.meta;
     let per_image = meta.tokens;
-    assert!(seq > per_image + 2, "--seq-len must exceed the {per_image} image tokens");
-    let vocab = cfg.text_config.vocab_size as f64;
-    let image = cfg.image_token_index;
+    anyhow::ensure!(seq > per_image + 2, "--seq-len must exceed the {per_image} image tokens");
+    let vocab = image.vocab as f64;
+    let specials = [Some(image.image_token), image.before, image.after];
     let mut ids = Vec::with_capacity(batch * seq);
     for _ in 0..batch {
-        ids.push(1);
-        ids.extend(std::iter::repeat_n(image, per_image));
+        ids.extend(image.before);
+        ids.extend(std::iter::repeat_n(image.image_token, per_image));
+        ids.extend(image.after);
         while ids.len() % seq != 0 {
             let t = 3 + (rng.uniform() * (vocab.min(32000.0) - 3.0)) as i64;
-            ids.push(if t == image { 3 } else { t });
+            ids.push(if specials.contains(&Some(t)) { 3 } else { t });
         }
     }
     let units = batch * meta.units;
-    let pixels = rng.fill(units * 3 * h * w, vsft_model::weights::Init::Normal(1.0));
-    let labels: Vec<i64> = ids.iter().map(|&t| if t == image && !label_all { vsft_model::loss::IGNORE_INDEX } else { t }).collect();
+    let unit: usize = image.unit_shape.iter().product();
+    let pixels = rng.fill(units * unit, vsft_model::weights::Init::Normal(1.0));
+    let labels: Vec<i64> = ids.iter().map(|&t| if t == image.image_token && !label_all { vsft_model::loss::IGNORE_INDEX } else { t }).collect();
     let n_label_tokens = labels.iter().filter(|&&l| l != vsft_model::loss::IGNORE_INDEX).count();
-    Batch {
+    let shape = [vec![units], image.unit_shape.clone()].concat();
+    Ok(Batch {
         batch_size: batch,
         seq_len: seq,
         labels,
         attention_mask: vec![1; batch * seq],
         input_ids: ids,
-        images: ImageBatch { pixel_values: pixels, shape: vec![units, 3, h, w], meta: vec![meta; batch] },
+        images: ImageBatch { pixel_values: pixels, shape, meta: vec![meta; batch] },
         rows: (0..batch).collect(),
         n_label_tokens,
         all_labels_masked: false,
-    }
+    })
 }
 
 pub fn run(c: BenchCommand) -> Result<ExitCode> {
@@ -131,11 +175,7 @@ pub fn run(c: BenchCommand) -> Result<ExitCode> {
         let lora = LoraConfig { r: a.lora_r, alpha: 2.0 * a.lora_r as f64, dropout: 0.0, ..Default::default() };
         model.add_lora(&lora, 0)?;
     }
-    let image = synthetic_image(&model);
-    let cfg = match &model {
-        VlmModel::Llava(m) => m.config.clone(),
-        VlmModel::LlavaNext(m) => m.config.base.clone(),
-    };
+    let image = synthetic_image(&model)?;
     let settings = OptimSettings {
         lr: 1e-4,
         projector_lr: Some(1e-4),
@@ -147,7 +187,7 @@ pub fn run(c: BenchCommand) -> Result<ExitCode> {
     };
     let mut trainer = Trainer::new(model, stage, settings)?;
     trainer.gradient_checkpointing = a.gradient_checkpointing;
-    let batch = synthetic_batch(&cfg, image, a.batch_size, a.seq_len, 0, a.label_all);
+    let batch = synthetic_batch(&image, a.batch_size, a.seq_len, 0, a.label_all)?;
     let mut times = Vec::new();
     for step in 0..=a.steps {
         let t = Instant::now();
@@ -172,7 +212,7 @@ pub fn run(c: BenchCommand) -> Result<ExitCode> {
         "gradient_checkpointing": a.gradient_checkpointing,
         "labels": if a.label_all { "all positions" } else { "image positions -100" },
         "dtype": a.dtype,
-        "family": trainer.model.family().model_type(), "tiles_per_image": image.0.units, "image_tokens": image.0.tokens,
+        "family": trainer.model.family().model_type(), "units_per_image": image.meta.units, "image_tokens": image.meta.tokens,
         "batch_size": a.batch_size, "seq_len": a.seq_len, "stage": a.stage, "lora_r": a.lora_r, "steps": a.steps,
     });
     if a.json {

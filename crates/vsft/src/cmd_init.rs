@@ -36,6 +36,7 @@ pub fn write_processor_files(model: &VlmModel<Compute>, dir: &Path) -> Result<()
     let (cfg, pinpoints) = match model {
         VlmModel::Llava(m) => (&m.config, None),
         VlmModel::LlavaNext(m) => (&m.config.base, Some(&m.config.image_grid_pinpoints)),
+        VlmModel::QwenVl(m) => return write_qwen_processor_files(&m.config, dir),
     };
     let size = cfg.vision_config.image_size;
     let processor_class = if pinpoints.is_some() { "LlavaNextProcessor" } else { "LlavaProcessor" };
@@ -57,6 +58,22 @@ pub fn write_processor_files(model: &VlmModel<Compute>, dir: &Path) -> Result<()
         "patch_size": cfg.vision_config.patch_size, "processor_class": processor_class,
         "vision_feature_select_strategy": strategy
     });
+    std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&image_processor)?)?;
+    std::fs::write(dir.join("processor_config.json"), serde_json::to_string_pretty(&processor)?)?;
+    Ok(())
+}
+
+/// Qwen2-VL's processor files, as the Hub's Qwen2-VL / Qwen2.5-VL repos ship them.
+fn write_qwen_processor_files(cfg: &vsft_model::Qwen2VlConfig, dir: &Path) -> Result<()> {
+    let v = &cfg.vision_config;
+    let image_processor = serde_json::json!({
+        "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+        "merge_size": v.spatial_merge_size, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+        "resample": 3, "rescale_factor": 1.0 / 255.0, "processor_class": "Qwen2VLProcessor"
+    });
+    let processor = serde_json::json!({"image_processor": image_processor, "processor_class": "Qwen2VLProcessor"});
     std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&image_processor)?)?;
     std::fs::write(dir.join("processor_config.json"), serde_json::to_string_pretty(&processor)?)?;
     Ok(())
