@@ -246,7 +246,7 @@ fn flat<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 2> {
     x.reshape([n, e])
 }
 
-const PARTS: PartNames = PartNames { projector: "visual.merger.", tower: "visual.", projector_module: "merger", tower_module: "visual" };
+const PARTS: PartNames = PartNames { projector: "visual.merger.", tower: "visual.", projector_module: "visual.merger", tower_module: "visual" };
 
 impl<B: Backend> VisionLanguageModel<B> for Qwen2VlModel<B> {
     fn family(&self) -> Family {
