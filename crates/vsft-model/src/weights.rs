@@ -532,12 +532,12 @@ pub fn encode_f32(values: &[f32], dtype: StoredDtype, out: &mut Vec<u8>) {
 /// parameters. The family enum's variant (`Llava`, `LlavaNext`, …) is not part of the name:
 /// checkpoints know no such level.
 #[derive(Debug, Default, Clone)]
-pub struct ModulePath(Vec<String>);
+pub struct ModulePath(Vec<(String, String)>);
 
 impl ModulePath {
     pub fn enter(&mut self, name: &str, container_type: &str) {
         if !container_type.starts_with("Enum:") {
-            self.0.push(name.to_string());
+            self.0.push((name.to_string(), container_type.to_string()));
         }
     }
     pub fn exit(&mut self, container_type: &str) {
@@ -546,7 +546,11 @@ impl ModulePath {
         }
     }
     pub fn join(&self) -> String {
-        self.0.join(".")
+        self.0.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(".")
+    }
+    /// The type of the module that holds the current parameter (`Struct:LayerNorm`, …).
+    pub fn holder(&self) -> Option<&str> {
+        self.0.last().map(|(_, t)| t.as_str())
     }
 }
 

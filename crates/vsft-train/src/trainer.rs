@@ -86,8 +86,17 @@ pub fn shifted_label_tokens(batch: &Batch) -> usize {
     (0..batch.batch_size).map(|b| batch.row_labels(b)[1..].iter().filter(|&&l| l != IGNORE_INDEX).count()).sum()
 }
 
-fn is_no_decay(name: &str) -> bool {
-    name.ends_with(".bias") || name.contains("norm")
+/// transformers Trainer's rule for which parameters skip weight decay: those inside a
+/// LayerNorm, and those whose lower-cased name has `bias`, `layernorm`, `rmsnorm`, a `norm`
+/// segment or a segment ending in `_norm`. (So an RMSNorm named `ln_q` or `norm1` decays,
+/// as it does in transformers.)
+pub fn is_no_decay(name: &str, in_layer_norm: bool) -> bool {
+    let n = name.to_lowercase();
+    in_layer_norm
+        || n.contains("bias")
+        || n.contains("layernorm")
+        || n.contains("rmsnorm")
+        || n.split('.').any(|seg| seg == "norm" || seg.ends_with("_norm"))
 }
 
 /// Which module paths train: the projector always; LoRA adapters in the instruct stage; the
@@ -119,7 +128,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let parts = parts.into();
         let stage = parts.stage;
         let names = model.as_dyn().part_names();
-        let mut freezer = Freezer { path: ModulePath::default(), parts, names, trainable: BTreeMap::new() };
+        let mut freezer = Freezer { path: ModulePath::default(), parts, names, trainable: BTreeMap::new(), in_layer_norm: Default::default() };
         let model = model.map(&mut freezer);
         let mut trainable = BTreeMap::new();
         for name in freezer.trainable.keys() {
@@ -130,7 +139,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             } else {
                 settings.lr
             };
-            let weight_decay = if is_no_decay(name) { 0.0 } else { settings.weight_decay };
+            let weight_decay = if is_no_decay(name, freezer.in_layer_norm.contains(name)) { 0.0 } else { settings.weight_decay };
             trainable.insert(name.clone(), GroupSettings { lr_scale: lr / settings.lr, weight_decay });
         }
         if stage == Stage::Instruct && !trainable.keys().any(|k| k.contains(".lora.")) {
@@ -399,6 +408,8 @@ struct Freezer {
     parts: TrainParts,
     names: PartNames,
     trainable: BTreeMap<String, ()>,
+    /// Trainable parameters held by a LayerNorm (no weight decay in transformers).
+    in_layer_norm: std::collections::BTreeSet<String>,
 }
 
 impl<B: Backend> ModuleMapper<B> for Freezer {
@@ -412,6 +423,9 @@ impl<B: Backend> ModuleMapper<B> for Freezer {
         let name = self.path.join();
         let trains = is_trainable(self.parts, self.names, &name);
         if trains {
+            if self.path.holder() == Some("Struct:LayerNorm") {
+                self.in_layer_norm.insert(name.clone());
+            }
             self.trainable.insert(name, ());
         }
         param.set_require_grad(trains)

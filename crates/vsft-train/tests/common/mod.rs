@@ -73,3 +73,36 @@ pub fn llava_next_batch(t: &std::collections::BTreeMap<String, RawTensor>, prefi
         all_labels_masked: n_label_tokens == 0,
     }
 }
+
+/// A whole batch in transformers' Qwen2-VL layout (`{prefix}input_ids`, …, `pixel_values
+/// [patches, 1176]`, `image_grid_thw`) as vsft's batch.
+#[allow(dead_code)]
+pub fn qwen_batch(t: &std::collections::BTreeMap<String, RawTensor>, prefix: &str, image_token: i64, merge: usize) -> Batch {
+    let ids = &t[&format!("{prefix}input_ids")];
+    let (bsz, seq) = (ids.shape[0], ids.shape[1]);
+    let labels = t[&format!("{prefix}labels")].to_i64().unwrap();
+    let pix = &t[&format!("{prefix}pixel_values")];
+    let meta: Vec<ImageMeta> = t[&format!("{prefix}image_grid_thw")]
+        .to_i64()
+        .unwrap()
+        .chunks(3)
+        .map(|g| {
+            let (gt, gh, gw) = (g[0] as usize, g[1] as usize, g[2] as usize);
+            ImageMeta { original_hw: (gh, gw), units: gt * gh * gw, grid: (gt, gh, gw), tokens: gt * gh * gw / (merge * merge) }
+        })
+        .collect();
+    let input_ids = ids.to_i64().unwrap();
+    assert_eq!(input_ids.iter().filter(|&&t| t == image_token).count(), meta.iter().map(|m| m.tokens).sum::<usize>());
+    let n_label_tokens = labels.iter().filter(|&&l| l != -100).count();
+    Batch {
+        batch_size: bsz,
+        seq_len: seq,
+        input_ids,
+        attention_mask: t[&format!("{prefix}attention_mask")].to_i64().unwrap(),
+        labels,
+        images: ImageBatch { pixel_values: pix.to_f32().unwrap(), shape: pix.shape.clone(), meta },
+        rows: (0..bsz).collect(),
+        n_label_tokens,
+        all_labels_masked: n_label_tokens == 0,
+    }
+}
