@@ -61,6 +61,12 @@ pub struct DataSection {
     pub num_workers: usize,
     #[serde(default)]
     pub pad_to_multiple_of: Option<usize>,
+    /// Qwen2-VL's image budget: images are resized to at least / at most this many pixels
+    /// (defaults: the model's processor files). Fewer pixels, fewer image tokens.
+    #[serde(default)]
+    pub min_pixels: Option<u64>,
+    #[serde(default)]
+    pub max_pixels: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +229,7 @@ pub const KNOWN_KEYS: &[(&str, &[(&str, &str)])] = &[
             ("train", "string"), ("eval", "string"), ("image_folder", "string"), ("max_length", "integer"),
             ("label_mask", "string"), ("chat_template", "string"), ("add_special_tokens", "boolean"),
             ("on_bad_row", "string"), ("num_workers", "integer"), ("pad_to_multiple_of", "integer"),
+            ("min_pixels", "integer"), ("max_pixels", "integer"),
         ],
     ),
     (

@@ -96,7 +96,7 @@ pub fn logits(a: LogitsArgs) -> Result<ExitCode> {
     let int = |k: &str| -> Result<Tensor<Compute, 2, Int>> {
         Ok(Tensor::from_data(TensorData::new(get(k)?.to_i64()?, shape), &device()))
     };
-    let images = t.get("pixel_values").map(|p| model.images_from_hf(p, t.get("image_sizes"))).transpose()?;
+    let images = t.get("pixel_values").map(|p| model.images_from_hf(p, t.get("image_sizes").or_else(|| t.get("image_grid_thw")))).transpose()?;
     let inputs = images.as_ref().map(|i| i.inputs());
     let logits = model.as_dyn().forward(int("input_ids")?, int("attention_mask")?, inputs.as_ref())?;
     let dims = logits.dims().to_vec();

@@ -1,8 +1,9 @@
-//! The commands that work on LLaVA-1.5 work unchanged on a LLaVA-NeXT directory, end to end
-//! through the binary: `data inspect --json`, `train` (stage 2), `eval --json`, `generate`
-//! (the blog's example, greedy tokens equal to transformers'), `export`, `export --merge`,
-//! `logits` and `push`. The model is the tiny LLaVA-NeXT fixture in llava-v1.6-mistral-7b-hf's
-//! file layout (real Mistral tokenizer, 56-px tiles); the data are real photographs.
+//! The commands that work on LLaVA-1.5 work unchanged on LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL
+//! directories, end to end through the binary: `data inspect --json`, `train` (stage 2),
+//! `eval --json`, `generate` (the blog's example, greedy tokens equal to transformers'),
+//! `export`, `export --merge`, `logits` and `push`. The models are the tiny fixtures in their
+//! Hub repositories' file layouts (real Mistral and Qwen tokenizers); the data are real
+//! photographs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,11 +27,25 @@ fn run(cmd: &mut Command) -> std::process::Output {
 
 #[test]
 fn every_command_runs_on_a_llava_next_directory() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-llava-next");
+    let fx = root().join("tests/fixtures/llava_next");
+    every_command_runs("llava_next", &fx.join("model/legacy"), &fx.join("data/llava_instruct_mix"), &fx.join("model"), 32000, &["image_newline"]);
+}
+
+#[test]
+fn every_command_runs_on_qwen2_vl_directories() {
+    let fx = root().join("tests/fixtures/qwen_vl");
+    for name in ["qwen2_vl", "qwen2_5_vl"] {
+        let m = fx.join("model").join(name);
+        every_command_runs(name, &m.join("hub"), &fx.join("data/llava_instruct_mix"), &m, 151655, &[]);
+    }
+}
+
+/// `fixtures`: the model fixture directory with `generate.json`, `lora_final/` and `inputs.safetensors`;
+/// `frozen_extra`: parameter groups the stage report must list as frozen.
+fn every_command_runs(family: &str, model: &Path, data: &Path, fixtures: &Path, image_token: i64, frozen_extra: &[&str]) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{family}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let model = root().join("tests/fixtures/llava_next/model/legacy");
-    let data = root().join("tests/fixtures/llava_next/data/llava_instruct_mix");
 
     // data inspect: every row's image tokens are what the family's placeholder rule gives.
     let out = run(vsft().args(["data", "inspect", "--json", "--limit", "3", "--model"]).arg(&model).arg("--data").arg(&data));
@@ -38,7 +53,7 @@ fn every_command_runs_on_a_llava_next_directory() {
     assert!(!lines.is_empty(), "inspect printed no rows");
     for l in &lines {
         let ids = l["input_ids"].as_array().unwrap();
-        let image_tokens = ids.iter().filter(|v| v.as_i64() == Some(32000)).count();
+        let image_tokens = ids.iter().filter(|v| v.as_i64() == Some(image_token)).count();
         let per_image: usize = l["images"].as_array().unwrap().iter().map(|i| i["tokens"].as_u64().unwrap() as usize).sum();
         assert_eq!(image_tokens, per_image, "row {}: image tokens in the ids vs the processor counts", l["index"]);
     }
@@ -59,8 +74,10 @@ fn every_command_runs_on_a_llava_next_directory() {
     .unwrap();
     let train = run(vsft().arg("train").arg("--config").arg(&recipe));
     let log = String::from_utf8_lossy(&train.stderr);
-    assert!(log.contains("model family llava_next"), "{log}");
-    assert!(log.contains("image_newline") && log.contains("frozen"), "the stage report names image_newline as frozen: {log}");
+    assert!(log.contains(&format!("model family {family}")), "{log}");
+    for group in frozen_extra {
+        assert!(log.lines().any(|l| l.contains(group) && l.contains("frozen")), "the stage report names {group} as frozen: {log}");
+    }
     let ckpt = run_dir.join("checkpoint-2");
     assert!(ckpt.join("adapter_model.safetensors").exists());
 
@@ -70,9 +87,8 @@ fn every_command_runs_on_a_llava_next_directory() {
     assert!(e["loss"].as_f64().unwrap().is_finite() && e["label_tokens"].as_u64().unwrap() > 0, "{e}");
 
     // generate: the blog's prompt through the model's template; greedy = transformers.
-    let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/llava_next/model/generate.json")).unwrap()).unwrap();
-    let image = root().join("tests/fixtures/llava_next/model").join(want["image"].as_str().unwrap());
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("generate.json")).unwrap()).unwrap();
+    let image = fixtures.join(want["image"].as_str().unwrap());
     let out = run(vsft().arg("generate").arg("--model").arg(&model).arg("--image").arg(&image).args(["--prompt", "What is shown in this image?", "--max-new-tokens", "12"]));
     let tokenizer = vsft_data::template::load_tokenizer(&model.join("tokenizer.json")).unwrap();
     let tokens: Vec<u32> = want["new_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -83,19 +99,22 @@ fn every_command_runs_on_a_llava_next_directory() {
     let adapter = dir.join("adapter");
     run(vsft().arg("export").arg("--checkpoint").arg(&ckpt).arg("--out").arg(&adapter));
     let ours = read_tensor_file(&adapter.join("adapter_model.safetensors")).unwrap();
-    let peft = read_tensor_file(&root().join("tests/fixtures/llava_next/model/lora_final/adapter_model.safetensors")).unwrap();
+    let peft = read_tensor_file(&fixtures.join("lora_final/adapter_model.safetensors")).unwrap();
     assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>());
     let card = std::fs::read_to_string(adapter.join("README.md")).unwrap();
-    assert!(card.contains("LlavaNextForConditionalGeneration") && card.contains("- llava_next"), "{card}");
+    let class = vsft_model::Family::from_model_type(family).unwrap().architecture();
+    assert!(card.contains(class) && card.contains(&format!("- {family}")), "{card}");
 
     // export --merge: the Hub's legacy layout; its logits equal base + adapter's (transformers'
     // batch layout in, tiles padded, image_sizes).
     let merged = dir.join("merged");
     run(vsft().arg("export").arg("--merge").arg("--checkpoint").arg(&ckpt).arg("--out").arg(&merged));
+    // The Hub layout of the family: the base model's own tensor names.
     let names = read_tensor_file(&merged.join("model.safetensors")).unwrap();
-    assert!(names.keys().all(|n| n == "image_newline" || n.starts_with("language_model.") || n.starts_with("vision_tower.vision_model.") || n.starts_with("multi_modal_projector.")));
+    let base_names = read_tensor_file(&model.join(if model.join("model.safetensors").exists() { "model.safetensors" } else { "model-00002-of-00002.safetensors" })).unwrap();
+    assert!(base_names.keys().all(|k| names.contains_key(k)), "the merged model uses the base model's tensor names");
     assert!(merged.join("preprocessor_config.json").exists() && merged.join("chat_template.json").exists());
-    let inputs = root().join("tests/fixtures/llava_next/model/inputs.safetensors");
+    let inputs = fixtures.join("inputs.safetensors");
     let logits_of = |model_dir: &Path, adapter: Option<&Path>, out: &Path| {
         let mut c = vsft();
         c.arg("logits").arg("--model").arg(model_dir).arg("--inputs").arg(&inputs).arg("--out").arg(out);
@@ -118,10 +137,10 @@ fn every_command_runs_on_a_llava_next_directory() {
     let out = run(vsft()
         .arg("push")
         .arg(&adapter)
-        .args(["--repo", "me/llava-next-lora"])
+        .args(["--repo", &format!("me/{family}-lora")])
         .env("HF_ENDPOINT", server.endpoint())
         .env("HF_TOKEN", server.token())
         .env("HF_HOME", dir.join("hf-home")));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("me/llava-next-lora"));
-    assert!(server.head(vsft_hub::RepoType::Model, "me/llava-next-lora", "main").is_some());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("me/{family}-lora")));
+    assert!(server.head(vsft_hub::RepoType::Model, &format!("me/{family}-lora"), "main").is_some());
 }
