@@ -14,7 +14,8 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
 
 def main():
@@ -35,20 +36,25 @@ def main():
     dev = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
     cfg = AutoConfig.from_pretrained(a.model)
-    # LLaVA-1.5, or LLaVA-NeXT with one 4:3 photo per row (640×480 at 336-px tiles: the 2×2 grid
-    # plus the base tile, 5 tiles), as `vsft bench train` lays out the same step.
+    # LLaVA-1.5, LLaVA-NeXT with one 4:3 photo per row (640×480 at 336-px tiles: the 2×2 grid
+    # plus the base tile, 5 tiles), or Qwen2-VL with one 640×480 photo at native resolution
+    # (476×644: 34×46 patches, 391 tokens), as `vsft bench train` lays out the same step.
     next_family = cfg.model_type == "llava_next"
-    cls = LlavaNextForConditionalGeneration if next_family else LlavaForConditionalGeneration
+    qwen = cfg.model_type in ("qwen2_vl", "qwen2_5_vl")
+    cls = {"llava_next": LlavaNextForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
+           "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}.get(cfg.model_type, LlavaForConditionalGeneration)
     model = cls.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").to(dev)
     cfg = model.config
     if a.stage == "instruct":
         lcfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
                           target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
                           modules_to_save=["multi_modal_projector"])
+        if qwen:
+            lcfg.modules_to_save = ["visual.merger"]
         model = get_peft_model(model, lcfg)
     else:
         for n, p in model.named_parameters():
-            p.requires_grad_("multi_modal_projector" in n)
+            p.requires_grad_("multi_modal_projector" in n or "visual.merger" in n)
     # Trainable parameters in f32 (LoRA and projector), frozen ones in `dtype`.
     for p in model.parameters():
         if p.requires_grad:
@@ -57,9 +63,14 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    s = cfg.vision_config.image_size
+    s = getattr(cfg.vision_config, "image_size", 0)
     extra = {}
-    if next_family:
+    if qwen:
+        gh, gw = 34, 46  # smart_resize(480, 640) = 476 × 644
+        per_image = gh * gw // 4
+        pix = torch.randn((a.batch_size * gh * gw, 1176), generator=g).to(dev, dtype)
+        extra["image_grid_thw"] = torch.tensor([[1, gh, gw]] * a.batch_size).to(dev)
+    elif next_family:
         sizes = torch.tensor([[480 * s // 336, 640 * s // 336]] * a.batch_size)
         pix = torch.randn((a.batch_size, 5, 3, s, s), generator=g).to(dev, dtype)
         with torch.no_grad():
@@ -69,13 +80,19 @@ def main():
         per_image = cfg.image_seq_length
         pix = torch.randn((a.batch_size, 3, s, s), generator=g).to(dev, dtype)
     ids = torch.randint(3, 32000, (a.batch_size, a.seq_len), generator=g)
-    ids[:, 0] = 1
-    ids[:, 1:1 + per_image] = cfg.image_token_index
+    if qwen:
+        ids[:, 0] = cfg.vision_start_token_id
+        ids[:, 1:1 + per_image] = cfg.image_token_id
+        ids[:, 1 + per_image] = cfg.vision_end_token_id
+        extra["mm_token_type_ids"] = (ids == cfg.image_token_id).long().to(dev)
+    else:
+        ids[:, 0] = 1
+        ids[:, 1:1 + per_image] = cfg.image_token_index
     ids = ids.to(dev)
     mask = torch.ones_like(ids)
     labels = ids.clone()
     if not a.label_all:
-        labels[ids == cfg.image_token_index] = -100
+        labels[ids == (cfg.image_token_id if qwen else cfg.image_token_index)] = -100
     times = []
     for step in range(a.steps + 1):
         t = time.perf_counter()
