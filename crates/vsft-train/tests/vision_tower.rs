@@ -93,3 +93,32 @@ fn a_trained_tower_learns_and_checkpointing_gives_the_plain_steps() {
     assert!(worst <= 1e-3, "checkpointing changes the update by {worst} of its size");
     assert!(tower_moved >= 20, "only {tower_moved} vision tower tensors trained");
 }
+
+/// The same on Qwen2.5-VL, whose tower is a stack of windowed and full-attention blocks: with
+/// the tower trained in full, checkpointing re-runs each block and gives the plain steps.
+#[test]
+fn qwen_tower_checkpointing_gives_the_plain_steps() {
+    let dir = fixtures().join("qwen_vl/model/qwen2_5_vl");
+    let batches = read_tensor_file(&dir.join("lora_batches.safetensors")).unwrap();
+    let run = |checkpointing: bool| {
+        let mut model = VlmModel::<Train>::load(&dir.join("hub"), &Default::default()).unwrap();
+        model.add_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..Default::default() }, 1).unwrap();
+        let image_token = model.as_dyn().image_token_id();
+        let mut tr = Trainer::new(model, TrainParts { stage: Stage::Instruct, vision_tower: true }, settings()).unwrap();
+        tr.gradient_checkpointing = checkpointing;
+        assert!(tr.tower_trains_in_full());
+        let losses: Vec<f64> = (0..2).map(|step| tr.step(&[common::qwen_batch(&batches, &format!("batch{step}."), image_token, 2)], 1e-3, step, false).unwrap().unwrap().loss).collect();
+        (losses, tr.trainable_values())
+    };
+    let (plain, plain_after) = run(false);
+    let (ckpt, ckpt_after) = run(true);
+    println!("qwen2_5_vl losses plain {plain:?} checkpointed {ckpt:?}");
+    assert_eq!(plain, ckpt);
+    let tower = plain_after.keys().filter(|k| k.starts_with("visual.blocks.")).count();
+    assert!(tower > 10, "{tower} tower tensors train");
+    for (name, p) in &plain_after {
+        let a: Vec<f32> = p.clone().into_data().convert::<f32>().into_vec().unwrap();
+        let b: Vec<f32> = ckpt_after[name].clone().into_data().convert::<f32>().into_vec().unwrap();
+        assert_eq!(a, b, "{name} differs with checkpointing");
+    }
+}
