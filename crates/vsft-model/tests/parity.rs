@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use vsft_model::loss::causal_lm_loss;
@@ -13,7 +13,10 @@ use vsft_model::weights::{read_tensor_file, RawTensor};
 use vsft_model::{HfImages, StoredDtype, VlmModel};
 
 type Cpu = Flex;
-type Train = Autodiff<Flex>;
+type Train = common::Train;
+
+mod common;
+use common::{max_abs_diff, rel_diff, values};
 
 const CONFIGS: [&str; 2] = ["tiny-llava-mha", "tiny-llava-gqa"];
 
@@ -39,20 +42,6 @@ fn inputs<B: Backend>(r: &BTreeMap<String, RawTensor>) -> Inputs<B> {
         Tensor::<B, 2, Int>::from_data(TensorData::new(t.to_i64().unwrap(), [t.shape[0], t.shape[1]]), &dev)
     };
     Inputs { input_ids: int("input_ids"), attention_mask: int("attention_mask"), labels: int("labels"), pixel_values: r["pixel_values"].clone() }
-}
-
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "sizes differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().map(|x| x.abs()).fold(0.0, f32::max);
-    max_abs_diff(a, b) / scale.max(1e-12)
 }
 
 fn images<B: Backend>(model: &VlmModel<B>, x: &Inputs<B>) -> HfImages {

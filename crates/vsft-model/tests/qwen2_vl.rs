@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use vsft_model::generate::GenerateOptions;
@@ -16,7 +16,10 @@ use vsft_model::weights::{read_tensor_file, RawTensor};
 use vsft_model::{Positions, VlmModel};
 
 type Cpu = Flex;
-type Train = Autodiff<Flex>;
+type Train = common::Train;
+
+mod common;
+use common::{max_abs_diff, param_grads, rel_diff, values};
 
 const MODELS: [&str; 2] = ["qwen2_vl", "qwen2_5_vl"];
 
@@ -26,19 +29,6 @@ fn fixture(model: &str) -> PathBuf {
 
 fn tensors(model: &str, file: &str) -> BTreeMap<String, RawTensor> {
     read_tensor_file(&fixture(model).join(file)).expect("fixture (run scripts/make_qwen_vl_model_fixtures.py)")
-}
-
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "sizes differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    max_abs_diff(a, b) / b.iter().map(|x| x.abs()).fold(0.0, f32::max).max(1e-12)
 }
 
 /// The batch (`prefix` "" or "left.") as tensors, with the model's images and positions.
@@ -154,29 +144,6 @@ fn merger_and_tower_gradients_match_torch_autograd() {
             assert!(checked >= if tower_trains { 20 } else { 4 }, "{name} {prefix}: only {checked} compared");
         }
     }
-}
-
-/// Every parameter's gradient (flattened) by tensor name.
-fn param_grads(model: &VlmModel<Train>, grads: &<Train as burn::tensor::backend::AutodiffBackend>::Gradients) -> Vec<(String, Option<Vec<f32>>)> {
-    struct Grads<'a> {
-        path: vsft_model::weights::ModulePath,
-        grads: &'a <Train as burn::tensor::backend::AutodiffBackend>::Gradients,
-        out: Vec<(String, Option<Vec<f32>>)>,
-    }
-    impl burn::module::ModuleVisitor<Train> for Grads<'_> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.enter(name, container_type);
-        }
-        fn exit_module(&mut self, _: &str, container_type: &str) {
-            self.path.exit(container_type);
-        }
-        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<Train, D>>) {
-            self.out.push((self.path.join(), param.val().grad(self.grads).map(values)));
-        }
-    }
-    let mut v = Grads { path: Default::default(), grads, out: Vec::new() };
-    burn::module::Module::visit(model, &mut v);
-    v.out
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -21,7 +21,10 @@ use vsft_model::qwen_vision::{expected_tensors, vision_inv_freq, QwenVisionConfi
 use vsft_model::weights::{read_tensor_file, Builder, Init, ModulePath, RawTensor, TensorProvider};
 
 type Cpu = Flex;
-type Train = Autodiff<Flex>;
+type Train = common::Train;
+
+mod common;
+use common::{max_abs_diff, rel_diff, values};
 
 /// The tests switch the fused kernels off and on (a process-wide setting): one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -32,20 +35,6 @@ fn fixture(model: &str) -> PathBuf {
 
 fn tensors(model: &str, file: &str) -> BTreeMap<String, RawTensor> {
     read_tensor_file(&fixture(model).join(file)).expect("fixture (run scripts/make_qwen_vl_model_fixtures.py)")
-}
-
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "sizes differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-/// Max abs difference relative to the largest reference value.
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    max_abs_diff(a, b) / b.iter().map(|x| x.abs()).fold(0.0, f32::max).max(1e-12)
 }
 
 /// Serves `visual.*` tensors of a Hub-layout checkpoint by name, optionally with one element

@@ -7,7 +7,6 @@
 use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use vsft_model::weights::read_tensor_file;
 use vsft_model::{LlavaNextConfig, VlmModel};
 use vsft_train::optim::AdamWConfig;
@@ -17,24 +16,10 @@ use vsft_train::{Stage, Trainer};
 type Train = Autodiff<Flex>;
 
 mod common;
-use common::{fixtures, llava_next_batch};
+use common::{fixtures, llava_next_batch, mean_loss};
 
 fn dir() -> std::path::PathBuf {
     fixtures().join("llava_next/model")
-}
-
-/// The mean loss of a model on the fixture's `inputs.safetensors`.
-fn mean_loss(model: &VlmModel<Flex>, cfg: &LlavaNextConfig) -> f64 {
-    let t = read_tensor_file(&dir().join("inputs.safetensors")).unwrap();
-    let b = llava_next_batch(&t, "", cfg);
-    let dev = Default::default();
-    let shape = [b.batch_size, b.seq_len];
-    let int = |v: &Vec<i64>| Tensor::<Flex, 2, Int>::from_data(TensorData::new(v.clone(), shape), &dev);
-    let infos = vsft_train::trainer::image_infos(&b.images);
-    let m = model.as_dyn();
-    let feats = m.image_features(&vsft_train::trainer::image_inputs(&b.images, &infos)).unwrap();
-    let loss = m.loss_with_features(int(&b.input_ids), int(&b.attention_mask), Some(feats), &b.labels, &Default::default()).unwrap();
-    loss.sum.into_scalar().elem::<f64>() / loss.label_tokens as f64
 }
 
 #[test]
@@ -81,7 +66,8 @@ fn six_lora_steps_match_peft_and_the_adapter_round_trips() {
     let peft = read_tensor_file(&dir().join("lora_final/adapter_model.safetensors")).unwrap();
     assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>(), "adapter keys differ from PEFT's");
     let (reloaded, _) = VlmModel::<Flex>::load(&dir().join("legacy"), &Default::default()).unwrap().load_adapter(&out).unwrap();
-    let ours_loss = mean_loss(&reloaded, &cfg);
+    let inputs = read_tensor_file(&dir().join("inputs.safetensors")).unwrap();
+    let ours_loss = mean_loss(&reloaded, &llava_next_batch(&inputs, "", &cfg));
     let want = r["final_loss_on_inputs"].as_f64().unwrap();
     let rel = (ours_loss - want).abs() / want;
     println!("final adapter: loss {ours_loss:.6} vs PEFT {want:.6} (rel {rel:.2e})");

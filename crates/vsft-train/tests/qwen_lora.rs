@@ -7,31 +7,16 @@
 use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use vsft_model::weights::read_tensor_file;
-use vsft_model::{VisionLanguageModel, VlmModel};
+use vsft_model::VlmModel;
 use vsft_train::optim::AdamWConfig;
-use vsft_train::trainer::{batch_positions, image_infos, image_inputs, OptimSettings};
+use vsft_train::trainer::OptimSettings;
 use vsft_train::{Stage, Trainer};
 
 type Train = Autodiff<Flex>;
 
 mod common;
-use common::{fixtures, qwen_batch};
-
-fn mean_loss(model: &VlmModel<Flex>, dir: &Path) -> f64 {
-    let t = read_tensor_file(&dir.join("inputs.safetensors")).unwrap();
-    let b = qwen_batch(&t, "", model.as_dyn().image_token_id(), 2);
-    let dev = Default::default();
-    let shape = [b.batch_size, b.seq_len];
-    let int = |v: &Vec<i64>| Tensor::<Flex, 2, Int>::from_data(TensorData::new(v.clone(), shape), &dev);
-    let infos = image_infos(&b.images);
-    let m = model.as_dyn();
-    let feats = m.image_features(&image_inputs(&b.images, &infos)).unwrap();
-    let positions = batch_positions(m, &b).unwrap();
-    let loss = m.loss_with_features(int(&b.input_ids), int(&b.attention_mask), Some(feats), &b.labels, &positions).unwrap();
-    loss.sum.into_scalar().elem::<f64>() / loss.label_tokens as f64
-}
+use common::{fixtures, mean_loss, qwen_batch};
 
 #[test]
 fn six_lora_steps_match_peft_and_the_adapter_round_trips() {
@@ -87,7 +72,8 @@ fn six_lora_steps_match_peft_and_the_adapter_round_trips() {
         let peft = read_tensor_file(&dir.join("lora_final/adapter_model.safetensors")).unwrap();
         assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>(), "{name}: adapter keys differ from PEFT's");
         let (reloaded, _) = VlmModel::<Flex>::load(&dir.join("hub"), &Default::default()).unwrap().load_adapter(&out).unwrap();
-        let got = mean_loss(&reloaded, &dir);
+        let inputs = read_tensor_file(&dir.join("inputs.safetensors")).unwrap();
+        let got = mean_loss(&reloaded, &qwen_batch(&inputs, "", reloaded.as_dyn().image_token_id(), 2));
         let want = r["final_loss_on_inputs"].as_f64().unwrap();
         let rel = (got - want).abs() / want;
         println!("{name} final adapter: loss {got:.6} vs PEFT {want:.6} (rel {rel:.2e})");

@@ -3,25 +3,13 @@
 //! that vsft loads with the adapter's logits, pushes to the Hub test server and pulls back byte
 //! for byte into the Hugging Face cache layout.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use vsft_hub::testserver::{TestServer, TestServerConfig};
 use vsft_model::weights::read_tensor_file;
 
-fn vsft() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vsft"))
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
-    out
-}
+mod common;
+use common::{vsft, root, run};
 
 #[test]
 fn export_merge_push_pull() {

@@ -106,3 +106,19 @@ pub fn qwen_batch(t: &std::collections::BTreeMap<String, RawTensor>, prefix: &st
         all_labels_masked: n_label_tokens == 0,
     }
 }
+
+/// The mean loss of a model on a batch (images, positions and all), without a graph.
+#[allow(dead_code)]
+pub fn mean_loss(model: &vsft_model::VlmModel<burn::backend::Flex>, b: &Batch) -> f64 {
+    use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+    use vsft_train::trainer::{batch_positions, image_infos, image_inputs};
+    let dev = Default::default();
+    let shape = [b.batch_size, b.seq_len];
+    let int = |v: &Vec<i64>| Tensor::<burn::backend::Flex, 2, Int>::from_data(TensorData::new(v.clone(), shape), &dev);
+    let m = model.as_dyn();
+    let infos = image_infos(&b.images);
+    let feats = m.image_features(&image_inputs(&b.images, &infos)).unwrap();
+    let positions = batch_positions(m, b).unwrap();
+    let loss = m.loss_with_features(int(&b.input_ids), int(&b.attention_mask), Some(feats), &b.labels, &positions).unwrap();
+    loss.sum.into_scalar().elem::<f64>() / loss.label_tokens as f64
+}
