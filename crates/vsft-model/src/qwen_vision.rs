@@ -407,6 +407,13 @@ pub struct VisionContext<B: Backend> {
     /// (Qwen2.5-VL: window order).
     pub cos: Tensor<B, 2>,
     pub sin: Tensor<B, 2>,
+    /// The same tables repeated for every head, `[n_patches·heads, head_dim]`, and the signed
+    /// half-swap `rotate_half` as a `[head_dim, head_dim]` matrix: rotating q and k is then two
+    /// products over contiguous rows and one small GEMM (slicing and concatenating halves of
+    /// strided rows cost more than the attention's own GEMMs).
+    head_cos: Tensor<B, 2>,
+    head_sin: Tensor<B, 2>,
+    rotate_half: Tensor<B, 2>,
     /// Attention segment lengths of full-attention blocks (each frame of each image).
     pub full_segments: Vec<usize>,
     /// Attention segment lengths of windowed blocks (Qwen2.5-VL; = `full_segments` for Qwen2-VL).
@@ -650,10 +657,24 @@ impl<B: Backend> QwenVisionTower<B> {
             v.iter().enumerate().for_each(|(i, &p)| inv[p] = i);
             inv
         };
+        let heads = self.blocks.first().map_or(1, |b| b.attn.num_heads);
+        let per_head = |v: &[f32]| {
+            let rows: Vec<f32> = v.chunks(hd).flat_map(|row| std::iter::repeat_n(row, heads).flatten().copied()).collect();
+            Tensor::<B, 2>::from_data(TensorData::new(rows, [n_patches * heads, hd]), (device, DType::F32))
+        };
+        let half = hd / 2;
+        let mut swap = vec![0f32; hd * hd];
+        for i in 0..half {
+            swap[(i + half) * hd + i] = -1.0; // out[i] = -x[i + half]
+            swap[i * hd + i + half] = 1.0; // out[i + half] = x[i]
+        }
         Ok(VisionContext {
             grids: grids.to_vec(),
             n_patches,
             tokens_per_image,
+            head_cos: per_head(&cos),
+            head_sin: per_head(&sin),
+            rotate_half: Tensor::from_data(TensorData::new(swap, [hd, hd]), (device, DType::F32)),
             cos: table(cos),
             sin: table(sin),
             full_segments,
@@ -747,15 +768,12 @@ impl<B: Backend> VisionBlock<B> {
     }
 }
 
-/// `q·cos + rotate_half(q)·sin` over `[n, heads, hd]`, in f32 (`apply_rotary_pos_emb_vision`).
-fn rotate<B: Backend>(x: Tensor<B, 2>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>, heads: usize) -> Tensor<B, 2> {
+/// `q·cos + rotate_half(q)·sin` over `[n, heads·hd]`, in f32 (`apply_rotary_pos_emb_vision`).
+fn rotate<B: Backend>(x: Tensor<B, 2>, ctx: &VisionContext<B>, heads: usize) -> Tensor<B, 2> {
     let act = x.dtype();
     let [n, e] = x.dims();
-    let hd = e / heads;
-    let x = in_dtype(x, DType::F32).reshape([n, heads, hd]);
-    let half = hd / 2;
-    let rotated = Tensor::cat(vec![x.clone().narrow(2, half, half).neg(), x.clone().narrow(2, 0, half)], 2);
-    let y = x * cos.clone() + rotated * sin.clone();
+    let x = in_dtype(x, DType::F32).reshape([n * heads, e / heads]);
+    let y = x.clone() * ctx.head_cos.clone() + x.matmul(ctx.rotate_half.clone()) * ctx.head_sin.clone();
     in_dtype(y.reshape([n, e]), act)
 }
 
@@ -767,10 +785,8 @@ impl<B: Backend> VisionAttention<B> {
         let heads = self.num_heads;
         let hd = e / heads;
         let qkv = self.qkv.forward(x);
-        let cos = ctx.cos.clone().unsqueeze_dim::<3>(1);
-        let sin = ctx.sin.clone().unsqueeze_dim::<3>(1);
-        let q = rotate(qkv.clone().narrow(1, 0, e), &cos, &sin, heads);
-        let k = rotate(qkv.clone().narrow(1, e, e), &cos, &sin, heads);
+        let q = rotate(qkv.clone().narrow(1, 0, e), ctx, heads);
+        let k = rotate(qkv.clone().narrow(1, e, e), ctx, heads);
         let v = qkv.narrow(1, 2 * e, e);
         // Runs of equal-length consecutive segments: (first row, length, count).
         let mut runs: Vec<(usize, usize, usize)> = Vec::new();
