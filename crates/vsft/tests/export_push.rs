@@ -95,15 +95,7 @@ fn export_merge_push_pull() {
     tensors.insert("pixel_values".to_string(), (vec![1, 3, 84, 84], pix.iter().flat_map(|v| v.to_le_bytes()).collect(), "F32"));
     let input_file = dir.join("inputs.safetensors");
     write_raw_safetensors(&input_file, &tensors);
-    let logits_of = |model_dir: &Path, adapter: Option<&Path>, out: &Path| {
-        let mut c = vsft();
-        c.arg("logits").arg("--model").arg(model_dir).arg("--inputs").arg(&input_file).arg("--out").arg(out);
-        if let Some(a) = adapter {
-            c.arg("--adapter").arg(a);
-        }
-        run(&mut c);
-        read_tensor_file(out).unwrap()["logits"].to_f32().unwrap()
-    };
+    let logits_of = |model_dir: &Path, adapter: Option<&Path>, out: &Path| common::logits_of(model_dir, adapter, &input_file, out);
     let with_adapter = logits_of(&model, Some(&adapter), &dir.join("l1.safetensors"));
     let merged_logits = logits_of(&merged, None, &dir.join("l2.safetensors"));
     let base_logits = logits_of(&model, None, &dir.join("l3.safetensors"));

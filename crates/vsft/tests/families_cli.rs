@@ -103,15 +103,7 @@ fn every_command_runs(family: &str, model: &Path, data: &Path, fixtures: &Path, 
     assert!(base_names.keys().all(|k| names.contains_key(k)), "the merged model uses the base model's tensor names");
     assert!(merged.join("preprocessor_config.json").exists() && merged.join("chat_template.json").exists());
     let inputs = fixtures.join("inputs.safetensors");
-    let logits_of = |model_dir: &Path, adapter: Option<&Path>, out: &Path| {
-        let mut c = vsft();
-        c.arg("logits").arg("--model").arg(model_dir).arg("--inputs").arg(&inputs).arg("--out").arg(out);
-        if let Some(a) = adapter {
-            c.arg("--adapter").arg(a);
-        }
-        run(&mut c);
-        read_tensor_file(out).unwrap()["logits"].to_f32().unwrap()
-    };
+    let logits_of = |model_dir: &Path, adapter: Option<&Path>, out: &Path| common::logits_of(model_dir, adapter, &inputs, out);
     let with_adapter = logits_of(&model, Some(&adapter), &dir.join("l1.safetensors"));
     let merged_logits = logits_of(&merged, None, &dir.join("l2.safetensors"));
     let base = logits_of(&model, None, &dir.join("l3.safetensors"));

@@ -19,3 +19,14 @@ pub fn run(cmd: &mut Command) -> std::process::Output {
     assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
     out
 }
+
+/// `vsft logits` of a model (with an adapter) on an inputs file, read back.
+pub fn logits_of(model_dir: &Path, adapter: Option<&Path>, inputs: &Path, out: &Path) -> Vec<f32> {
+    let mut c = vsft();
+    c.arg("logits").arg("--model").arg(model_dir).arg("--inputs").arg(inputs).arg("--out").arg(out);
+    if let Some(a) = adapter {
+        c.arg("--adapter").arg(a);
+    }
+    run(&mut c);
+    vsft_model::weights::read_tensor_file(out).unwrap()["logits"].to_f32().unwrap()
+}
