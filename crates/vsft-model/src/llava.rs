@@ -93,6 +93,13 @@ pub fn select_tokens<B: Backend>(cfg: &LlavaConfig, x: Tensor<B, 3>) -> Tensor<B
     }
 }
 
+/// The linears of a LLaVA-style model under PEFT's names: the decoder's, then the tower's.
+pub fn llava_linears<'a, B: Backend>(lm: &'a mut LlamaForCausalLM<B>, tower: &'a mut ClipVisionTower<B>) -> Vec<(String, &'a mut Linear<B>)> {
+    let mut out = lm.linears_mut();
+    out.extend(tower.linears_mut("model.vision_tower"));
+    out
+}
+
 /// A CLIP tower as a stack for per-layer checkpointing ([`crate::family::TowerStack`]): one
 /// selected hidden state is the output of layer `index − 1` (several selected states are not a
 /// stack: their tower trains with a whole graph).
@@ -171,9 +178,7 @@ impl<B: Backend> VisionLanguageModel<B> for LlavaModel<B> {
         clip_stack(&self.vision_tower, &self.config)
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
-        let mut out = self.language_model.linears_mut();
-        out.extend(self.vision_tower.linears_mut("model.vision_tower"));
-        out
+        llava_linears(&mut self.language_model, &mut self.vision_tower)
     }
     fn config_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.config).expect("config serialises")

@@ -18,7 +18,7 @@ use crate::config::{LlavaConfig, SelectStrategy};
 use crate::error::ModelError;
 use crate::family::{Family, ImageInfo, ImageInputs, VisionLanguageModel};
 use crate::llama::LlamaForCausalLM;
-use crate::llava::{clip_features, clip_stack, open_checkpoint, LlavaParts, MultiModalProjector};
+use crate::llava::{clip_features, clip_stack, llava_linears, open_checkpoint, LlavaParts, MultiModalProjector};
 use crate::nn::Linear;
 use crate::weights::{Builder, Init, RandomInit, StoredDtype, TensorProvider};
 
@@ -229,9 +229,7 @@ impl<B: Backend> VisionLanguageModel<B> for LlavaNextModel<B> {
         clip_stack(&self.vision_tower, &self.config.base)
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
-        let mut out = self.language_model.linears_mut();
-        out.extend(self.vision_tower.linears_mut("model.vision_tower"));
-        out
+        llava_linears(&mut self.language_model, &mut self.vision_tower)
     }
     fn config_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.config).expect("config serialises")

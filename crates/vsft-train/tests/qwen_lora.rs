@@ -4,19 +4,13 @@
 //! three batches of real photographs cycled) give PEFT's losses and gradient norms; the adapter
 //! vsft writes has PEFT's keys and, loaded again, PEFT's final loss.
 
-use std::path::Path;
 
-use burn::backend::{Autodiff, Flex};
+
+
 use vsft_model::weights::read_tensor_file;
-use vsft_model::VlmModel;
-use vsft_train::optim::AdamWConfig;
-use vsft_train::trainer::OptimSettings;
-use vsft_train::{Stage, Trainer};
-
-type Train = Autodiff<Flex>;
 
 mod common;
-use common::{fixtures, mean_loss, qwen_batch};
+use common::{export_and_reload, fixtures, mean_loss, peft_trainer, qwen_batch, replay_steps};
 
 #[test]
 fn six_lora_steps_match_peft_and_the_adapter_round_trips() {
@@ -24,18 +18,7 @@ fn six_lora_steps_match_peft_and_the_adapter_round_trips() {
         let dir = fixtures().join("qwen_vl/model").join(name);
         let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
         let r = &reference["lora"];
-        let base = VlmModel::<Train>::load(&dir.join("hub"), &Default::default()).unwrap();
-        let (model, lora_cfg) = base.load_adapter(&dir.join("lora_init")).unwrap();
-        let settings = OptimSettings {
-            lr: r["lr"]["lora"].as_f64().unwrap(),
-            projector_lr: r["lr"]["merger"].as_f64(),
-            vision_lr: None,
-            weight_decay: r["weight_decay"].as_f64().unwrap(),
-            adam: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
-            max_grad_norm: r["max_grad_norm"].as_f64().unwrap(),
-            seed: 0,
-        };
-        let mut trainer = Trainer::new(model, Stage::Instruct, settings).unwrap();
+        let (mut trainer, lora_cfg) = peft_trainer(&dir.join("hub"), &dir, r, "merger");
         let peft_trainable = r["trainable_parameter_order"].as_array().unwrap().len();
         assert_eq!(trainer.trainable.len(), peft_trainable, "{name}: vsft trains what PEFT trains");
         // transformers' decay rule, group by group (a LayerNorm merger norm does not decay, an RMSNorm one does).
@@ -50,28 +33,8 @@ fn six_lora_steps_match_peft_and_the_adapter_round_trips() {
         }
         let batches = read_tensor_file(&dir.join("lora_batches.safetensors")).unwrap();
         let image_token = trainer.model.as_dyn().image_token_id();
-        let losses: Vec<f64> = r["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        let norms: Vec<f64> = r["grad_norms_preclip"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        let lr = r["lr"]["lora"].as_f64().unwrap();
-        for (step, (want, want_norm)) in losses.iter().zip(&norms).enumerate() {
-            let b = qwen_batch(&batches, &format!("batch{}.", step % 3), image_token, 2);
-            let stats = trainer.step(&[b], lr, step, false).unwrap().unwrap();
-            let (rel, rel_norm) = ((stats.loss - want).abs() / want, (stats.grad_norm - want_norm).abs() / want_norm);
-            println!("{name} step {step}: loss {:.6} vs {want:.6} (rel {rel:.2e}), grad norm rel {rel_norm:.2e}", stats.loss);
-            assert!(rel <= 1e-4, "{name} step {step}: loss differs by {rel}");
-            assert!(rel_norm <= 1e-4, "{name} step {step}: gradient norm differs by {rel_norm}");
-        }
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-adapter"));
-        let _ = std::fs::remove_dir_all(&out);
-        std::fs::create_dir_all(&out).unwrap();
-        trainer.model.save_adapter_weights(&out, &|_| false).unwrap();
-        let targeted: Vec<String> = trainer.trainable.keys().filter_map(|k| k.split_once(".lora.")).map(|(m, _)| m.replacen("language_model.model.", "model.language_model.", 1)).collect();
-        let parts = trainer.model.as_dyn().part_names();
-        std::fs::write(out.join("adapter_config.json"), lora_cfg.to_peft_json(&targeted, "base", parts, false).to_string()).unwrap();
-        let ours = read_tensor_file(&out.join("adapter_model.safetensors")).unwrap();
-        let peft = read_tensor_file(&dir.join("lora_final/adapter_model.safetensors")).unwrap();
-        assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>(), "{name}: adapter keys differ from PEFT's");
-        let (reloaded, _) = VlmModel::<Flex>::load(&dir.join("hub"), &Default::default()).unwrap().load_adapter(&out).unwrap();
+        replay_steps(&mut trainer, r, name, |step| qwen_batch(&batches, &format!("batch{}.", step % 3), image_token, 2));
+        let reloaded = export_and_reload(&trainer, &lora_cfg, &dir.join("hub"), &dir, &format!("{name}-adapter"));
         let inputs = read_tensor_file(&dir.join("inputs.safetensors")).unwrap();
         let got = mean_loss(&reloaded, &qwen_batch(&inputs, "", reloaded.as_dyn().image_token_id(), 2));
         let want = r["final_loss_on_inputs"].as_f64().unwrap();

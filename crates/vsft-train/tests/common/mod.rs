@@ -122,3 +122,61 @@ pub fn mean_loss(model: &vsft_model::VlmModel<burn::backend::Flex>, b: &Batch) -
     let loss = m.loss_with_features(int(&b.input_ids), int(&b.attention_mask), Some(feats), &b.labels, &positions).unwrap();
     loss.sum.into_scalar().elem::<f64>() / loss.label_tokens as f64
 }
+
+/// A PEFT reference run (the fixture's `reference.json` `lora` object) replayed by vsft: the
+/// trainer from the base model plus PEFT's initial adapter with the run's optimizer settings.
+#[allow(dead_code)]
+pub fn peft_trainer(base_dir: &Path, fixture: &Path, r: &serde_json::Value, projector_lr_key: &str) -> (vsft_train::Trainer<burn::backend::Autodiff<burn::backend::Flex>>, vsft_model::lora::LoraConfig) {
+    use vsft_train::optim::AdamWConfig;
+    use vsft_train::trainer::OptimSettings;
+    let base = vsft_model::VlmModel::load(base_dir, &Default::default()).unwrap();
+    let (model, lora_cfg) = base.load_adapter(&fixture.join("lora_init")).unwrap();
+    let settings = OptimSettings {
+        lr: r["lr"]["lora"].as_f64().unwrap(),
+        projector_lr: r["lr"][projector_lr_key].as_f64(),
+        vision_lr: None,
+        weight_decay: r["weight_decay"].as_f64().unwrap(),
+        adam: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        max_grad_norm: r["max_grad_norm"].as_f64().unwrap(),
+        seed: 0,
+    };
+    (vsft_train::Trainer::new(model, vsft_train::Stage::Instruct, settings).unwrap(), lora_cfg)
+}
+
+/// Steps the trainer through the reference run (`batch(step)`), each loss and pre-clip gradient
+/// norm within 1e-4 relative of PEFT's.
+#[allow(dead_code)]
+pub fn replay_steps(trainer: &mut vsft_train::Trainer<burn::backend::Autodiff<burn::backend::Flex>>, r: &serde_json::Value, what: &str, batch: impl Fn(usize) -> Batch) {
+    let floats = |k: &str| -> Vec<f64> { r[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect() };
+    let lr = r["lr"]["lora"].as_f64().unwrap();
+    for (step, (want, want_norm)) in floats("losses").iter().zip(&floats("grad_norms_preclip")).enumerate() {
+        let stats = trainer.step(&[batch(step)], lr, step, false).unwrap().unwrap();
+        let (rel, rel_norm) = ((stats.loss - want).abs() / want, (stats.grad_norm - want_norm).abs() / want_norm);
+        println!("{what} step {step}: loss {:.6} vs {want:.6} (rel {rel:.2e}), grad norm rel {rel_norm:.2e}", stats.loss);
+        assert!(rel <= 1e-4, "{what} step {step}: loss differs by {rel}");
+        assert!(rel_norm <= 1e-4, "{what} step {step}: gradient norm differs by {rel_norm}");
+    }
+}
+
+/// Writes the trainer's adapter as a checkpoint does (into `target/tmp/<name>`), checks its keys
+/// against PEFT's final adapter, and returns the base model with it loaded again.
+#[allow(dead_code)]
+pub fn export_and_reload(
+    trainer: &vsft_train::Trainer<burn::backend::Autodiff<burn::backend::Flex>>,
+    lora_cfg: &vsft_model::lora::LoraConfig,
+    base_dir: &Path,
+    fixture: &Path,
+    name: &str,
+) -> vsft_model::VlmModel<burn::backend::Flex> {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    trainer.model.save_adapter_weights(&out, &|_| false).unwrap();
+    let targeted: Vec<String> = trainer.trainable.keys().filter_map(|k| k.split_once(".lora.")).map(|(m, _)| m.replacen("language_model.model.", "model.language_model.", 1)).collect();
+    let parts = trainer.model.as_dyn().part_names();
+    std::fs::write(out.join("adapter_config.json"), lora_cfg.to_peft_json(&targeted, "base", parts, false).to_string()).unwrap();
+    let ours = vsft_model::weights::read_tensor_file(&out.join("adapter_model.safetensors")).unwrap();
+    let peft = vsft_model::weights::read_tensor_file(&fixture.join("lora_final/adapter_model.safetensors")).unwrap();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>(), "{name}: adapter keys differ from PEFT's");
+    vsft_model::VlmModel::load(base_dir, &Default::default()).unwrap().load_adapter(&out).unwrap().0
+}
