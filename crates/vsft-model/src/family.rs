@@ -430,8 +430,7 @@ impl<B: Backend> VlmModel<B> {
                 VlmModel::Llava(LlavaModel::random(&cfg, seed, device))
             }
             Family::LlavaNext => {
-                let cfg: crate::LlavaNextConfig = crate::config::from_json(config.clone())?;
-                cfg.validate()?;
+                let cfg = crate::LlavaNextConfig::from_value(config.clone())?;
                 fits(cfg.parameter_count())?;
                 VlmModel::LlavaNext(LlavaNextModel::random(&cfg, seed, device))
             }

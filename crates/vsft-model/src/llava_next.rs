@@ -11,6 +11,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use vsft_data::family::llava_next::{py_int_round7, select_best_resolution};
 
 use crate::clip::ClipVisionTower;
@@ -44,8 +45,16 @@ fn default_pinpoints() -> Vec<[usize; 2]> {
 
 impl LlavaNextConfig {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let cfg: Self = from_json(read_json_file(path)?).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
-        cfg.validate().map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
+        Self::from_value(read_json_file(path)?).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })
+    }
+
+    /// Parses and validates a `config.json` value.
+    pub fn from_value(value: Value) -> Result<Self, String> {
+        // LLaVA's keys are parsed on their own first: through `flatten` a bad value's error
+        // would lose its key (`text_config.vocab_size`).
+        from_json::<LlavaConfig>(value.clone())?;
+        let cfg: Self = from_json(value)?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
