@@ -478,6 +478,7 @@ impl ImageTokenSpec {
         let mut seq: Option<usize> = None;
         let pc = dir.join("processor_config.json");
         let mut patch: Option<usize> = None;
+        let mut patch_source = pc.clone();
         let mut extra = 0usize;
         let mut strategy = String::new();
         if pc.exists() {
@@ -499,6 +500,7 @@ impl ImageTokenSpec {
                 seq = v.get("image_seq_length").and_then(|x| x.as_u64()).map(|x| x as usize);
                 if seq.is_none() {
                     patch = v.pointer("/vision_config/patch_size").and_then(|x| x.as_u64()).map(|x| x as usize);
+                    patch_source = cfg.clone();
                     if patch.is_some() {
                         extra = 1; // CLIP's CLS token
                         strategy = v.get("vision_feature_select_strategy").and_then(|x| x.as_str()).unwrap_or("default").to_string();
@@ -513,11 +515,13 @@ impl ImageTokenSpec {
                     path: pc.clone(),
                     msg: "patch_size given but the image processor has no fixed output size".into(),
                 })?;
-                let mut n = (h / p) * (w / p) + extra;
-                if strategy == "default" {
-                    n -= 1;
-                }
-                n
+                // A patch size of 0, or one larger than the image, gives no tokens: refused, not divided by.
+                let patches = h.checked_div(p).unwrap_or(0) * w.checked_div(p).unwrap_or(0);
+                let n = (patches + extra).checked_sub(usize::from(strategy == "default")).filter(|&n| n > 0);
+                n.ok_or_else(|| DataError::Config {
+                    path: patch_source,
+                    msg: format!("`patch_size` must be a positive integer at most the image's {h}×{w}, found {p}"),
+                })?
             }
             (None, None) => 1,
         };

@@ -2,8 +2,11 @@
 //! `LlavaConfig`, `LlamaConfig` and `CLIPVisionConfig` apply when a key is absent
 //! (llava-hf/llava-1.5-7b-hf ships a partial `text_config`).
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::io::Read;
+use std::ops::{Add, Mul};
 use std::path::Path;
 
 use crate::error::ModelError;
@@ -34,6 +37,113 @@ pub enum SelectStrategy {
     Full,
 }
 
+/// The most a JSON file of a model directory may hold (`config.json`, the shard index,
+/// `adapter_config.json`): a larger one, or `/dev/zero`, is refused rather than read whole.
+pub const MAX_JSON_BYTES: u64 = 16 << 20;
+
+/// Reads and parses a JSON file of a model directory, at most [`MAX_JSON_BYTES`] of it.
+pub fn read_json_file(path: &Path) -> Result<Value, ModelError> {
+    let bad = |message: String| ModelError::Config { path: path.to_path_buf(), message };
+    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_JSON_BYTES + 1).read_to_end(&mut bytes).map_err(|e| ModelError::io(path, e))?;
+    if bytes.len() as u64 > MAX_JSON_BYTES {
+        return Err(bad(format!("more than {} MiB; a JSON file of a model directory may hold at most that", MAX_JSON_BYTES >> 20)));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))
+}
+
+/// A config value as `T`; a value of the wrong type is reported with its dotted key
+/// (`text_config.hidden_size: invalid value: integer `-1`, expected usize`).
+pub fn from_json<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let (key, inner) = (e.path().to_string(), e.inner().to_string());
+        match (key.as_str(), inner.strip_prefix('`')) {
+            (".", _) => inner,
+            // A nested `from_json` (a section completed with defaults first) already named its key.
+            (_, Some(nested)) => format!("`{key}.{nested}"),
+            _ => format!("`{key}`: {inner}"),
+        }
+    })
+}
+
+/// Checks of config values; each error names the dotted key, what is allowed and what was found.
+pub mod check {
+    pub fn positive(key: &str, value: usize) -> Result<(), String> {
+        if value == 0 {
+            return Err(format!("`{key}` must be a positive integer, found 0"));
+        }
+        Ok(())
+    }
+
+    /// A finite number above zero (epsilons, rotary bases).
+    pub fn positive_number(key: &str, value: f64) -> Result<(), String> {
+        if !(value.is_finite() && value > 0.0) {
+            return Err(format!("`{key}` must be a finite number > 0, found {value}"));
+        }
+        Ok(())
+    }
+
+    /// `value` (positive) divides `whole`.
+    pub fn divides(key: &str, value: usize, whole_key: &str, whole: usize) -> Result<(), String> {
+        positive(key, value)?;
+        if whole % value != 0 {
+            return Err(format!("`{key}` must divide `{whole_key}` ({whole}), found {value}"));
+        }
+        Ok(())
+    }
+
+    pub fn even(key: &str, value: usize) -> Result<(), String> {
+        positive(key, value)?;
+        if value % 2 != 0 {
+            return Err(format!("`{key}` must be even (rotary embedding halves), found {value}"));
+        }
+        Ok(())
+    }
+
+    /// A token id the embedding table has a row for.
+    pub fn token_id(key: &str, value: i64, vocab_key: &str, vocab: usize) -> Result<(), String> {
+        if value < 0 || value as u64 >= vocab as u64 {
+            return Err(format!("`{key}` must be a token id in 0..{vocab} (`{vocab_key}`), found {value}"));
+        }
+        Ok(())
+    }
+}
+
+/// A parameter count computed from config values with checked arithmetic (`None` once it
+/// overflows), so that absurd sizes are refused before anything is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Count(pub Option<u64>);
+
+impl Count {
+    pub fn of(n: usize) -> Self {
+        Count(Some(n as u64))
+    }
+    /// `n` when `condition` holds, else zero (optional biases, untied heads).
+    pub fn when(condition: bool, n: Count) -> Self {
+        if condition { n } else { Count::of(0) }
+    }
+}
+
+impl Add for Count {
+    type Output = Count;
+    fn add(self, other: Count) -> Count {
+        Count(self.0.zip(other.0).and_then(|(a, b)| a.checked_add(b)))
+    }
+}
+
+impl Mul for Count {
+    type Output = Count;
+    fn mul(self, other: Count) -> Count {
+        Count(self.0.zip(other.0).and_then(|(a, b)| a.checked_mul(b)))
+    }
+}
+
+/// Parameters of a `Linear` (`[d_out, d_in]`, optional bias).
+pub fn linear_count(d_in: Count, d_out: Count, bias: bool) -> Count {
+    d_in * d_out + Count::when(bias, d_out)
+}
+
 /// `vision_config` (transformers `CLIPVisionConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClipVisionConfig {
@@ -62,6 +172,46 @@ pub struct ClipVisionConfig {
     /// Keys we do not interpret, kept so that a saved config round-trips.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, Value>,
+}
+
+impl ClipVisionConfig {
+    /// Sizes the tower is built from; `prefix` is where the config sits (`vision_config.`).
+    pub fn validate_sizes(&self, prefix: &str) -> Result<(), String> {
+        let key = |name: &str| format!("{prefix}{name}");
+        for (name, value) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_channels", self.num_channels),
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+        ] {
+            check::positive(&key(name), value)?;
+        }
+        check::divides(&key("num_attention_heads"), self.num_attention_heads, &key("hidden_size"), self.hidden_size)?;
+        if self.patch_size > self.image_size {
+            return Err(format!(
+                "`{}` must be at most `{}` ({}), found {}",
+                key("patch_size"),
+                key("image_size"),
+                self.image_size,
+                self.patch_size
+            ));
+        }
+        check::positive_number(&key("layer_norm_eps"), self.layer_norm_eps)
+    }
+
+    /// Parameters of the tower ([`crate::clip::ClipVisionTower::new`]).
+    pub fn parameter_count(&self) -> Count {
+        let c = Count::of;
+        let (h, i) = (c(self.hidden_size), c(self.intermediate_size));
+        let side = c(self.image_size.checked_div(self.patch_size).unwrap_or(0));
+        let layer_norm = c(2) * h;
+        let patch = c(self.patch_size);
+        let embeddings = h + h * c(self.num_channels) * patch * patch + (side * side + c(1)) * h;
+        let layer = c(4) * linear_count(h, h, true) + linear_count(h, i, true) + linear_count(i, h, true) + c(2) * layer_norm;
+        embeddings + c(2) * layer_norm + c(self.num_hidden_layers) * layer
+    }
 }
 
 /// `text_config` (transformers `LlamaConfig`).
@@ -134,7 +284,7 @@ fn text_config_with_defaults<'de, D: serde::Deserializer<'de>>(d: D) -> Result<L
             }
         }
     }
-    serde_json::from_value(v).map_err(serde::de::Error::custom)
+    from_json(v).map_err(serde::de::Error::custom)
 }
 
 impl LlamaConfig {
@@ -150,7 +300,61 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0))
+    }
+
+    /// Sizes the decoder is built from; `prefix` is where they sit (`text_config.`, or nothing
+    /// in a flat Qwen2-VL config).
+    pub fn validate_sizes(&self, prefix: &str) -> Result<(), String> {
+        let key = |name: &str| format!("{prefix}{name}");
+        for (name, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            check::positive(&key(name), value)?;
+        }
+        check::divides(&key("num_key_value_heads"), self.num_kv_heads(), &key("num_attention_heads"), self.num_attention_heads)?;
+        match self.head_dim {
+            Some(d) => check::even(&key("head_dim"), d)?,
+            None => {
+                check::divides(&key("num_attention_heads"), self.num_attention_heads, &key("hidden_size"), self.hidden_size)?;
+                check::even(&format!("{} / {} (the head size)", key("hidden_size"), key("num_attention_heads")), self.head_dim())?;
+            }
+        }
+        check::positive_number(&key("rms_norm_eps"), self.rms_norm_eps)?;
+        for (name, rope) in [("rope_parameters", &self.rope_parameters), ("rope_scaling", &self.rope_scaling)] {
+            if let Some(theta) = rope.as_ref().and_then(|r| r.get("rope_theta")) {
+                let name = key(&format!("{name}.rope_theta"));
+                let theta = theta.as_f64().ok_or_else(|| format!("`{name}` must be a number, found {theta}"))?;
+                check::positive_number(&name, theta)?;
+            }
+        }
+        if let Some(theta) = self.rope_theta {
+            check::positive_number(&key("rope_theta"), theta)?;
+        }
+        if let Some(window) = self.sliding_window() {
+            check::positive(&key("sliding_window"), window)?;
+        }
+        Ok(())
+    }
+
+    /// Parameters of the decoder and its head ([`crate::llama::LlamaForCausalLM::new`]).
+    pub fn parameter_count(&self, tie_word_embeddings: bool) -> Count {
+        let c = Count::of;
+        let (h, i) = (c(self.hidden_size), c(self.intermediate_size));
+        let q = c(self.num_attention_heads) * c(self.head_dim());
+        let kv = c(self.num_kv_heads()) * c(self.head_dim());
+        let attention = linear_count(h, q, self.qkv_bias())
+            + c(2) * linear_count(h, kv, self.qkv_bias())
+            + linear_count(q, h, self.attention_bias);
+        let mlp = c(2) * linear_count(h, i, self.mlp_bias) + linear_count(i, h, self.mlp_bias);
+        let layer = attention + mlp + c(2) * h;
+        let embeddings = c(self.vocab_size) * h;
+        embeddings + c(self.num_hidden_layers) * layer + h + Count::when(!tie_word_embeddings, embeddings)
     }
     /// `rope_theta` from `rope_parameters` (transformers 5) or the legacy top-level key.
     pub fn rope_theta(&self) -> f64 {
@@ -169,9 +373,14 @@ impl LlamaConfig {
     /// `mrope_section` (multimodal RoPE: frequency slots taken from the t, h and w positions),
     /// from `rope_parameters` (transformers 5) or the Hub's `rope_scaling`.
     pub fn mrope_section(&self) -> Option<Vec<usize>> {
-        [&self.rope_parameters, &self.rope_scaling].into_iter().flatten().find_map(|v| {
-            v.get("mrope_section").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
-        })
+        self.mrope_entry()?.1.as_array().map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+    }
+
+    /// `mrope_section` as written, and the key that holds it (`rope_parameters` or `rope_scaling`).
+    pub fn mrope_entry(&self) -> Option<(&'static str, &Value)> {
+        [("rope_parameters", &self.rope_parameters), ("rope_scaling", &self.rope_scaling)]
+            .into_iter()
+            .find_map(|(key, rope)| rope.as_ref()?.get("mrope_section").map(|section| (key, section)))
     }
 
     pub fn rope_type(&self) -> Option<String> {
@@ -215,11 +424,7 @@ pub struct LlavaConfig {
 
 impl LlavaConfig {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let cfg: LlavaConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let cfg: LlavaConfig = from_json(read_json_file(path)?).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
         cfg.validate().map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
         Ok(cfg)
     }
@@ -270,21 +475,31 @@ impl LlavaConfig {
                 return Err(format!("unsupported rope_type {t:?}: vsft supports \"default\""));
             }
         }
-        let t = &self.text_config;
-        if t.num_attention_heads % t.num_kv_heads() != 0 {
+        self.vision_config.validate_sizes("vision_config.")?;
+        self.text_config.validate_sizes("text_config.")?;
+        let n = self.vision_config.num_hidden_layers as i64;
+        let layers = self.vision_feature_layer.layers();
+        if layers.is_empty() {
+            return Err("`vision_feature_layer` must name at least one layer, found []".into());
+        }
+        if let Some(l) = layers.iter().find(|&&l| l < -(n + 1) || l > n) {
             return Err(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                t.num_attention_heads,
-                t.num_kv_heads()
+                "`vision_feature_layer` must lie in -{}..={n} (`vision_config.num_hidden_layers` is {n}), found {l}",
+                n + 1
             ));
         }
-        let n = self.vision_config.num_hidden_layers as i64;
-        for l in self.vision_feature_layer.layers() {
-            if l < -(n + 1) || l > n {
-                return Err(format!("vision_feature_layer {l} is out of range for {n} vision layers"));
-            }
-        }
-        Ok(())
+        check::token_id("image_token_index", self.image_token_index, "text_config.vocab_size", self.text_config.vocab_size)
+    }
+
+    /// Parameters of the tower, projector and decoder ([`crate::llava::LlavaParts::build`]).
+    pub fn parameter_count(&self) -> Count {
+        let (v, t) = (Count::of(self.vision_config.hidden_size), Count::of(self.text_config.hidden_size));
+        let selected = Count::of(self.vision_feature_layer.layers().len());
+        let bias = self.multimodal_projector_bias;
+        self.vision_config.parameter_count()
+            + linear_count(v * selected, t, bias)
+            + linear_count(t, t, bias)
+            + self.text_config.parameter_count(self.tie_word_embeddings())
     }
 
     pub fn tie_word_embeddings(&self) -> bool {

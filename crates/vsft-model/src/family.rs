@@ -73,8 +73,7 @@ impl Family {
     /// The family of a `config.json`: its `model_type`, or failing that its `architectures`.
     /// An unknown type is an error that lists the supported ones.
     pub fn from_config_file(path: &Path) -> Result<Family, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
+        let v = crate::config::read_json_file(path)?;
         Self::from_config(&v).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })
     }
 
@@ -419,20 +418,27 @@ impl<B: Backend> VlmModel<B> {
         })
     }
 
-    /// A seeded random model from a `config.json` value of any family (tests, demo, `vsft init`).
+    /// A seeded random model from a `config.json` value of any family (tests, demo, `vsft init`),
+    /// validated and refused if its f32 parameters cannot fit in memory, before any is made.
     pub fn random_from_config(config: &Value, seed: u64, device: &B::Device) -> Result<Self, String> {
+        let fits = |params| weights::fits_in_memory(params, StoredDtype::F32.size() as u64).map_err(|m| format!("the model does not fit in memory: {m}"));
         Ok(match Family::from_config(config)? {
             Family::Llava => {
-                let cfg: crate::LlavaConfig = serde_json::from_value(config.clone()).map_err(|e| e.to_string())?;
+                let cfg: crate::LlavaConfig = crate::config::from_json(config.clone())?;
                 cfg.validate()?;
+                fits(cfg.parameter_count())?;
                 VlmModel::Llava(LlavaModel::random(&cfg, seed, device))
             }
             Family::LlavaNext => {
-                let cfg: crate::LlavaNextConfig = serde_json::from_value(config.clone()).map_err(|e| e.to_string())?;
-                cfg.validate()?;
+                let cfg = crate::LlavaNextConfig::from_value(config.clone())?;
+                fits(cfg.parameter_count())?;
                 VlmModel::LlavaNext(LlavaNextModel::random(&cfg, seed, device))
             }
-            Family::Qwen2Vl | Family::Qwen25Vl => VlmModel::QwenVl(Qwen2VlModel::random(&Qwen2VlConfig::from_value(config.clone())?, seed, device)),
+            Family::Qwen2Vl | Family::Qwen25Vl => {
+                let cfg = Qwen2VlConfig::from_value(config.clone())?;
+                fits(cfg.parameter_count())?;
+                VlmModel::QwenVl(Qwen2VlModel::random(&cfg, seed, device))
+            }
         })
     }
 

@@ -136,7 +136,9 @@ impl<B: Backend> LlavaModel<B> {
     /// `frozen_dtype` (`model.dtype` in a recipe): with bf16, linear layers compute in bf16 as
     /// `torch.autocast` does, while the projector, LoRA adapters and optimizer state stay f32.
     pub fn load_with(dir: &Path, device: &B::Device, frozen_dtype: StoredDtype) -> Result<Self, ModelError> {
-        let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let cfg = LlavaConfig::from_file(&config_path)?;
+        crate::weights::refuse_unless_fits(&config_path, cfg.parameter_count(), frozen_dtype)?;
         let mut reader = open_checkpoint(dir, &cfg)?;
         let model = Self::build_with(&cfg, &mut reader, device, frozen_dtype);
         reader.finish()?;

@@ -11,10 +11,11 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use vsft_data::family::llava_next::{py_int_round7, select_best_resolution};
 
 use crate::clip::ClipVisionTower;
-use crate::config::{LlavaConfig, SelectStrategy};
+use crate::config::{from_json, read_json_file, Count, LlavaConfig, SelectStrategy};
 use crate::error::ModelError;
 use crate::family::{Family, ImageInfo, ImageInputs, VisionLanguageModel};
 use crate::llama::LlamaForCausalLM;
@@ -33,6 +34,10 @@ pub struct LlavaNextConfig {
     pub base: LlavaConfig,
 }
 
+/// Tiles a pinpoint may have along a side: the Hub's checkpoints use at most 6; the bound keeps
+/// the tile grids (and the image tokens they become) far from overflowing.
+const MAX_TILES_PER_SIDE: usize = 64;
+
 /// `LlavaNextConfig`'s default pinpoints (those of the llava-hf v1.6 checkpoints).
 fn default_pinpoints() -> Vec<[usize; 2]> {
     vec![[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -40,9 +45,16 @@ fn default_pinpoints() -> Vec<[usize; 2]> {
 
 impl LlavaNextConfig {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
-        cfg.validate().map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
+        Self::from_value(read_json_file(path)?).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })
+    }
+
+    /// Parses and validates a `config.json` value.
+    pub fn from_value(value: Value) -> Result<Self, String> {
+        // LLaVA's keys are parsed on their own first: through `flatten` a bad value's error
+        // would lose its key (`text_config.vocab_size`).
+        from_json::<LlavaConfig>(value.clone())?;
+        let cfg: Self = from_json(value)?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -59,10 +71,19 @@ impl LlavaNextConfig {
         if self.image_grid_pinpoints.is_empty() {
             return Err("image_grid_pinpoints is empty".into());
         }
-        if let Some(p) = self.image_grid_pinpoints.iter().find(|[h, w]| *h == 0 || *w == 0 || h % tile != 0 || w % tile != 0) {
-            return Err(format!("image_grid_pinpoints entry {p:?} is not a multiple of the vision tower's image_size {tile}"));
+        let fits = |side: usize| side > 0 && side % tile == 0 && side / tile <= MAX_TILES_PER_SIDE;
+        if let Some(p) = self.image_grid_pinpoints.iter().find(|[h, w]| !fits(*h) || !fits(*w)) {
+            return Err(format!(
+                "`image_grid_pinpoints` entries must be positive multiples of `vision_config.image_size` ({tile}) of at most \
+                 {MAX_TILES_PER_SIDE} tiles a side, found {p:?}"
+            ));
         }
         Ok(())
+    }
+
+    /// Parameters of LLaVA's parts plus `image_newline`.
+    pub fn parameter_count(&self) -> Count {
+        self.base.parameter_count() + Count::of(self.base.text_config.hidden_size)
     }
 
     /// Tokens per side of one tile (`image_size / patch_size`).
@@ -133,7 +154,9 @@ impl<B: Backend> LlavaNextModel<B> {
     /// Loads a LLaVA-NeXT directory in any of its three key layouts (Hub legacy, transformers
     /// 4.52–4.57, transformers 5).
     pub fn load_with(dir: &Path, device: &B::Device, frozen_dtype: StoredDtype) -> Result<Self, ModelError> {
-        let cfg = LlavaNextConfig::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let cfg = LlavaNextConfig::from_file(&config_path)?;
+        crate::weights::refuse_unless_fits(&config_path, cfg.parameter_count(), frozen_dtype)?;
         let mut reader = open_checkpoint(dir, &cfg.base)?;
         let model = Self::build_with(&cfg, &mut reader, device, frozen_dtype);
         reader.finish()?;

@@ -17,6 +17,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{read_json_file, Count};
 use crate::error::ModelError;
 use crate::family::VlmModel;
 use crate::llama::LlamaForCausalLM;
@@ -56,7 +57,23 @@ impl Default for LoraConfig {
     }
 }
 
+/// What `r`, `alpha` and `dropout` are called in a recipe and in PEFT's `adapter_config.json`.
+const RECIPE_KEYS: [&str; 3] = ["lora.r", "lora.alpha", "lora.dropout"];
+const PEFT_KEYS: [&str; 3] = ["r", "lora_alpha", "lora_dropout"];
+
 impl LoraConfig {
+    /// `r` positive, `alpha` finite, `dropout` in [0, 1); `keys` name the three as the source does.
+    pub fn validate(&self, [r, alpha, dropout]: [&str; 3]) -> Result<(), String> {
+        crate::config::check::positive(r, self.r)?;
+        if !self.alpha.is_finite() {
+            return Err(format!("`{alpha}` must be a finite number, found {}", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("`{dropout}` must be a probability in [0, 1), found {}", self.dropout));
+        }
+        Ok(())
+    }
+
     pub fn scale(&self) -> f64 {
         if self.rslora {
             self.alpha / (self.r as f64).sqrt()
@@ -127,15 +144,30 @@ impl<B: Backend> LlamaForCausalLM<B> {
 impl<B: Backend> VlmModel<B> {
     /// Adds fresh adapters (PEFT's initialisation, seeded) to the targeted linears and returns
     /// their module names. Targeting nothing is an error.
+    /// The adapters' size is estimated first (`r · (in + out)` per layer): one that cannot fit
+    /// in memory is refused before any is made.
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Vec<String>, ModelError> {
+        cfg.validate(RECIPE_KEYS).map_err(ModelError::Input)?;
         let matcher = cfg.matcher()?;
         let mut rng = RandomInit::new(seed);
         let device = self.device();
+        let mut linears: Vec<(String, &mut Linear<B>)> = self
+            .as_dyn_mut()
+            .linears_mut()
+            .into_iter()
+            .filter(|(name, _)| reachable(&cfg.target_modules, name) && matcher(name))
+            .collect();
+        let adapter_params = linears.iter().fold(Count::of(0), |sum, (_, l)| sum + Count::of(cfg.r) * (Count::of(l.d_in()) + Count::of(l.d_out())));
+        // Each adapter value also gets a gradient and two Adam moments while it trains.
+        weights::fits_in_memory(adapter_params * Count::of(4), StoredDtype::F32.size() as u64).map_err(|m| {
+            ModelError::Input(format!(
+                "lora.r = {}: adapters on {} linear layers (with their gradients and optimizer moments) do not fit in memory: {m}",
+                cfg.r,
+                linears.len()
+            ))
+        })?;
         let mut targeted = Vec::new();
-        for (name, linear) in self.as_dyn_mut().linears_mut() {
-            if !reachable(&cfg.target_modules, &name) || !matcher(&name) {
-                continue;
-            }
+        for (name, linear) in linears.iter_mut() {
             let (d_in, d_out) = (linear.d_in(), linear.d_out());
             let bound = 1.0 / (d_in as f64).sqrt();
             let a = rng.fill(cfg.r * d_in, weights::Init::Uniform(bound));
@@ -145,7 +177,7 @@ impl<B: Backend> VlmModel<B> {
                 scale: cfg.scale(),
                 dropout: burn::nn::DropoutConfig::new(cfg.dropout).init(),
             });
-            targeted.push(name);
+            targeted.push(name.clone());
         }
         if targeted.is_empty() {
             return Err(ModelError::Input(format!(
@@ -198,9 +230,7 @@ impl<B: Backend> VlmModel<B> {
     /// the adapter carries it. Returns the model and the adapter's config.
     pub fn load_adapter(mut self, dir: &Path) -> Result<(Self, LoraConfig), ModelError> {
         let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-        let peft: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config { path: cfg_path.clone(), message: e.to_string() })?;
+        let peft = read_json_file(&cfg_path)?;
         let lora_cfg = LoraConfig::from_peft_json(&peft)
             .map_err(|message| ModelError::Config { path: cfg_path.clone(), message })?;
         let weights_path = dir.join("adapter_model.safetensors");
@@ -306,7 +336,9 @@ impl LoraConfig {
             }
             _ => TargetModules::default(),
         };
-        Ok(Self { r, alpha, dropout, target_modules, rslora })
+        let cfg = Self { r, alpha, dropout, target_modules, rslora };
+        cfg.validate(PEFT_KEYS)?;
+        Ok(cfg)
     }
 
     /// `adapter_config.json` as PEFT writes it (the fields PEFT 0.21 needs, plus the usual ones);

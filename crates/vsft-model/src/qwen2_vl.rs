@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::LlamaConfig;
+use crate::config::{check, from_json, read_json_file, Count, LlamaConfig};
 use crate::error::ModelError;
 use crate::family::{Family, ImageInputs, PartNames, TowerStack, VisionLanguageModel};
 use crate::llama::{LlamaForCausalLM, Positions};
@@ -57,9 +57,7 @@ mod d {
 
 impl Qwen2VlConfig {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
-        Self::from_value(v).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })
+        Self::from_value(read_json_file(path)?).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })
     }
 
     /// Reads either layout, completing absent keys with `Qwen2VLTextConfig`'s defaults; a
@@ -72,6 +70,7 @@ impl Qwen2VlConfig {
             "qwen2_5_vl" => VisionVersion::Qwen25,
             t => return Err(format!("model_type {t:?} is not qwen2_vl or qwen2_5_vl")),
         };
+        let nested = matches!(map.get("text_config"), Some(Value::Object(_)));
         let mut text = match map.remove("text_config") {
             Some(Value::Object(t)) => t,
             _ => {
@@ -116,28 +115,60 @@ impl Qwen2VlConfig {
         }
         map.insert("vision_config".into(), vision);
         map.insert("text_config".into(), Value::Object(text));
-        let cfg: Self = serde_json::from_value(v).map_err(|e| e.to_string())?;
-        cfg.validate()?;
+        let cfg: Self = from_json(v)?;
+        cfg.validate_in(if nested { "text_config." } else { "" })?;
         Ok(cfg)
     }
 
+    /// Checks a config whose text keys sit in `text_config` (transformers 5's layout).
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_in("text_config.")
+    }
+
+    /// Checks the config; `text_prefix` is where its text keys sit (`text_config.`, or nothing
+    /// in the Hub's flat layout), so that errors name the key as the file spells it.
+    fn validate_in(&self, text_prefix: &str) -> Result<(), String> {
         self.vision_config.validate()?;
         let t = &self.text_config;
+        let key = |name: &str| format!("{text_prefix}{name}");
         if t.hidden_act != "silu" {
-            return Err(format!("unsupported hidden_act {:?}: Qwen2's decoder uses \"silu\"", t.hidden_act));
+            return Err(format!("`{}` must be \"silu\" (Qwen2's decoder), found {:?}", key("hidden_act"), t.hidden_act));
         }
-        let section = t.mrope_section().unwrap_or_default();
-        if section.iter().sum::<usize>() * 2 != t.head_dim() {
-            return Err(format!("mrope_section {section:?} must sum to head_dim / 2 = {}", t.head_dim() / 2));
+        t.validate_sizes(text_prefix)?;
+        let (source, section) = t.mrope_entry().unwrap_or(("rope_scaling", &Value::Null));
+        let entries: Option<Vec<u64>> = section.as_array().and_then(|a| a.iter().map(Value::as_u64).collect());
+        let sum = entries.and_then(|e| e.iter().try_fold(0u64, |sum, &x| sum.checked_add(x)));
+        if sum.and_then(|s| s.checked_mul(2)) != Some(t.head_dim() as u64) {
+            return Err(format!(
+                "`{}` must be non-negative integers summing to head_dim / 2 = {}, found {section}",
+                key(&format!("{source}.mrope_section")),
+                t.head_dim() / 2
+            ));
         }
-        if t.num_attention_heads % t.num_kv_heads() != 0 {
-            return Err(format!("num_attention_heads {} is not a multiple of num_key_value_heads {}", t.num_attention_heads, t.num_kv_heads()));
-        }
+        let [_, out_key, _] = self.vision_config.size_keys();
         if self.vision_config.out_dim() != t.hidden_size {
-            return Err(format!("the merger's output ({}) is not the decoder's width ({})", self.vision_config.out_dim(), t.hidden_size));
+            return Err(format!(
+                "`{out_key}` (the merger's output) must equal `{}` ({}), found {}",
+                key("hidden_size"),
+                t.hidden_size,
+                self.vision_config.out_dim()
+            ));
+        }
+        let vocab_key = key("vocab_size");
+        for (name, id) in [
+            ("image_token_id", self.image_token_id),
+            ("video_token_id", self.video_token_id),
+            ("vision_start_token_id", self.vision_start_token_id),
+            ("vision_end_token_id", self.vision_end_token_id),
+        ] {
+            check::token_id(name, id, &vocab_key, t.vocab_size)?;
         }
         Ok(())
+    }
+
+    /// Parameters of the vision tower (merger included) and the decoder.
+    pub fn parameter_count(&self) -> Count {
+        self.vision_config.parameter_count() + self.text_config.parameter_count(self.tie_word_embeddings())
     }
 
     pub fn tie_word_embeddings(&self) -> bool {
@@ -217,7 +248,9 @@ impl<B: Backend> Qwen2VlModel<B> {
     /// Loads the Hub layout or transformers 4.52+'s; a tied checkpoint may or may not hold
     /// `lm_head.weight` (5.x omits it).
     pub fn load_with(dir: &Path, device: &B::Device, frozen_dtype: StoredDtype) -> Result<Self, ModelError> {
-        let cfg = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let cfg = Qwen2VlConfig::from_file(&config_path)?;
+        crate::weights::refuse_unless_fits(&config_path, cfg.parameter_count(), frozen_dtype)?;
         let mut reader = CheckpointReader::open_with(dir, canonical_name)?;
         if cfg.tie_word_embeddings() {
             reader.ignore("language_model.lm_head.weight");

@@ -30,6 +30,7 @@ use burn::tensor::{activation, DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::config::{check, linear_count, Count};
 use crate::error::ModelError;
 use crate::nn::{in_dtype, matmul_weight_t, Activation, LayerNorm, Linear, RmsNorm};
 use crate::weights::{Builder, Init};
@@ -170,8 +171,8 @@ impl QwenVisionConfig {
     /// The block MLP's inner width.
     pub fn mlp_dim(&self) -> usize {
         match self.version {
-            VisionVersion::Qwen2 => self.width() * self.mlp_ratio.unwrap_or(4),
-            VisionVersion::Qwen25 => self.intermediate_size.unwrap_or(3420),
+            VisionVersion::Qwen2 => self.width() * self.mlp_setting(),
+            VisionVersion::Qwen25 => self.mlp_setting(),
         }
     }
 
@@ -225,35 +226,106 @@ impl QwenVisionConfig {
             .unwrap_or(10000.0)
     }
 
-    /// What [`QwenVisionTower::new`] relies on.
+    /// The keys that hold the width, the merger's output and the MLP's width in this version.
+    pub(crate) fn size_keys(&self) -> [&'static str; 3] {
+        match self.version {
+            VisionVersion::Qwen2 => ["vision_config.embed_dim", "vision_config.hidden_size", "vision_config.mlp_ratio"],
+            VisionVersion::Qwen25 => ["vision_config.hidden_size", "vision_config.out_hidden_size", "vision_config.intermediate_size"],
+        }
+    }
+
+    /// What [`QwenVisionTower::new`] relies on; errors name the key (`vision_config.num_heads`).
     pub fn validate(&self) -> Result<(), String> {
+        let [width_key, out_key, mlp_key] = self.size_keys();
         let w = self.width();
-        if self.depth == 0 || w == 0 || self.num_heads == 0 {
-            return Err(format!("vision_config: depth {}, width {w}, num_heads {} must be positive", self.depth, self.num_heads));
+        for (key, value) in [
+            ("vision_config.depth", self.depth),
+            (width_key, w),
+            (out_key, self.out_dim()),
+            (mlp_key, self.mlp_setting()),
+            ("vision_config.in_channels", self.in_channels),
+            ("vision_config.patch_size", self.patch_size),
+            ("vision_config.spatial_merge_size", self.spatial_merge_size),
+            ("vision_config.temporal_patch_size", self.temporal_patch_size),
+        ] {
+            check::positive(key, value)?;
         }
-        if w % self.num_heads != 0 {
-            return Err(format!("vision_config: width {w} is not divisible by num_heads {}", self.num_heads));
-        }
+        check::divides("vision_config.num_heads", self.num_heads, width_key, w)?;
         if self.head_dim() % 4 != 0 {
-            return Err(format!("vision_config: head_dim {} must be a multiple of 4 (2D rotary embedding)", self.head_dim()));
-        }
-        if self.patch_dim() == 0 || self.spatial_merge_size == 0 || self.out_dim() == 0 || self.mlp_dim() == 0 {
-            return Err("vision_config: patch, merge and layer sizes must be positive".into());
+            return Err(format!(
+                "`{width_key}` / `vision_config.num_heads` (the head size) must be a multiple of 4 (2D rotary embedding), found {}",
+                self.head_dim()
+            ));
         }
         if Activation::parse(self.act_name()).is_none() {
-            return Err(format!("vision_config: unsupported hidden_act {:?}", self.act_name()));
-        }
-        if self.window_tokens() == Some(0) {
             return Err(format!(
-                "vision_config: window_size {} is smaller than spatial_merge_size·patch_size",
-                self.window_size.unwrap_or(112)
+                "`vision_config.hidden_act` must be one of quick_gelu, gelu, gelu_pytorch_tanh, silu, found {:?}",
+                self.act_name()
             ));
+        }
+        if self.version == VisionVersion::Qwen25 {
+            let window = self.window_size.unwrap_or(112);
+            let merged_patch = self.spatial_merge_size.saturating_mul(self.patch_size);
+            if window < merged_patch {
+                return Err(format!(
+                    "`vision_config.window_size` must be at least `spatial_merge_size` · `patch_size` ({merged_patch}), found {window}"
+                ));
+            }
+            if let Some(i) = self.fullatt_block_indexes.iter().flatten().find(|&&i| i >= self.depth) {
+                return Err(format!("`vision_config.fullatt_block_indexes` must lie in 0..{} (`vision_config.depth`), found {i}", self.depth));
+            }
+        }
+        let thetas = [
+            ("rope_parameters.rope_theta", self.extra.get("rope_parameters").and_then(|r| r.get("rope_theta"))),
+            ("rope_theta", self.extra.get("rope_theta")),
+        ];
+        for (key, theta) in thetas {
+            if let Some(theta) = theta {
+                let key = format!("vision_config.{key}");
+                check::positive_number(&key, theta.as_f64().ok_or_else(|| format!("`{key}` must be a number, found {theta}"))?)?;
+            }
         }
         let rope_type = self.extra.get("rope_parameters").and_then(|r| r.get("rope_type")).and_then(Value::as_str);
         if let Some(t) = rope_type.filter(|t| *t != "axial") {
-            return Err(format!("vision_config: rope_type {t:?} (the vision tower supports only \"axial\")"));
+            return Err(format!("`vision_config.rope_parameters.rope_type` must be \"axial\", found {t:?}"));
         }
         Ok(())
+    }
+
+    /// Parameters of the tower and its merger ([`QwenVisionTower::new`]).
+    pub fn parameter_count(&self) -> Count {
+        let c = Count::of;
+        let (e, f) = (c(self.width()), self.mlp_count());
+        let norm = match self.version {
+            VisionVersion::Qwen2 => c(2) * e,
+            VisionVersion::Qwen25 => e,
+        };
+        let mlp = match self.version {
+            VisionVersion::Qwen2 => linear_count(e, f, true) + linear_count(f, e, true),
+            VisionVersion::Qwen25 => c(2) * linear_count(e, f, true) + linear_count(f, e, true),
+        };
+        let block = c(2) * norm + linear_count(e, c(3) * e, true) + linear_count(e, e, true) + mlp;
+        let patch = c(self.patch_size);
+        let patch_embed = e * c(self.in_channels) * c(self.temporal_patch_size) * patch * patch;
+        let wide = e * c(self.spatial_merge_size) * c(self.spatial_merge_size);
+        let merger = norm + linear_count(wide, wide, true) + linear_count(wide, c(self.out_dim()), true);
+        patch_embed + c(self.depth) * block + merger
+    }
+
+    /// The configured MLP size: Qwen2-VL's `mlp_ratio`, Qwen2.5-VL's `intermediate_size`.
+    fn mlp_setting(&self) -> usize {
+        match self.version {
+            VisionVersion::Qwen2 => self.mlp_ratio.unwrap_or(4),
+            VisionVersion::Qwen25 => self.intermediate_size.unwrap_or(3420),
+        }
+    }
+
+    /// [`Self::mlp_dim`] with checked arithmetic (Qwen2-VL's is a product).
+    fn mlp_count(&self) -> Count {
+        match self.version {
+            VisionVersion::Qwen2 => Count::of(self.width()) * Count::of(self.mlp_setting()),
+            VisionVersion::Qwen25 => Count::of(self.mlp_setting()),
+        }
     }
 }
 

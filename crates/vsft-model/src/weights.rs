@@ -18,6 +18,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde_json::Value;
 
+use crate::config::{read_json_file, Count};
 use crate::error::ModelError;
 
 /// How a parameter is initialised when there is no checkpoint.
@@ -80,15 +81,19 @@ impl<'a, B: Backend> Builder<'a, B> {
 
     pub fn param<const D: usize>(&mut self, shape: [usize; D], name: &str, init: Init) -> Param<Tensor<B, D>> {
         let full = join(&self.prefix, name);
-        let n: usize = shape.iter().product();
-        let values = self.provider.provide(&full, &shape, init).unwrap_or_else(|| vec![0.0; n]);
         let dtype = match self.frozen_dtype {
             _ if full.starts_with(self.always_trained) => burn::tensor::DType::F32,
             StoredDtype::F32 => burn::tensor::DType::F32,
             StoredDtype::BF16 => burn::tensor::DType::BF16,
             StoredDtype::F16 => burn::tensor::DType::F16,
         };
-        Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), (&self.device, dtype)))
+        match self.provider.provide(&full, &shape, init) {
+            Some(values) => Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), (&self.device, dtype))),
+            // The provider has recorded why it has no values, and the load will fail with that:
+            // a lazy parameter allocates nothing for a model that is dropped unused (a
+            // checkpoint that does not match its config costs no memory for the config's sizes).
+            None => Param::uninitialized(ParamId::new(), move |device, _| Tensor::zeros(shape, (device, dtype)), self.device.clone(), true, shape.into()),
+        }
     }
 }
 
@@ -247,27 +252,16 @@ impl CheckpointReader {
         Self::open_with(dir, canonical_name)
     }
 
-    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`; every
+    /// tensor the index places in a shard must be there.
     pub fn open_with(dir: &Path, naming: fn(&str) -> String) -> Result<Self, ModelError> {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
-        let shard_names: Vec<String> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let index: Value = serde_json::from_str(&text).map_err(|e| ModelError::Safetensors {
-                path: index_path.clone(),
-                message: e.to_string(),
-            })?;
-            // `metadata` may hold `total_size` alone (transformers 4) or with `total_parameters` (5).
-            let map = index.get("weight_map").and_then(Value::as_object).ok_or_else(|| ModelError::Safetensors {
-                path: index_path.clone(),
-                message: "no \"weight_map\" object".into(),
-            })?;
-            let mut names: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
-            names.sort();
-            names.dedup();
-            names
+        // Shard file name → the tensors the index places in it.
+        let shards: BTreeMap<String, Vec<String>> = if index_path.exists() {
+            shard_map(&index_path)?
         } else if single.exists() {
-            vec!["model.safetensors".into()]
+            BTreeMap::from([("model.safetensors".to_string(), Vec::new())])
         } else {
             return Err(ModelError::Input(format!(
                 "{}: no model.safetensors or model.safetensors.index.json",
@@ -283,15 +277,30 @@ impl CheckpointReader {
             ignorable: HashSet::new(),
             naming,
         };
-        for name in shard_names {
-            reader.add_file(&dir.join(name))?;
+        for (shard, tensors) in shards {
+            let path = dir.join(&shard);
+            if let Some(first) = tensors.first().filter(|_| !path.is_file()) {
+                return Err(ModelError::Safetensors {
+                    path: index_path.clone(),
+                    message: format!("weight_map places tensor {first} in {shard}, which does not exist"),
+                });
+            }
+            let stored = reader.add_file(&path)?;
+            if let Some(missing) = tensors.iter().find(|t| !stored.contains(*t)) {
+                return Err(ModelError::Safetensors {
+                    path: index_path.clone(),
+                    message: format!("weight_map places tensor {missing} in {shard}, which does not hold it"),
+                });
+            }
         }
         Ok(reader)
     }
 
-    fn add_file(&mut self, path: &Path) -> Result<(), ModelError> {
+    /// Adds one file's tensors; returns the keys it stores.
+    fn add_file(&mut self, path: &Path) -> Result<HashSet<String>, ModelError> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let file_index = self.files.len();
+        let mut keys = HashSet::new();
         for h in parse_header(&file, path)? {
             let dtype = StoredDtype::parse(&h.dtype).ok_or_else(|| ModelError::Safetensors {
                 path: path.to_path_buf(),
@@ -304,11 +313,12 @@ impl CheckpointReader {
                     message: format!("tensors {} and {} are the same model tensor ({canonical}) in two layouts", prev.key, h.key),
                 });
             }
+            keys.insert(h.key.clone());
             let entry = TensorEntry { file: file_index, key: h.key, dtype, shape: h.shape, start: h.start, end: h.end };
             self.entries.insert(canonical, entry);
         }
         self.files.push((path.to_path_buf(), file));
-        Ok(())
+        Ok(keys)
     }
 
     pub fn contains(&self, canonical: &str) -> bool {
@@ -404,6 +414,67 @@ impl TensorProvider for CheckpointReader {
     }
 }
 
+/// `model.safetensors.index.json`'s `weight_map` as shard file name → the tensors in it. Shard
+/// names must be plain file names in the checkpoint's directory.
+fn shard_map(index_path: &Path) -> Result<BTreeMap<String, Vec<String>>, ModelError> {
+    let bad = |message: String| ModelError::Safetensors { path: index_path.to_path_buf(), message };
+    let index = read_json_file(index_path)?;
+    // `metadata` may hold `total_size` alone (transformers 4) or with `total_parameters` (5).
+    let map = index.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+    let mut shards: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (tensor, shard) in map {
+        let name = shard.as_str().filter(|s| !s.is_empty() && !s.contains(['/', '\\']) && *s != "." && *s != "..");
+        let name = name.ok_or_else(|| bad(format!("weight_map entry {tensor}: {shard} is not a file name in the checkpoint's directory")))?;
+        shards.entry(name.to_string()).or_default().push(tensor.clone());
+    }
+    if shards.is_empty() {
+        return Err(bad("weight_map names no tensor".into()));
+    }
+    Ok(shards)
+}
+
+/// The most bytes this process can hold: physical memory plus swap (`/proc/meminfo`), or the
+/// address-space limit (`ulimit -v`) when lower, with where the number comes from. Where
+/// neither is known, what a Rust allocation can address at all.
+pub fn memory_budget() -> (u64, &'static str) {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |name: &str| -> Option<u64> {
+        meminfo.lines().find_map(|l| l.strip_prefix(name))?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?.checked_mul(1024)
+    };
+    let ram = kib("MemTotal:").map(|m| (m.saturating_add(kib("SwapTotal:").unwrap_or(0)), "physical memory + swap"));
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let address_space = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max address space"))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|b| (b, "the address-space limit, ulimit -v"));
+    [ram, address_space].into_iter().flatten().min_by_key(|(b, _)| *b).unwrap_or((isize::MAX as u64, "the address space"))
+}
+
+/// Refuses `params` values of `bytes_per_value` bytes each that cannot fit in memory, saying how
+/// much they need and how much there is.
+pub fn fits_in_memory(params: Count, bytes_per_value: u64) -> Result<(), String> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let (Some(n), Some(bytes)) = (params.0, params.0.and_then(|n| n.checked_mul(bytes_per_value))) else {
+        return Err("its sizes multiply to more than 2^64 bytes of parameters, which no machine can hold".into());
+    };
+    let (budget, source) = memory_budget();
+    if bytes > budget {
+        return Err(format!(
+            "{n} parameters need {:.1} GiB at {bytes_per_value} bytes each, more than the {:.1} GiB this machine can hold ({source})",
+            gib(bytes),
+            gib(budget)
+        ));
+    }
+    Ok(())
+}
+
+/// [`fits_in_memory`] for the model a `config.json` describes, its parameters held as `dtype`.
+pub fn refuse_unless_fits(config: &Path, params: Count, dtype: StoredDtype) -> Result<(), ModelError> {
+    fits_in_memory(params, dtype.size() as u64)
+        .map_err(|m| ModelError::TooLarge { path: config.to_path_buf(), message: format!("the model described here does not fit in memory: {m}") })
+}
+
 /// One tensor's header entry, with absolute byte offsets.
 #[derive(Debug, Clone)]
 pub struct HeaderEntry {
@@ -414,7 +485,7 @@ pub struct HeaderEntry {
     pub end: u64,
 }
 
-fn dtype_size(dtype: &str) -> Option<usize> {
+fn dtype_size(dtype: &str) -> Option<u64> {
     match dtype {
         "F64" | "I64" | "U64" => Some(8),
         "F32" | "I32" | "U32" => Some(4),
@@ -424,49 +495,90 @@ fn dtype_size(dtype: &str) -> Option<usize> {
     }
 }
 
-/// Parses and checks a safetensors header (every tensor's offsets inside the file).
+/// The largest header the safetensors format allows (its own reader's limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Parses and checks a safetensors header as the format demands: the header lies inside the
+/// file, every tensor's bytes match its shape and dtype, and the tensors tile the data region
+/// exactly (no overlap, no gap, nothing missing at the end). Sizes use checked arithmetic, so a
+/// lying header is refused before anything is allocated for it.
 pub fn parse_header(file: &File, path: &Path) -> Result<Vec<HeaderEntry>, ModelError> {
     let bad = |message: String| ModelError::Safetensors { path: path.to_path_buf(), message };
     let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    if file_len < 8 {
+        return Err(bad(format!("truncated: {file_len} bytes, less than the 8-byte header length that starts the format")));
+    }
     let mut len_bytes = [0u8; 8];
     file.read_exact_at(&mut len_bytes, 0).map_err(|e| ModelError::io(path, e))?;
     let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > 100_000_000 || 8 + header_len > file_len {
-        return Err(bad(format!("header length {header_len} does not fit in a {file_len}-byte file")));
+    if header_len > MAX_HEADER_BYTES {
+        return Err(bad(format!("header length {header_len} exceeds the format's limit of {MAX_HEADER_BYTES} bytes")));
+    }
+    let data_start = 8 + header_len;
+    if data_start > file_len {
+        return Err(bad(format!("truncated: the header needs {data_start} bytes, the file has {file_len}")));
     }
     let mut header = vec![0u8; header_len as usize];
     file.read_exact_at(&mut header, 8).map_err(|e| ModelError::io(path, e))?;
     let header: serde_json::Map<String, Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let data_start = 8 + header_len;
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
     let mut out = Vec::new();
     for (key, info) in header {
         if key == "__metadata__" {
             continue;
         }
-        let dtype = info.get("dtype").and_then(Value::as_str).unwrap_or("?").to_string();
-        let size = dtype_size(&dtype).ok_or_else(|| bad(format!("tensor {key}: unknown dtype {dtype}")))?;
-        let shape: Vec<usize> = info
-            .get("shape")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_u64).map(|d| d as usize).collect())
-            .ok_or_else(|| bad(format!("tensor {key}: no shape")))?;
-        let offsets: Vec<u64> = info
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
-            .ok_or_else(|| bad(format!("tensor {key}: no data_offsets")))?;
-        if offsets.len() != 2 {
-            return Err(bad(format!("tensor {key}: data_offsets {offsets:?}")));
+        let entry = header_entry(&key, &info, data_start).map_err(|m| bad(format!("tensor {key}: {m}")))?;
+        out.push(entry);
+    }
+    out.sort_by_key(|e| (e.start, e.end));
+    let mut end = data_start;
+    for (i, e) in out.iter().enumerate() {
+        if e.start < end {
+            let other = &out[i - 1];
+            return Err(bad(format!("tensors {} and {} overlap (their data_offsets share bytes)", other.key, e.key)));
         }
-        let (start, end) = (data_start + offsets[0], data_start + offsets[1]);
-        let expected = (shape.iter().product::<usize>() * size) as u64;
-        if end < start || end - start != expected || end > file_len {
-            return Err(bad(format!("tensor {key}: data_offsets {offsets:?} do not match shape {shape:?} {dtype}")));
+        if e.start > end {
+            return Err(bad(format!("{} bytes before tensor {} belong to no tensor", e.start - end, e.key)));
         }
-        out.push(HeaderEntry { key, dtype, shape, start, end });
+        end = e.end;
+    }
+    if end > file_len {
+        return Err(bad(format!("truncated: the header's tensors need a file of {end} bytes, the file has {file_len}")));
+    }
+    if end < file_len {
+        return Err(bad(format!("{} bytes after the last tensor belong to no tensor (file of {file_len} bytes, tensors end at {end})", file_len - end)));
     }
     Ok(out)
+}
+
+/// One header entry with absolute offsets; the message does not repeat the tensor's name.
+fn header_entry(key: &str, info: &Value, data_start: u64) -> Result<HeaderEntry, String> {
+    let dtype = info.get("dtype").and_then(Value::as_str).ok_or("no \"dtype\" string")?.to_string();
+    let size = dtype_size(&dtype).ok_or_else(|| format!("unknown dtype {dtype}"))?;
+    let as_u64s = |field: &str| -> Result<Vec<u64>, String> {
+        let v = info.get(field).ok_or_else(|| format!("no {field:?}"))?;
+        v.as_array()
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .ok_or_else(|| format!("{field:?} must be a list of non-negative integers, found {v}"))
+    };
+    let shape = as_u64s("shape")?;
+    let offsets = as_u64s("data_offsets")?;
+    let [begin, end] = offsets[..] else {
+        return Err(format!("\"data_offsets\" must be [begin, end], found {offsets:?}"));
+    };
+    if end < begin {
+        return Err(format!("data_offsets [{begin}, {end}] end before they begin"));
+    }
+    let bytes = shape.iter().try_fold(size, |n, &d| n.checked_mul(d));
+    if bytes != Some(end - begin) {
+        let needs = bytes.map_or("more than 2^64 bytes".to_string(), |b| format!("{b} bytes"));
+        return Err(format!("data_offsets [{begin}, {end}] hold {} bytes, shape {shape:?} of {dtype} needs {needs}", end - begin));
+    }
+    let (Some(start), Some(stop)) = (data_start.checked_add(begin), data_start.checked_add(end)) else {
+        return Err(format!("data_offsets [{begin}, {end}] lie beyond any file"));
+    };
+    let shape = shape.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>().map_err(|_| format!("shape {shape:?} is too large"))?;
+    Ok(HeaderEntry { key: key.to_string(), dtype, shape, start, end: stop })
 }
 
 /// A tensor read whole from a safetensors file (for small files: adapters, optimizer state, fixtures).

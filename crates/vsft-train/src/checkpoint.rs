@@ -197,6 +197,21 @@ pub fn restore<B: AutodiffBackend>(dir: &Path, trainer: &mut Trainer<B>, state: 
         )));
     }
     let device = trainer.model.device();
+    let shapes: BTreeMap<String, Vec<usize>> = trainer.model.named_tensors().into_iter().map(|(n, _, t)| (n, t.shape)).collect();
+    // A tensor of another size than its parameter is refused by name, not reshaped into it
+    // (moments are stored flat, so sizes are compared, not shapes).
+    let checked = |path: &Path, key: &str, name: &str, raw: &weights::RawTensor| -> Result<(), TrainError> {
+        let size = |shape: &[usize]| shape.iter().product::<usize>();
+        match shapes.get(name) {
+            Some(shape) if size(shape) == size(&raw.shape) => Ok(()),
+            shape => Err(TrainError::Checkpoint(format!(
+                "{}: tensor {key} has shape {:?}, the model's {name} has {}",
+                path.display(),
+                raw.shape,
+                shape.map_or("no such parameter".to_string(), |s| format!("shape {s:?}"))
+            ))),
+        }
+    };
     let to_tensor = |raw: &weights::RawTensor| -> Result<Tensor<B::InnerBackend, 1>, TrainError> {
         let v = raw.to_f32()?;
         let n = v.len();
@@ -207,6 +222,7 @@ pub fn restore<B: AutodiffBackend>(dir: &Path, trainer: &mut Trainer<B>, state: 
     let mut values = BTreeMap::new();
     for name in &expected {
         let t = raw.get(name).ok_or_else(|| TrainError::Checkpoint(format!("{}: no tensor {name}", values_path.display())))?;
+        checked(&values_path, name, name, t)?;
         values.insert(name.clone(), to_tensor(t)?);
     }
     trainer.set_trainable_values(values);
@@ -216,6 +232,8 @@ pub fn restore<B: AutodiffBackend>(dir: &Path, trainer: &mut Trainer<B>, state: 
     for name in &expected {
         let get = |k: String| raw.get(&k).ok_or_else(|| TrainError::Checkpoint(format!("{}: no tensor {k}", opt_path.display())));
         if let (Ok(m), Ok(v)) = (get(format!("exp_avg.{name}")), get(format!("exp_avg_sq.{name}"))) {
+            checked(&opt_path, &format!("exp_avg.{name}"), name, m)?;
+            checked(&opt_path, &format!("exp_avg_sq.{name}"), name, v)?;
             trainer.optimizer.state.insert(name.clone(), Moments { exp_avg: to_tensor(m)?, exp_avg_sq: to_tensor(v)? });
         } else if state.optimizer_step > 0 {
             return Err(TrainError::Checkpoint(format!("{}: no moments for {name}", opt_path.display())));
