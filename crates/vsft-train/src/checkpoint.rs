@@ -174,71 +174,205 @@ pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), TrainError> 
     std::fs::write(path, serde_json::to_string_pretty(v).expect("json")).map_err(io(path))
 }
 
+/// The largest `trainer_state.json` read (one holds a few kilobytes: the names of the trained
+/// parameters and a handful of numbers).
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+
+/// A checkpoint's `trainer_state.json`, read with a bounded read and checked for values no run
+/// writes (a negative or non-finite epoch, more optimizer steps than steps, counters near
+/// overflow). A missing directory or file, or a damaged one, is an error naming it.
 pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
+    if !dir.is_dir() {
+        let what = if dir.exists() { "is not a directory" } else { "does not exist" };
+        return Err(TrainError::Checkpoint(format!("{}: {what}; expected a checkpoint directory written by vsft train (checkpoint-<step>)", dir.display())));
+    }
     let p = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&p).map_err(io(&p))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", p.display())))
+    if !p.exists() {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: missing: {} is not a complete vsft checkpoint (a checkpoint is complete once its trainer_state.json is written)",
+            p.display(),
+            dir.display()
+        )));
+    }
+    let text = crate::error::read_text_limited(&p, MAX_STATE_BYTES, "a trainer state (JSON)")?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: not a valid trainer state: {e}", p.display())))?;
+    state.check(&p)?;
+    Ok(state)
+}
+
+/// Counters beyond this were not written by a training run (and would overflow when added to).
+const MAX_COUNTER: usize = 1 << 48;
+
+/// What a resumed run is: a checkpoint must agree with it to be resumed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResumeTarget<'a> {
+    pub stage: Stage,
+    pub model_type: &'a str,
+    pub trainable_fingerprint: &'a str,
+    /// Rows of the training data.
+    pub rows: usize,
+    /// Optimizer steps of the whole run.
+    pub total_steps: usize,
+    /// `train.epochs`, and `train.max_steps` (0: the epochs decide).
+    pub epochs: usize,
+    pub max_steps: usize,
+}
+
+impl TrainerState {
+    /// Values no run writes, whatever the recipe.
+    fn check(&self, file: &Path) -> Result<(), TrainError> {
+        let bad = |field: &str, allowed: String, found: String| {
+            Err(TrainError::Checkpoint(format!("{}: {field} must be {allowed}, found {found}", file.display())))
+        };
+        for (field, value) in [
+            ("global_step", self.global_step),
+            ("total_steps", self.total_steps),
+            ("optimizer_step", self.optimizer_step),
+            ("cursor.position", self.cursor.position),
+            ("rows_skipped", self.rows_skipped),
+            ("batches_all_masked", self.batches_all_masked),
+        ] {
+            if value > MAX_COUNTER {
+                return bad(field, format!("at most {MAX_COUNTER}"), value.to_string());
+            }
+        }
+        if self.cursor.epoch > MAX_COUNTER as u64 {
+            return bad("cursor.epoch", format!("at most {MAX_COUNTER}"), self.cursor.epoch.to_string());
+        }
+        if !self.epoch.is_finite() || self.epoch < 0.0 {
+            return bad("epoch", "a finite number ≥ 0".into(), self.epoch.to_string());
+        }
+        if self.optimizer_step > self.global_step {
+            return bad("optimizer_step", format!("at most global_step ({})", self.global_step), self.optimizer_step.to_string());
+        }
+        for (field, loss) in [("last_loss", self.last_loss), ("last_eval_loss", self.last_eval_loss)] {
+            if loss.is_some_and(|l| !l.is_finite()) {
+                return bad(field, "a finite number or null".into(), format!("{loss:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses to resume a run from a checkpoint of another stage, model or trainable set, or
+    /// one whose step or data cursor lies past this run's schedule or data, naming the field of
+    /// `file` (the checkpoint's `trainer_state.json`).
+    pub fn check_resumable(&self, file: &Path, run: &ResumeTarget<'_>) -> Result<(), TrainError> {
+        let refuse = |message: String| Err(TrainError::Checkpoint(format!("{}: {message}", file.display())));
+        if self.stage != run.stage {
+            return refuse(format!(
+                "stage is \"{}\" but the recipe's train.stage is \"{}\": resume with the recipe the checkpoint was trained with, or use a new train.output_dir",
+                stage_name(self.stage),
+                stage_name(run.stage)
+            ));
+        }
+        if self.model_type != run.model_type {
+            return refuse(format!(
+                "model_type is \"{}\" but the recipe's model.path is a \"{}\" model",
+                crate::error::excerpt(&self.model_type),
+                run.model_type
+            ));
+        }
+        if self.trainable_fingerprint != run.trainable_fingerprint {
+            return refuse(format!(
+                "trainable_fingerprint: the recipe changes what is trained: checkpoint {} vs recipe {}",
+                crate::error::excerpt(&self.trainable_fingerprint),
+                run.trainable_fingerprint
+            ));
+        }
+        if self.global_step > run.total_steps {
+            return refuse(format!(
+                "global_step is {}, past the {} steps of this run (train.epochs / train.max_steps)",
+                self.global_step, run.total_steps
+            ));
+        }
+        if self.cursor.position > run.rows {
+            return refuse(format!("cursor.position is {}, past the {} rows of the training data", self.cursor.position, run.rows));
+        }
+        // Each epoch takes at least one step, and a run over epochs stops within the last one.
+        let epoch_limit = if run.max_steps == 0 { run.epochs.saturating_sub(1) } else { run.total_steps };
+        if self.cursor.epoch > epoch_limit as u64 {
+            return refuse(format!("cursor.epoch is {}, past this run's last epoch ({epoch_limit})", self.cursor.epoch));
+        }
+        Ok(())
+    }
+}
+
+fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Pretrain => "pretrain",
+        Stage::Instruct => "instruct",
+    }
+}
+
+/// Names for a message: the first few, and how many there are.
+fn some_names(names: &[&String]) -> String {
+    match names {
+        [] => "none".into(),
+        [one] => one.to_string(),
+        [first, ..] => format!("{first} and {} more", names.len() - 1),
+    }
 }
 
 /// Restores trainable weights and optimizer moments into `trainer`; refuses a checkpoint whose
-/// trainable parameters differ from the run's, saying what differs.
+/// trainable parameters differ from the run's, saying what differs, and one whose tensors do not
+/// fit the parameters, naming the file and the tensor.
 pub fn restore<B: AutodiffBackend>(dir: &Path, trainer: &mut Trainer<B>, state: &TrainerState) -> Result<(), TrainError> {
+    let sizes: BTreeMap<String, usize> = trainer.trainable_values().into_iter().map(|(n, t)| (n, t.dims()[0])).collect();
     let expected: Vec<String> = trainer.trainable.keys().cloned().collect();
     if state.trainable != expected {
         let missing: Vec<&String> = expected.iter().filter(|n| !state.trainable.contains(n)).collect();
         let extra: Vec<&String> = state.trainable.iter().filter(|n| !expected.contains(n)).collect();
         return Err(TrainError::Checkpoint(format!(
-            "{}: the checkpoint trains different parameters than this recipe ({} only in the recipe, e.g. {:?}; {} only in the checkpoint, e.g. {:?})",
-            dir.display(),
-            missing.len(),
-            missing.first(),
-            extra.len(),
-            extra.first()
+            "{}: trainable: the checkpoint trains different parameters than this recipe (only in the recipe: {}; only in the checkpoint: {})",
+            dir.join("trainer_state.json").display(),
+            some_names(&missing),
+            some_names(&extra)
         )));
     }
     let device = trainer.model.device();
-    let shapes: BTreeMap<String, Vec<usize>> = trainer.model.named_tensors().into_iter().map(|(n, _, t)| (n, t.shape)).collect();
-    // A tensor of another size than its parameter is refused by name, not reshaped into it
-    // (moments are stored flat, so sizes are compared, not shapes).
-    let checked = |path: &Path, key: &str, name: &str, raw: &weights::RawTensor| -> Result<(), TrainError> {
-        let size = |shape: &[usize]| shape.iter().product::<usize>();
-        match shapes.get(name) {
-            Some(shape) if size(shape) == size(&raw.shape) => Ok(()),
-            shape => Err(TrainError::Checkpoint(format!(
-                "{}: tensor {key} has shape {:?}, the model's {name} has {}",
-                path.display(),
-                raw.shape,
-                shape.map_or("no such parameter".to_string(), |s| format!("shape {s:?}"))
-            ))),
-        }
-    };
-    let to_tensor = |raw: &weights::RawTensor| -> Result<Tensor<B::InnerBackend, 1>, TrainError> {
+    // The tensor `name` of `file`, which holds the values (or moments) of parameter `param`.
+    let to_tensor = |file: &Path, name: &str, param: &str, raw: &weights::RawTensor| -> Result<Tensor<B::InnerBackend, 1>, TrainError> {
         let v = raw.to_f32()?;
         let n = v.len();
+        let want = sizes.get(param).copied().unwrap_or(0);
+        if n != want {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: tensor {name} has {n} values, the model's parameter {param} has {want}",
+                file.display()
+            )));
+        }
         Ok(Tensor::from_data(TensorData::new(v, [n]), &device))
     };
     let values_path = dir.join("trainable.safetensors");
-    let raw = read_tensor_file(&values_path)?;
+    let raw = read_checkpoint_tensors(&values_path)?;
     let mut values = BTreeMap::new();
     for name in &expected {
         let t = raw.get(name).ok_or_else(|| TrainError::Checkpoint(format!("{}: no tensor {name}", values_path.display())))?;
-        checked(&values_path, name, name, t)?;
-        values.insert(name.clone(), to_tensor(t)?);
+        values.insert(name.clone(), to_tensor(&values_path, name, name, t)?);
     }
-    trainer.set_trainable_values(values);
     let opt_path = dir.join("optimizer.safetensors");
-    let raw = read_tensor_file(&opt_path)?;
-    trainer.optimizer.state.clear();
+    let raw = read_checkpoint_tensors(&opt_path)?;
+    let mut moments = BTreeMap::new();
     for name in &expected {
-        let get = |k: String| raw.get(&k).ok_or_else(|| TrainError::Checkpoint(format!("{}: no tensor {k}", opt_path.display())));
-        if let (Ok(m), Ok(v)) = (get(format!("exp_avg.{name}")), get(format!("exp_avg_sq.{name}"))) {
-            checked(&opt_path, &format!("exp_avg.{name}"), name, m)?;
-            checked(&opt_path, &format!("exp_avg_sq.{name}"), name, v)?;
-            trainer.optimizer.state.insert(name.clone(), Moments { exp_avg: to_tensor(m)?, exp_avg_sq: to_tensor(v)? });
+        let (m, v) = (format!("exp_avg.{name}"), format!("exp_avg_sq.{name}"));
+        if let (Some(mt), Some(vt)) = (raw.get(&m), raw.get(&v)) {
+            moments.insert(name.clone(), Moments { exp_avg: to_tensor(&opt_path, &m, name, mt)?, exp_avg_sq: to_tensor(&opt_path, &v, name, vt)? });
         } else if state.optimizer_step > 0 {
-            return Err(TrainError::Checkpoint(format!("{}: no moments for {name}", opt_path.display())));
+            return Err(TrainError::Checkpoint(format!("{}: no moments for {name} (tensors {m} and {v})", opt_path.display())));
         }
     }
+    // Only a checkpoint that checked out whole changes the trainer.
+    trainer.set_trainable_values(values);
+    trainer.optimizer.state = moments;
     trainer.optimizer.step = state.optimizer_step;
     Ok(())
+}
+
+/// A checkpoint's tensor file; a missing one is named as part of the checkpoint.
+fn read_checkpoint_tensors(path: &Path) -> Result<BTreeMap<String, weights::RawTensor>, TrainError> {
+    if !path.exists() {
+        return Err(TrainError::Checkpoint(format!("{}: missing from the checkpoint", path.display())));
+    }
+    Ok(read_tensor_file(path)?)
 }

@@ -124,9 +124,7 @@ pub fn model_card(recipe: &Recipe, state: &TrainerState, merged: bool) -> String
 /// A checkpoint's trainer state and the recipe it was trained with.
 fn read_checkpoint(checkpoint: &Path) -> Result<(TrainerState, Recipe), TrainError> {
     let state = read_state(checkpoint)?;
-    let recipe_path = checkpoint.join("recipe.toml");
-    let text = std::fs::read_to_string(&recipe_path).map_err(io(&recipe_path))?;
-    let recipe = Recipe::parse(&text, &recipe_path.display().to_string(), &[])?;
+    let recipe = Recipe::from_file(&checkpoint.join("recipe.toml"), &[])?;
     Ok((state, recipe))
 }
 

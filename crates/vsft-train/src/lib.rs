@@ -11,6 +11,6 @@ pub mod recipe;
 pub mod run;
 pub mod trainer;
 
-pub use error::TrainError;
+pub use error::{read_text_limited, TrainError};
 pub use recipe::{GenerateEval, Recipe, Stage};
 pub use trainer::Trainer;

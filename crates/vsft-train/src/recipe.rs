@@ -1,15 +1,17 @@
 //! TOML recipes: the whole training run in one file that reads top to bottom.
 //!
-//! Validated on load: an unknown key is an error that suggests the nearest known one, a wrong
-//! type names the key and the expected type. `--set section.key=value` overrides any key.
-//! The resolved recipe is written to `output_dir/recipe.toml`.
+//! Validated once, on load, key by key ([`KNOWN_KEYS`] for the types, [`LIMITS`] for the
+//! ranges): an unknown key is an error that suggests the nearest known one; a value of the wrong
+//! type or out of range names the dotted key, what is allowed and what was found; a syntax error
+//! gives the line and column. `--set section.key=value` overrides any key and is checked the
+//! same way. The resolved recipe is written to `output_dir/recipe.toml`.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vsft_model::lora::TargetModules;
 
-use crate::error::TrainError;
+use crate::error::{read_text_limited, TrainError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,6 +251,273 @@ pub const KNOWN_KEYS: &[(&str, &[(&str, &str)])] = &[
     ("hub", &[("repo", "string"), ("private", "boolean"), ("push_checkpoints", "boolean")]),
 ];
 
+/// Keys of the optional `[generate_eval]` section, with their types.
+pub const GENERATE_EVAL_KEYS: &[(&str, &str)] =
+    &[("data", "string"), ("limit", "integer"), ("show", "integer"), ("max_new_tokens", "integer")];
+
+/// The largest recipe file read: a recipe is a short text file.
+pub const MAX_RECIPE_BYTES: u64 = 16 << 20;
+
+/// What a key allows, beyond its type in [`KNOWN_KEYS`]. Checked on the TOML values of the
+/// file (and `--set`) before anything runs, so every value out of range is refused with the key,
+/// what is allowed and what was found. A key not listed here takes any non-negative integer, any
+/// finite float or any non-empty string, by its type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Allowed {
+    /// An integer in `min..=max`.
+    Int(i64, i64),
+    /// A finite float between `lo` and `hi`, each bound inclusive or not.
+    Float { lo: f64, lo_inclusive: bool, hi: f64, hi_inclusive: bool },
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
+    /// A non-empty string.
+    NonEmpty,
+}
+
+/// Steps, epochs and counts beyond this are no training run anyone means; the bound also
+/// keeps every product of them far from overflow.
+const MAX_COUNT: i64 = 1_000_000_000;
+
+const fn positive_float() -> Allowed {
+    Allowed::Float { lo: 0.0, lo_inclusive: false, hi: f64::MAX, hi_inclusive: true }
+}
+const fn non_negative_float(hi: f64) -> Allowed {
+    Allowed::Float { lo: 0.0, lo_inclusive: true, hi, hi_inclusive: true }
+}
+const fn fraction(hi_inclusive: bool) -> Allowed {
+    Allowed::Float { lo: 0.0, lo_inclusive: true, hi: 1.0, hi_inclusive }
+}
+
+/// Ranges of the numeric keys and the values of the enumerated ones (dotted keys).
+pub const LIMITS: &[(&str, Allowed)] = &[
+    ("data.max_length", Allowed::Int(1, 1 << 20)),
+    ("data.label_mask", Allowed::OneOf(&["pad", "pad+image", "assistant"])),
+    ("data.on_bad_row", Allowed::OneOf(&["error", "skip"])),
+    ("data.num_workers", Allowed::Int(0, 256)),
+    ("data.pad_to_multiple_of", Allowed::Int(1, 4096)),
+    ("data.min_pixels", Allowed::Int(1, 1 << 28)),
+    ("data.max_pixels", Allowed::Int(1, 1 << 28)),
+    ("train.stage", Allowed::OneOf(&["pretrain", "instruct"])),
+    ("train.epochs", Allowed::Int(0, 100_000)),
+    ("train.max_steps", Allowed::Int(0, MAX_COUNT)),
+    ("train.batch_size", Allowed::Int(1, 4096)),
+    ("train.grad_accum", Allowed::Int(1, 65_536)),
+    ("train.lr", positive_float()),
+    ("train.projector_lr", positive_float()),
+    ("train.vision_lr", positive_float()),
+    ("train.weight_decay", non_negative_float(f64::MAX)),
+    ("train.adam_beta1", fraction(false)),
+    ("train.adam_beta2", fraction(false)),
+    ("train.adam_eps", Allowed::Float { lo: 0.0, lo_inclusive: false, hi: 1.0, hi_inclusive: true }),
+    ("train.scheduler", Allowed::OneOf(&["constant", "linear", "cosine"])),
+    ("train.warmup_ratio", fraction(true)),
+    ("train.warmup_steps", Allowed::Int(0, MAX_COUNT)),
+    ("train.max_grad_norm", non_negative_float(f64::MAX)),
+    ("train.log_steps", Allowed::Int(1, MAX_COUNT)),
+    ("train.eval_steps", Allowed::Int(0, MAX_COUNT)),
+    ("train.save_steps", Allowed::Int(0, MAX_COUNT)),
+    ("train.save_total_limit", Allowed::Int(0, 1_000_000)),
+    ("train.on_nan", Allowed::OneOf(&["error", "skip"])),
+    ("lora.r", Allowed::Int(1, 4096)),
+    ("lora.alpha", positive_float()),
+    ("lora.dropout", fraction(false)),
+    ("generate_eval.limit", Allowed::Int(1, MAX_COUNT)),
+    ("generate_eval.show", Allowed::Int(0, MAX_COUNT)),
+    ("generate_eval.max_new_tokens", Allowed::Int(1, 65_536)),
+];
+
+/// What `key` (dotted) of type `ty` allows: its entry in [`LIMITS`], else the default of its type.
+fn allowed(key: &str, ty: &str) -> Option<Allowed> {
+    LIMITS.iter().find(|(k, _)| *k == key).map(|(_, a)| *a).or(match ty {
+        "integer" => Some(Allowed::Int(0, i64::MAX)),
+        "float" => Some(Allowed::Float { lo: f64::MIN, lo_inclusive: true, hi: f64::MAX, hi_inclusive: true }),
+        "string" => Some(Allowed::NonEmpty),
+        _ => None,
+    })
+}
+
+impl Allowed {
+    /// What the key allows, in words.
+    fn describe(&self) -> String {
+        match *self {
+            Allowed::Int(min, i64::MAX) => format!("an integer ≥ {min}"),
+            Allowed::Int(min, max) => format!("an integer in {min}..={max}"),
+            Allowed::Float { lo, lo_inclusive, hi, hi_inclusive } => match (lo == f64::MIN, hi == f64::MAX) {
+                (true, true) => "a finite float".into(),
+                (false, true) => format!("a finite float {} {lo}", if lo_inclusive { "≥" } else { ">" }),
+                _ => format!("a float in {}{lo}, {hi}{}", if lo_inclusive { "[" } else { "(" }, if hi_inclusive { "]" } else { ")" }),
+            },
+            Allowed::OneOf(values) => match values {
+                [.., last] if values.len() > 1 => {
+                    let quoted: Vec<String> = values[..values.len() - 1].iter().map(|v| format!("\"{v}\"")).collect();
+                    format!("{} or \"{last}\"", quoted.join(", "))
+                }
+                _ => values.iter().map(|v| format!("\"{v}\"")).collect(),
+            },
+            Allowed::NonEmpty => "a non-empty string".into(),
+        }
+    }
+
+    fn admits(&self, v: &toml::Value) -> bool {
+        match (*self, v) {
+            (Allowed::Int(min, max), toml::Value::Integer(i)) => (min..=max).contains(i),
+            (Allowed::Float { lo, lo_inclusive, hi, hi_inclusive }, v) => {
+                let Some(x) = v.as_float().or(v.as_integer().map(|i| i as f64)) else { return false };
+                x.is_finite() && (if lo_inclusive { x >= lo } else { x > lo }) && (if hi_inclusive { x <= hi } else { x < hi })
+            }
+            (Allowed::OneOf(values), toml::Value::String(s)) => values.contains(&s.as_str()),
+            (Allowed::NonEmpty, toml::Value::String(s)) => !s.trim().is_empty(),
+            _ => false,
+        }
+    }
+}
+
+/// A value as a message shows it: its type when that is not what the key takes, and at most
+/// a short excerpt of it.
+fn found(v: &toml::Value, type_ok: bool) -> String {
+    let shown = crate::error::excerpt(&v.to_string());
+    if type_ok {
+        shown
+    } else {
+        format!("{} {shown}", v.type_str())
+    }
+}
+
+fn type_matches(expected: &str, v: &toml::Value) -> bool {
+    match expected {
+        "string" => v.is_str(),
+        "integer" => v.is_integer(),
+        "float" => v.is_float() || v.is_integer(),
+        "boolean" => v.is_bool(),
+        "list or string" => v.is_str() || v.is_array(),
+        _ => true,
+    }
+}
+
+/// `lora.target_modules`: a non-empty list of non-empty suffixes, or a regex (checked when the
+/// recipe is validated).
+fn target_modules_ok(v: &toml::Value) -> bool {
+    match v {
+        toml::Value::String(s) => !s.is_empty(),
+        toml::Value::Array(a) => !a.is_empty() && a.iter().all(|x| x.as_str().is_some_and(|s| !s.is_empty())),
+        _ => false,
+    }
+}
+
+/// A problem with one key: the dotted key (or `[section]`) and the message.
+type KeyProblem = (String, String);
+
+/// Checks one value against its type and [`LIMITS`].
+fn check_value(key: &str, ty: &str, v: &toml::Value) -> Result<(), KeyProblem> {
+    let type_ok = type_matches(ty, v);
+    let (ok, what) = match ty {
+        "boolean" => (type_ok, "true or false".to_string()),
+        "list or string" => (
+            target_modules_ok(v),
+            "a non-empty list of module-name suffixes (e.g. [\"q_proj\", \"v_proj\"]) or a regex string".to_string(),
+        ),
+        _ => match allowed(key, ty) {
+            Some(a) => (type_ok && a.admits(v), a.describe()),
+            None => (type_ok, format!("a {ty}")),
+        },
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err((key.to_string(), format!("{key} must be {what}, found {}", found(v, type_ok))))
+    }
+}
+
+/// Checks a section's keys and values, with suggestions for unknown keys.
+fn check_section(section: &str, value: &toml::Value, keys: &[(&str, &str)]) -> Result<(), KeyProblem> {
+    let Some(table) = value.as_table() else {
+        return Err((format!("[{section}]"), format!("[{section}] must be a table, found {}", found(value, false))));
+    };
+    for (key, v) in table {
+        let dotted = format!("{section}.{}", crate::error::excerpt(key));
+        match keys.iter().find(|(k, _)| k == key) {
+            None => {
+                let hint = nearest(key, keys.iter().map(|(k, _)| *k))
+                    .map(|k| format!(" (did you mean {section}.{k}?)"))
+                    .unwrap_or_else(|| format!(" (known keys: {})", keys.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")));
+                return Err((dotted.clone(), format!("unknown key {dotted}{hint}")));
+            }
+            Some((_, ty)) => check_value(&dotted, ty, v)?,
+        }
+    }
+    Ok(())
+}
+
+/// Keys a recipe must give (no default).
+const REQUIRED: &[(&str, &str)] = &[("model", "path"), ("data", "train"), ("train", "stage"), ("train", "output_dir"), ("train", "lr")];
+
+/// Checks sections, keys, types and ranges against [`KNOWN_KEYS`] and [`LIMITS`].
+fn check_keys(doc: &toml::Table) -> Result<(), KeyProblem> {
+    let sections = || KNOWN_KEYS.iter().map(|(s, _)| *s);
+    for (section, value) in doc {
+        let Some((_, keys)) = KNOWN_KEYS.iter().find(|(s, _)| s == section) else {
+            let section = crate::error::excerpt(section);
+            let hint = nearest(&section, sections())
+                .map(|s| format!(" (did you mean [{s}]?)"))
+                .unwrap_or_else(|| format!(" (known sections: {})", sections().map(|s| format!("[{s}]")).collect::<Vec<_>>().join(", ")));
+            return Err((section.clone(), format!("unknown section [{section}]{hint}")));
+        };
+        check_section(section, value, keys)?;
+    }
+    for (section, key) in REQUIRED {
+        if doc.get(*section).and_then(|s| s.get(*key)).is_none() {
+            return Err((format!("{section}.{key}"), format!("missing key {section}.{key} (in [{section}]; it has no default)")));
+        }
+    }
+    Ok(())
+}
+
+/// The `--set` assignment that gave `key` (a dotted key or a `[section]`), if any.
+fn override_of<'a>(overrides: &'a [String], key: &str) -> Option<&'a str> {
+    let section = key.trim_start_matches('[').trim_end_matches(']');
+    overrides.iter().map(String::as_str).rev().find(|o| {
+        let path = o.split_once('=').map_or(*o, |(p, _)| p).trim();
+        path == key || path.split_once('.').is_some_and(|(s, _)| s == section)
+    })
+}
+
+/// A recipe error: the file, the `--set` that gave the value if one did, and the message.
+fn recipe_error(source: &str, overrides: &[String], (key, message): KeyProblem) -> TrainError {
+    match override_of(overrides, &key) {
+        Some(o) => TrainError::Recipe(format!("{source}, with --set {}: {message}", crate::error::excerpt(o))),
+        None => TrainError::Recipe(format!("{source}: {message}")),
+    }
+}
+
+/// A TOML syntax error: the file, line and column, the message, and a short excerpt of the line
+/// with a caret under the column (long lines are cut around it).
+fn syntax_error(source: &str, text: &str, e: &toml::de::Error) -> TrainError {
+    let message = e.message().trim().replace('\n', "; ");
+    let Some(span) = e.span() else {
+        return TrainError::Recipe(format!("{source}: invalid TOML: {message}"));
+    };
+    let mut at = span.start.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_no = text[..at].matches('\n').count() + 1;
+    let column = text[line_start..at].chars().count() + 1;
+    let line = text[line_start..].split('\n').next().unwrap_or("").trim_end_matches('\r');
+    // A window of the line around the column, so a megabyte-long line stays one short line.
+    const SIDE: usize = 40;
+    let chars: Vec<char> = line.chars().collect();
+    let from = (column - 1).saturating_sub(SIDE);
+    let to = (column - 1 + SIDE).min(chars.len());
+    let prefix = if from > 0 { "…" } else { "" };
+    let suffix = if to < chars.len() { "…" } else { "" };
+    let window: String = chars[from.min(to)..to].iter().map(|c| if c.is_control() { ' ' } else { *c }).collect();
+    let caret = " ".repeat(prefix.chars().count() + column - 1 - from);
+    TrainError::Recipe(format!(
+        "{source}: line {line_no}, column {column}: invalid TOML: {message}\n  | {prefix}{window}{suffix}\n  | {caret}^"
+    ))
+}
+
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
@@ -263,6 +532,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 fn nearest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    // Names are short; a long word is no typo of any of them (and the distance would cost its
+    // length times theirs).
+    if word.chars().count() > 64 {
+        return None;
+    }
     candidates
         .map(|c| (edit_distance(word, c), c))
         .filter(|(d, c)| *d <= (c.len().max(word.len()) / 2).max(2))
@@ -270,58 +544,14 @@ fn nearest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<
         .map(|(_, c)| c)
 }
 
-fn type_matches(expected: &str, v: &toml::Value) -> bool {
-    match expected {
-        "string" => v.is_str(),
-        "integer" => v.as_integer().is_some_and(|i| i >= 0),
-        "float" => v.is_float() || v.is_integer(),
-        "boolean" => v.is_bool(),
-        "list or string" => v.is_str() || v.is_array(),
-        _ => true,
-    }
-}
-
-/// Checks keys and types against [`KNOWN_KEYS`], with suggestions.
-fn check_keys(doc: &toml::Table, source: &str) -> Result<(), TrainError> {
-    let sections = || KNOWN_KEYS.iter().map(|(s, _)| *s);
-    for (section, value) in doc {
-        let Some((_, keys)) = KNOWN_KEYS.iter().find(|(s, _)| s == section) else {
-            let hint = nearest(section, sections()).map(|s| format!(" (did you mean [{s}]?)")).unwrap_or_default();
-            return Err(TrainError::Recipe(format!("{source}: unknown section [{section}]{hint}")));
-        };
-        let Some(table) = value.as_table() else {
-            return Err(TrainError::Recipe(format!("{source}: [{section}] must be a table")));
-        };
-        for (key, v) in table {
-            match keys.iter().find(|(k, _)| k == key) {
-                None => {
-                    let hint = nearest(key, keys.iter().map(|(k, _)| *k))
-                        .map(|k| format!(" (did you mean {section}.{k}?)"))
-                        .unwrap_or_default();
-                    return Err(TrainError::Recipe(format!("{source}: unknown key {section}.{key}{hint}")));
-                }
-                Some((_, ty)) if !type_matches(ty, v) => {
-                    return Err(TrainError::Recipe(format!(
-                        "{source}: {section}.{key} must be a {ty}, found {} ({v})",
-                        v.type_str()
-                    )));
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Applies `section.key=value` (the value parsed as TOML, or taken as a string).
 pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), TrainError> {
-    let (path, raw) = assignment
-        .split_once('=')
-        .ok_or_else(|| TrainError::Recipe(format!("--set {assignment:?}: expected section.key=value")))?;
-    let (section, key) = path
-        .trim()
-        .split_once('.')
-        .ok_or_else(|| TrainError::Recipe(format!("--set {assignment:?}: expected section.key=value")))?;
+    let usage = || TrainError::Recipe(format!("--set {}: expected section.key=value, e.g. train.lr=1e-4", crate::error::excerpt(assignment)));
+    let (path, raw) = assignment.split_once('=').ok_or_else(usage)?;
+    let (section, key) = path.trim().split_once('.').ok_or_else(usage)?;
+    if section.is_empty() || key.is_empty() {
+        return Err(usage());
+    }
     let raw = raw.trim();
     let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
@@ -331,7 +561,7 @@ pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), Tra
         .entry(section.to_string())
         .or_insert_with(|| toml::Value::Table(toml::Table::new()))
         .as_table_mut()
-        .ok_or_else(|| TrainError::Recipe(format!("--set: [{section}] is not a table")))?;
+        .ok_or_else(|| TrainError::Recipe(format!("--set {}: [{section}] is not a table", crate::error::excerpt(assignment))))?;
     table.insert(key.to_string(), value);
     Ok(())
 }
@@ -362,41 +592,73 @@ pub struct GenerateEval {
     pub max_new_tokens: usize,
 }
 
+impl GenerateEval {
+    /// The `[generate_eval]` table of a recipe, checked like the other sections.
+    fn from_value(value: toml::Value, source: &str, overrides: &[String]) -> Result<Self, TrainError> {
+        let problem = |p: KeyProblem| recipe_error(source, overrides, p);
+        check_section("generate_eval", &value, GENERATE_EVAL_KEYS).map_err(problem)?;
+        if value.get("data").is_none() {
+            return Err(problem(("generate_eval.data".into(), "missing key generate_eval.data (in [generate_eval]; it has no default)".into())));
+        }
+        value.try_into().map_err(|e: toml::de::Error| TrainError::Recipe(format!("{source}: [generate_eval]: {}", e.message())))
+    }
+}
+
+/// `--set` assignments to `[generate_eval]`, which is not part of any stage.
+fn is_generate_eval_override(o: &str) -> bool {
+    o.trim_start().starts_with("generate_eval.")
+}
+
 impl Recipe {
     /// A recipe file's stages, in order: one recipe, or one per `[[stages]]` table, each merged
     /// over the top-level sections. Also the `[generate_eval]` section, if any.
     pub fn parse_stages(text: &str, source: &str, overrides: &[String]) -> Result<(Vec<Self>, Option<GenerateEval>), TrainError> {
-        let mut doc: toml::Table =
-            toml::from_str(text).map_err(|e| TrainError::Recipe(format!("{source}: {}", e.message())))?;
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| syntax_error(source, text, &e))?;
+        let (ge_overrides, overrides): (Vec<String>, Vec<String>) = overrides.iter().cloned().partition(|o| is_generate_eval_override(o));
         let generate_eval = match doc.remove("generate_eval") {
-            Some(v) => Some(v.try_into::<GenerateEval>().map_err(|e| TrainError::Recipe(format!("{source}: [generate_eval]: {}", e.message())))?),
-            None => None,
+            None if ge_overrides.is_empty() => None,
+            section => {
+                let mut holder = toml::Table::new();
+                holder.insert("generate_eval".into(), section.unwrap_or_else(|| toml::Value::Table(toml::Table::new())));
+                for o in &ge_overrides {
+                    apply_override(&mut holder, o)?;
+                }
+                Some(GenerateEval::from_value(holder.remove("generate_eval").expect("inserted above"), source, &ge_overrides)?)
+            }
         };
         let Some(stages) = doc.remove("stages") else {
-            return Ok((vec![Self::from_doc(doc, source, overrides)?], generate_eval));
+            return Ok((vec![Self::from_doc(doc, source, &overrides)?], generate_eval));
         };
-        let stages = stages
-            .as_array()
-            .cloned()
-            .ok_or_else(|| TrainError::Recipe(format!("{source}: stages must be an array of tables ([[stages]])")))?;
+        let stages = match stages {
+            toml::Value::Array(a) if !a.is_empty() => a,
+            other => {
+                return Err(TrainError::Recipe(format!(
+                    "{source}: stages must be a non-empty array of tables ([[stages]]), found {}",
+                    found(&other, false)
+                )))
+            }
+        };
         let mut out = Vec::new();
         for (i, stage) in stages.into_iter().enumerate() {
             let mut stage = match stage {
                 toml::Value::Table(t) => t,
-                _ => return Err(TrainError::Recipe(format!("{source}: stages[{i}] must be a table"))),
+                other => return Err(TrainError::Recipe(format!("{source}: stages[{i}] must be a table, found {}", found(&other, false)))),
             };
-            let name = stage.remove("name").and_then(|n| n.as_str().map(str::to_string)).unwrap_or_else(|| i.to_string());
+            let name = match stage.remove("name") {
+                None => i.to_string(),
+                Some(toml::Value::String(n)) => crate::error::excerpt(&n),
+                Some(other) => return Err(TrainError::Recipe(format!("{source}: stages[{i}].name must be a string, found {}", found(&other, false)))),
+            };
             let mut merged = doc.clone();
             deep_merge(&mut merged, stage);
-            out.push(Self::from_doc(merged, &format!("{source} (stage {name})"), overrides)?);
+            out.push(Self::from_doc(merged, &format!("{source} (stage {name})"), &overrides)?);
         }
         Ok((out, generate_eval))
     }
 
     /// Parses and validates a recipe text with `--set` overrides applied.
     pub fn parse(text: &str, source: &str, overrides: &[String]) -> Result<Self, TrainError> {
-        let doc: toml::Table =
-            toml::from_str(text).map_err(|e| TrainError::Recipe(format!("{source}: {}", e.message())))?;
+        let doc: toml::Table = toml::from_str(text).map_err(|e| syntax_error(source, text, &e))?;
         Self::from_doc(doc, source, overrides)
     }
 
@@ -404,56 +666,47 @@ impl Recipe {
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        check_keys(&doc, source)?;
+        check_keys(&doc).map_err(|p| recipe_error(source, overrides, p))?;
         let recipe: Recipe = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| TrainError::Recipe(format!("{source}: {}", e.message())))?;
-        recipe.validate().map_err(|m| TrainError::Recipe(format!("{source}: {m}")))?;
+        recipe.validate().map_err(|p| recipe_error(source, overrides, p))?;
         Ok(recipe)
     }
 
     pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self, TrainError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let text = read_text_limited(path, MAX_RECIPE_BYTES, "a recipe (TOML)")?;
         Self::parse(&text, &path.display().to_string(), overrides)
     }
 
     /// Every stage of a recipe file (see [`Recipe::parse_stages`]).
     pub fn stages_from_file(path: &Path, overrides: &[String]) -> Result<(Vec<Self>, Option<GenerateEval>), TrainError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let text = read_text_limited(path, MAX_RECIPE_BYTES, "a recipe (TOML)")?;
         Self::parse_stages(&text, &path.display().to_string(), overrides)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// What single keys cannot say: keys that must agree, and values only the model crate can
+    /// judge (dtype names, the target-module regex). Ranges are checked in [`check_keys`].
+    fn validate(&self) -> Result<(), KeyProblem> {
         let t = &self.train;
-        if !["pad", "pad+image", "assistant"].contains(&self.data.label_mask.as_str()) {
-            return Err(format!("data.label_mask must be pad, pad+image or assistant, found {:?}", self.data.label_mask));
-        }
-        if !["error", "skip"].contains(&self.data.on_bad_row.as_str()) {
-            return Err(format!("data.on_bad_row must be error or skip, found {:?}", self.data.on_bad_row));
-        }
-        if !["error", "skip"].contains(&t.on_nan.as_str()) {
-            return Err(format!("train.on_nan must be error or skip, found {:?}", t.on_nan));
-        }
-        if t.batch_size == 0 || t.grad_accum == 0 {
-            return Err("train.batch_size and train.grad_accum must be at least 1".into());
-        }
+        let problem = |key: &str, message: String| Err((key.to_string(), message));
         if t.epochs == 0 && t.max_steps == 0 {
-            return Err("set train.epochs or train.max_steps".into());
+            return problem("train.epochs", "train.epochs and train.max_steps are both 0: set one of them to at least 1".into());
         }
-        if !(0.0..1.0).contains(&t.warmup_ratio) {
-            return Err(format!("train.warmup_ratio must be in [0, 1), found {}", t.warmup_ratio));
-        }
-        if t.lr <= 0.0 {
-            return Err(format!("train.lr must be positive, found {}", t.lr));
-        }
-        if self.lora.r == 0 {
-            return Err("lora.r must be at least 1".into());
-        }
-        if !(0.0..1.0).contains(&self.lora.dropout) {
-            return Err(format!("lora.dropout must be in [0, 1), found {}", self.lora.dropout));
+        if let (Some(min), Some(max)) = (self.data.min_pixels, self.data.max_pixels) {
+            if min > max {
+                return problem("data.min_pixels", format!("data.min_pixels must be at most data.max_pixels ({max}), found {min}"));
+            }
         }
         if vsft_model::StoredDtype::from_torch_name(&self.model.dtype).is_none() {
-            return Err(format!("model.dtype must be float32, bfloat16 or float16, found {:?}", self.model.dtype));
+            return problem(
+                "model.dtype",
+                format!("model.dtype must be \"float32\", \"bfloat16\" or \"float16\", found \"{}\"", crate::error::excerpt(&self.model.dtype)),
+            );
+        }
+        let lora = vsft_model::lora::LoraConfig { target_modules: self.lora.target_modules.clone(), ..Default::default() };
+        if let Err(e) = lora.matcher() {
+            return problem("lora.target_modules", e.to_string());
         }
         Ok(())
     }
@@ -506,7 +759,7 @@ lr = 1e-3
     #[test]
     fn wrong_types_name_the_key_and_the_type() {
         let err = Recipe::parse(&MINIMAL.replace("lr = 1e-3", "lr = \"fast\""), "r.toml", &[]).unwrap_err().to_string();
-        assert!(err.contains("train.lr must be a float, found string"), "{err}");
+        assert_eq!(err, "r.toml: train.lr must be a finite float > 0, found string \"fast\"");
     }
 
     #[test]

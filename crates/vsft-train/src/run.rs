@@ -113,9 +113,11 @@ pub fn load_projector<B: Backend>(model: VlmModel<B>, path: &Path) -> Result<Vlm
         [path.join("projector.safetensors"), path.join("adapter_model.safetensors")]
             .into_iter()
             .find(|p| p.exists())
-            .ok_or_else(|| TrainError::Recipe(format!("model.projector: {} has no projector.safetensors", path.display())))?
-    } else {
+            .ok_or_else(|| TrainError::Checkpoint(format!("{}: holds no projector.safetensors or adapter_model.safetensors", path.display())))?
+    } else if path.exists() {
         path.to_path_buf()
+    } else {
+        return Err(TrainError::Checkpoint(format!("{}: does not exist; expected a checkpoint directory or a projector .safetensors file", path.display())));
     };
     let raw = vsft_model::weights::read_tensor_file(&file)?;
     let projector: Vec<_> = raw
@@ -124,7 +126,7 @@ pub fn load_projector<B: Backend>(model: VlmModel<B>, path: &Path) -> Result<Vlm
         .filter(|(k, _)| model.as_dyn().part_names().is_projector(k))
         .collect();
     if projector.is_empty() {
-        return Err(TrainError::Recipe(format!("model.projector: {} holds no {}* tensor", file.display(), model.as_dyn().part_names().projector)));
+        return Err(TrainError::Checkpoint(format!("{}: holds no {}* tensor", file.display(), model.as_dyn().part_names().projector)));
     }
     Ok(model.with_tensors(&projector, &file)?)
 }
@@ -162,9 +164,10 @@ pub fn train_with<B: AutodiffBackend>(
     INTERRUPTED.store(false, Ordering::SeqCst);
     let t = &recipe.train;
     let out = recipe.output_dir();
-    std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+    create_output_dir(&out)?;
     let recipe_toml = recipe.to_toml();
-    std::fs::write(out.join("recipe.toml"), &recipe_toml).map_err(|e| TrainError::io(&out, e))?;
+    let resolved = out.join("recipe.toml");
+    std::fs::write(&resolved, &recipe_toml).map_err(|e| TrainError::io(&resolved, e))?;
 
     // Model and stage.
     eprintln!("vsft: loading {}", inputs.model_dir.display());
@@ -176,7 +179,7 @@ pub fn train_with<B: AutodiffBackend>(
         eprintln!("vsft: frozen weights in {} (projector, LoRA and optimizer state in f32)", recipe.model.dtype);
     }
     if let Some(p) = &recipe.model.projector {
-        model = load_projector(model, Path::new(p))?;
+        model = load_projector(model, Path::new(p)).map_err(|e| TrainError::Recipe(format!("model.projector: {e}")))?;
         eprintln!("vsft: projector from {p}");
     }
     let lora_cfg = LoraConfig {
@@ -220,7 +223,7 @@ pub fn train_with<B: AutodiffBackend>(
     let lcfg = loader_config(recipe, t.batch_size, t.shuffle)?;
     let batches_per_epoch = rows.div_ceil(t.batch_size).max(1);
     let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum).max(1);
-    let total_steps = if t.max_steps > 0 { t.max_steps } else { t.epochs * steps_per_epoch };
+    let total_steps = if t.max_steps > 0 { t.max_steps } else { t.epochs.saturating_mul(steps_per_epoch) };
     let warmup = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio);
     eprintln!(
         "vsft: {rows} rows, {steps_per_epoch} steps per epoch, {total_steps} steps, batch {}×{} (global {}), warmup {warmup}",
@@ -246,22 +249,28 @@ pub fn train_with<B: AutodiffBackend>(
         base_model: recipe.model.path.clone(),
         model_type: trainer.model.family().model_type().to_string(),
     };
-    let resume_dir = match resume {
-        Resume::No => None,
-        Resume::Auto => checkpoint::latest_checkpoint(&out),
-        Resume::Dir(d) => Some(d),
+    let (resume_dir, picked) = match resume {
+        Resume::No => (None, false),
+        Resume::Auto => (checkpoint::latest_checkpoint(&out), true),
+        Resume::Dir(d) => (Some(d), false),
     };
     if let Some(dir) = resume_dir {
-        let saved = checkpoint::read_state(&dir)?;
-        if saved.trainable_fingerprint != state.trainable_fingerprint {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: the recipe changes what is trained: checkpoint {} vs recipe {}",
-                dir.display(),
-                saved.trainable_fingerprint,
-                state.trainable_fingerprint
-            )));
-        }
-        checkpoint::restore(&dir, &mut trainer, &saved)?;
+        let target = checkpoint::ResumeTarget {
+            stage: t.stage,
+            model_type: &state.model_type,
+            trainable_fingerprint: &state.trainable_fingerprint,
+            rows,
+            total_steps,
+            epochs: t.epochs,
+            max_steps: t.max_steps,
+        };
+        let saved = checkpoint::read_state(&dir)
+            .and_then(|saved| saved.check_resumable(&dir.join("trainer_state.json"), &target).map(|()| saved))
+            .and_then(|saved| checkpoint::restore(&dir, &mut trainer, &saved).map(|()| saved))
+            .map_err(|e| match picked {
+                true => TrainError::Checkpoint(format!("{e} (--resume auto took the newest checkpoint; pass --resume <dir> to resume from an earlier one)")),
+                false => e,
+            })?;
         eprintln!("vsft: resumed from {} (step {})", dir.display(), saved.global_step);
         state = TrainerState { total_steps, ..saved };
     }
@@ -360,7 +369,7 @@ pub fn train_with<B: AutodiffBackend>(
     }
     bar.finish_and_clear();
     skips.merge(loader.skipped());
-    state.rows_skipped = rows_skipped_before + skips.total();
+    state.rows_skipped = rows_skipped_before.saturating_add(skips.total());
     if !interrupted {
         if let Some(eval) = &inputs.eval {
             let r = run_eval(&trainer, recipe, eval, &processor)?;
@@ -387,6 +396,15 @@ pub fn train_with<B: AutodiffBackend>(
         rows_skipped: state.rows_skipped,
         losses,
     })
+}
+
+/// `train.output_dir`, created if needed; a path that is a file, or cannot be created, is an
+/// error naming the key.
+fn create_output_dir(out: &Path) -> Result<(), TrainError> {
+    if out.exists() && !out.is_dir() {
+        return Err(TrainError::Recipe(format!("train.output_dir: {} exists and is not a directory", out.display())));
+    }
+    std::fs::create_dir_all(out).map_err(|e| TrainError::Recipe(format!("train.output_dir: cannot create {}: {e}", out.display())))
 }
 
 fn save<B: AutodiffBackend>(

@@ -58,10 +58,16 @@ pub fn write_processor_files(model: &VlmModel<Compute>, dir: &Path) -> Result<()
         "patch_size": cfg.vision_config.patch_size, "processor_class": processor_class,
         "vision_feature_select_strategy": strategy
     });
-    std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&image_processor)?)?;
-    std::fs::write(dir.join("processor_config.json"), serde_json::to_string_pretty(&processor)?)?;
-    Ok(())
+    write_json(&dir.join("preprocessor_config.json"), &image_processor)?;
+    write_json(&dir.join("processor_config.json"), &processor)
 }
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(v)?).with_context(|| path.display().to_string())
+}
+
+/// A model config is a small JSON file; a larger one is refused before it fills memory.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 /// Qwen2-VL's processor files, as the Hub's Qwen2-VL / Qwen2.5-VL repos ship them.
 fn write_qwen_processor_files(cfg: &vsft_model::Qwen2VlConfig, dir: &Path) -> Result<()> {
@@ -74,18 +80,23 @@ fn write_qwen_processor_files(cfg: &vsft_model::Qwen2VlConfig, dir: &Path) -> Re
         "resample": 3, "rescale_factor": 1.0 / 255.0, "processor_class": "Qwen2VLProcessor"
     });
     let processor = serde_json::json!({"image_processor": image_processor, "processor_class": "Qwen2VLProcessor"});
-    std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&image_processor)?)?;
-    std::fs::write(dir.join("processor_config.json"), serde_json::to_string_pretty(&processor)?)?;
-    Ok(())
+    write_json(&dir.join("preprocessor_config.json"), &image_processor)?;
+    write_json(&dir.join("processor_config.json"), &processor)
 }
 
 pub fn init(a: InitArgs) -> Result<ExitCode> {
-    let text = std::fs::read_to_string(&a.config).with_context(|| a.config.display().to_string())?;
-    let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| a.config.display().to_string())?;
+    let text = vsft_train::read_text_limited(&a.config, MAX_CONFIG_BYTES, "a model config (JSON)")?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", a.config.display()))?;
     let dtype = StoredDtype::from_torch_name(&a.dtype).with_context(|| format!("--dtype {}: use float32, bfloat16 or float16", a.dtype))?;
     let shard = vsft_model::weights::parse_size(&a.max_shard_size).with_context(|| format!("--max-shard-size {}", a.max_shard_size))?;
-    std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+    // Everything that can be refused is refused before --out is created.
+    if let Some(src) = &a.tokenizer_from {
+        if !src.join("tokenizer.json").is_file() {
+            bail!("--tokenizer-from {}: no tokenizer.json there", src.display());
+        }
+    }
     let model = VlmModel::<Compute>::random_from_config(&cfg, a.seed, &device()).map_err(|e| anyhow::anyhow!("{}: {e}", a.config.display()))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
     model.save(&a.out, dtype, shard)?;
     write_processor_files(&model, &a.out)?;
     if let Some(src) = &a.tokenizer_from {
@@ -95,9 +106,6 @@ pub fn init(a: InitArgs) -> Result<ExitCode> {
                 std::fs::copy(src.join(f), a.out.join(f)).with_context(|| src.join(f).display().to_string())?;
                 copied += 1;
             }
-        }
-        if !src.join("tokenizer.json").exists() {
-            bail!("{}: no tokenizer.json", src.display());
         }
         eprintln!("vsft: copied {copied} tokenizer files from {}", src.display());
     }

@@ -90,7 +90,7 @@ fn train_stage(recipe: &Recipe, resume: &Option<String>) -> Result<vsft_train::r
     let mut push_each = |dir: &Path| -> Result<(), vsft_train::TrainError> {
         if let (Some(repo), true) = (&hub.repo, hub.push_checkpoints) {
             let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-            push_export(dir, repo, hub.private, Some(name)).map_err(|e| vsft_train::TrainError::Other(format!("{e:#}")))?;
+            push_export(dir, repo, hub.private, Some(name)).map_err(|e| vsft_train::TrainError::Other(crate::describe(&e)))?;
         }
         Ok(())
     };
@@ -184,6 +184,9 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
 
 /// `--adapter DIR`: a LoRA adapter (with `adapter_config.json`) or a stage-1 checkpoint's projector.
 pub fn load_adapter_or_projector<B: burn::tensor::backend::Backend>(model: VlmModel<B>, dir: &Path) -> Result<VlmModel<B>> {
+    if !dir.exists() {
+        anyhow::bail!("--adapter {}: does not exist; expected an adapter or checkpoint directory", dir.display());
+    }
     if dir.join("adapter_config.json").exists() {
         Ok(model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?.0)
     } else {
