@@ -224,22 +224,20 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
 /// allocated (0 means `MAX_IMAGE_PIXELS`).
 pub fn decode_image_limited(bytes: &[u8], max_pixels: u64) -> std::result::Result<RgbImage, String> {
     let max_pixels = if max_pixels == 0 { MAX_IMAGE_PIXELS } else { max_pixels };
-    // JPEGs: our libjpeg-turbo-exact decoder (what Pillow uses); anything it does not
-    // handle (CMYK, 12-bit, odd sampling) goes to the `image` crate, and so does a file it
-    // finds corrupt (its error is kept if the `image` crate fails too).
-    let mut jpeg_error = None;
+    // JPEGs: our libjpeg-turbo-exact decoder (what Pillow uses). Only what it does not
+    // implement (12-bit, YCCK, unusual sampling, arithmetic coding) goes to the `image`
+    // crate: a file it finds corrupt libjpeg refuses too, and the `image` crate's more
+    // lenient decoder would, for instance, zero-fill a truncated scan of any claimed size.
     if bytes.len() > 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 {
         match crate::jpeg::decode(bytes, max_pixels) {
             Ok((w, h, rgb)) => return Ok(RgbImage::new(w, h, rgb)),
-            Err(e @ crate::jpeg::JpegError::TooLarge(_)) => return Err(e.to_string()),
-            Err(e @ crate::jpeg::JpegError::Corrupt(_)) => jpeg_error = Some(e.to_string()),
             Err(crate::jpeg::JpegError::Unsupported(_)) => {}
+            Err(e) => return Err(e.to_string()),
         }
     }
     // The `image` crate is third-party: a panic in it is one more decoding error.
-    let decoded = std::panic::catch_unwind(|| decode_with_image_crate(bytes, max_pixels))
-        .unwrap_or_else(|_| Err("the image decoder failed on this file (it panicked)".into()));
-    decoded.map_err(|e| jpeg_error.unwrap_or(e))
+    std::panic::catch_unwind(|| decode_with_image_crate(bytes, max_pixels))
+        .unwrap_or_else(|_| Err("the image decoder failed on this file (it panicked)".into()))
 }
 
 /// The `image` crate's decoders, bounded: the header is read once, its claimed size checked

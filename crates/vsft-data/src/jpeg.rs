@@ -595,7 +595,7 @@ pub fn decode(data: &[u8], max_pixels: u64) -> R<(usize, usize, Vec<u8>)> {
                     return Err(JpegError::Unsupported("zero size or DNL".into()));
                 }
                 let nc = seg[5] as usize;
-                if !(nc == 1 || nc == 3) || seg.len() < 6 + 3 * nc {
+                if !matches!(nc, 1 | 3 | 4) || seg.len() < 6 + 3 * nc {
                     return Err(JpegError::Unsupported(format!("{nc} components")));
                 }
                 for k in 0..nc {
@@ -617,7 +617,9 @@ pub fn decode(data: &[u8], max_pixels: u64) -> R<(usize, usize, Vec<u8>)> {
                     hmax = comps.iter().map(|c| c.h).max().unwrap_or(1);
                     vmax = comps.iter().map(|c| c.v).max().unwrap_or(1);
                     let y = &comps[0];
-                    if y.h != hmax || y.v != vmax || comps[1..].iter().any(|c| c.h != 1 || c.v != 1) || hmax > 2 || vmax > 2 {
+                    // no subsampling, or (three components) the luma at 2x1, 1x2 or 2x2
+                    let luma_only = nc == 3 && y.h == hmax && y.v == vmax && comps[1..].iter().all(|c| c.h == 1 && c.v == 1) && hmax <= 2 && vmax <= 2;
+                    if (hmax, vmax) != (1, 1) && !luma_only {
                         let f: Vec<String> = comps.iter().map(|c| format!("{}x{}", c.h, c.v)).collect();
                         return Err(JpegError::Unsupported(format!("sampling factors {}", f.join(", "))));
                     }
@@ -716,6 +718,13 @@ pub fn decode(data: &[u8], max_pixels: u64) -> R<(usize, usize, Vec<u8>)> {
         }
         return Ok((width, height, out));
     }
+    if comps.len() == 4 {
+        // libjpeg: four components are YCCK with an Adobe transform other than 0
+        if adobe_transform.is_some_and(|t| t != 0) {
+            return Err(JpegError::Unsupported("YCCK colour".into()));
+        }
+        return Ok((width, height, cmyk_to_rgb(&comps, width, height)));
+    }
     // colour transform: JFIF / Adobe transform 1 / default => YCbCr; Adobe 0 or ids 'R','G','B' => RGB
     let rgb_ids = comps[0].id == b'R' && comps[1].id == b'G' && comps[2].id == b'B';
     let is_ycc = match adobe_transform {
@@ -734,6 +743,29 @@ pub fn decode(data: &[u8], max_pixels: u64) -> R<(usize, usize, Vec<u8>)> {
     }
     ycc_to_rgb(&planes[0], &planes[1], &planes[2], &mut out);
     Ok((width, height, out))
+}
+
+/// What Pillow makes of a four-component JPEG: the samples read as Adobe's inverted CMYK
+/// (rawmode "CMYK;I"), then `convert("RGB")` (libImaging's `cmyk2rgb`:
+/// `R = (255 - K) - MULDIV255(C, 255 - K)`). Unsubsampled planes.
+fn cmyk_to_rgb(comps: &[Comp], width: usize, height: usize) -> Vec<u8> {
+    let muldiv255 = |a: u32, b: u32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    let mut out = Vec::with_capacity(width * height * 3);
+    for y in 0..height {
+        let row = |ci: usize| &comps[ci].data[y * comps[ci].stride..y * comps[ci].stride + width];
+        let (c, m, ye, k) = (row(0), row(1), row(2), row(3));
+        for x in 0..width {
+            // inverted samples: 255 - raw is the ink, and the raw K is 255 - K
+            let nk = k[x] as u32;
+            for ink in [c[x], m[x], ye[x]] {
+                out.push((nk - muldiv255(255 - ink as u32, nk)) as u8);
+            }
+        }
+    }
+    out
 }
 
 // jdcolor.c's tables, computed inline (identical values; vectorisable).

@@ -8,7 +8,7 @@ use crate::collator::{self, Batch, CollatorConfig, Example, ImageBatch, ImageMet
 use crate::dataset::{validate_row, Row};
 use crate::error::{BadRowKind, DataError, Result};
 use crate::family::{qwen2_vl, PreparedImage, ProcessorOverrides, VisionProcessor};
-use crate::image_proc::{decode_image, RgbImage};
+use crate::image_proc::{decode_image_limited, read_capped, RgbImage, MAX_IMAGE_FILE_BYTES};
 use crate::template::{AssistantSpans, Encoded, ImageTokenSpec, Message, TextProcessor};
 
 /// A row processed up to its 8-bit images (resized, cropped / tiled): what a batch needs
@@ -25,6 +25,9 @@ pub struct Prepared {
 pub struct Processor {
     pub image: VisionProcessor,
     pub text: TextProcessor,
+    /// Images whose header claims more pixels are refused before decoding
+    /// (`data.max_image_pixels`; default `image_proc::MAX_IMAGE_PIXELS`).
+    pub max_image_pixels: u64,
 }
 
 impl Processor {
@@ -37,7 +40,7 @@ impl Processor {
 
     /// `from_model_dir` with user overrides of the processor files' settings
     /// (`data.min_pixels` / `data.max_pixels`, Qwen2-VL only: an error naming the key on
-    /// other families).
+    /// other families; `data.max_image_pixels`).
     pub fn from_model_dir_with(dir: &Path, chat_template: Option<&Path>, overrides: &ProcessorOverrides) -> Result<Self> {
         let image = VisionProcessor::from_model_dir_with(dir, overrides)?;
         let text = match &image {
@@ -64,7 +67,7 @@ impl Processor {
                 text
             }
         };
-        Ok(Processor { image, text })
+        Ok(Processor { image, text, max_image_pixels: overrides.max_image_pixels() })
     }
 
     /// `"llava"` / `"llava_next"` / `"qwen2_vl"` (also for Qwen2.5-VL: same processor).
@@ -72,20 +75,30 @@ impl Processor {
         self.image.family()
     }
 
-    /// Decodes the images of a row; errors name the image field.
+    /// Decodes the images of a row; errors name the image field. An image file over
+    /// `image_proc::MAX_IMAGE_FILE_BYTES` or an image over `max_image_pixels` is a
+    /// `CorruptImage` row (skipped and counted under `on_bad_row = "skip"`).
     pub fn decode_row_images(&self, row: &Row) -> Result<Vec<RgbImage>> {
         row.images
             .iter()
             .enumerate()
             .map(|(k, src)| {
                 let bytes = src.load().map_err(|e| {
-                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), BadRowKind::MissingImageFile, e.to_string())
+                    let kind = if e.kind() == std::io::ErrorKind::FileTooLarge { BadRowKind::CorruptImage } else { BadRowKind::MissingImageFile };
+                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), kind, e.to_string())
                 })?;
-                decode_image(&bytes).map_err(|e| {
+                decode_image_limited(&bytes, self.max_image_pixels).map_err(|e| {
                     DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, format!("cannot decode image: {e}"))
                 })
             })
             .collect()
+    }
+
+    /// Reads (up to `image_proc::MAX_IMAGE_FILE_BYTES`) and decodes an image file under
+    /// `max_image_pixels`; errors name the file.
+    pub fn load_image(&self, path: &Path) -> Result<RgbImage> {
+        let bytes = read_capped(path, MAX_IMAGE_FILE_BYTES, "image files").map_err(|e| DataError::io(path, e))?;
+        decode_image_limited(&bytes, self.max_image_pixels).map_err(|e| DataError::Image(format!("{}: cannot decode: {e}", path.display())))
     }
 
     /// Layout and token count of each decoded image of a row; errors name the image field.

@@ -33,21 +33,20 @@ pub const VISION_END_TOKEN: &str = "<|vision_end|>";
 /// Largest aspect ratio `smart_resize` accepts.
 pub const MAX_ASPECT_RATIO: f64 = 200.0;
 
-/// User overrides of the processor files' settings (recipe keys `data.min_pixels`,
-/// `data.max_pixels`). Only the `qwen2_vl` family has them.
+/// User overrides of the processor files' settings: recipe keys `data.min_pixels` and
+/// `data.max_pixels` (the `qwen2_vl` family only) and `data.max_image_pixels` (every family).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProcessorOverrides {
     pub min_pixels: Option<u64>,
     pub max_pixels: Option<u64>,
+    /// The largest image decoded, in pixels (`None` or 0: `image_proc::MAX_IMAGE_PIXELS`,
+    /// Pillow's decompression-bomb limit).
+    pub max_image_pixels: Option<u64>,
 }
 
 impl ProcessorOverrides {
-    pub fn is_empty(&self) -> bool {
-        self.min_pixels.is_none() && self.max_pixels.is_none()
-    }
-
-    /// The recipe keys that are set (`data.min_pixels`, `data.max_pixels`).
-    pub fn keys(&self) -> Vec<&'static str> {
+    /// The Qwen2-VL-only recipe keys that are set (`data.min_pixels`, `data.max_pixels`).
+    pub fn qwen_keys(&self) -> Vec<&'static str> {
         let mut k = Vec::new();
         if self.min_pixels.is_some() {
             k.push("data.min_pixels");
@@ -56,6 +55,11 @@ impl ProcessorOverrides {
             k.push("data.max_pixels");
         }
         k
+    }
+
+    /// The pixel limit of image decoding.
+    pub fn max_image_pixels(&self) -> u64 {
+        self.max_image_pixels.filter(|&n| n > 0).unwrap_or(crate::image_proc::MAX_IMAGE_PIXELS)
     }
 }
 
@@ -182,7 +186,7 @@ impl Qwen2VlProcessor {
         if config.min_pixels == 0 || config.max_pixels == 0 {
             return Err(bad(path, format!("data.min_pixels / data.max_pixels must be positive (got {} / {})", config.min_pixels, config.max_pixels)));
         }
-        if !overrides.is_empty() && config.min_pixels > config.max_pixels {
+        if !overrides.qwen_keys().is_empty() && config.min_pixels > config.max_pixels {
             return Err(bad(
                 path,
                 format!("data.min_pixels ({}) is larger than data.max_pixels ({}) after the overrides", config.min_pixels, config.max_pixels),
