@@ -194,6 +194,49 @@ pub fn read_capped(path: &Path, limit: u64, what: &str) -> std::io::Result<Vec<u
     Ok(buf)
 }
 
+/// Largest side of a processed image (`size`, `crop_size`): an 8192² unit is already
+/// 3·8192²·4 bytes = 768 MiB of `f32` pixels.
+pub const MAX_PROCESSOR_SIDE: u32 = 8192;
+
+impl ImageProcessorConfig {
+    /// Checks what the preprocessing will use: three finite means and non-zero finite
+    /// standard deviations, a finite rescale factor, and every size between 1 and
+    /// `MAX_PROCESSOR_SIDE`. Messages name the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.do_resize && self.resample != 3 {
+            return Err(format!("resample={} is not supported (only 3 = BICUBIC)", self.resample));
+        }
+        for (key, v) in [("image_mean", &self.image_mean), ("image_std", &self.image_std)] {
+            if v.len() != 3 || v.iter().any(|x| !x.is_finite()) {
+                return Err(format!("{key} must be 3 finite numbers (one per RGB channel), found {v:?}"));
+            }
+        }
+        if self.do_normalize && self.image_std.contains(&0.0) {
+            return Err(format!("image_std {:?} has a 0: normalising divides by it", self.image_std));
+        }
+        if !self.rescale_factor.is_finite() {
+            return Err(format!("rescale_factor {} is not a finite number", self.rescale_factor));
+        }
+        for (key, size, used) in [("size", &self.size, self.do_resize), ("crop_size", &self.crop_size, self.do_center_crop)] {
+            let spec = size.spec(key == "crop_size");
+            for (field, v) in [("shortest_edge", spec.shortest_edge), ("height", spec.height), ("width", spec.width)] {
+                match v {
+                    Some(0) if used => return Err(format!("{key}.{field} is 0: an image of no pixels")),
+                    Some(n) if used && n > MAX_PROCESSOR_SIDE => {
+                        let bytes = 3 * 4 * n as u64 * n as u64;
+                        return Err(format!(
+                            "{key}.{field} {n} is larger than {MAX_PROCESSOR_SIDE}: one {n}x{n} image alone would be {} MiB of f32 pixels",
+                            bytes >> 20
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let bytes = read_capped(path, MAX_CONFIG_FILE_BYTES, "a JSON configuration file").map_err(|e| DataError::io(path, e))?;
     serde_json::from_slice(&bytes).map_err(|e| DataError::Json { path: path.to_path_buf(), msg: e.to_string() })
@@ -208,7 +251,7 @@ pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
 pub fn too_many_pixels(width: u64, height: u64, limit: u64) -> String {
     format!(
         "the image claims {width}x{height} = {} pixels, more than the limit of {limit} pixels (by default Pillow's decompression-bomb limit); \
-         raise it with the recipe key `data.max_image_pixels` if the image is genuine",
+         raise it with the recipe key `data.max_image_pixels` (`vsft generate --max-image-pixels`) if the image is genuine",
         width * height
     )
 }
@@ -589,9 +632,7 @@ impl ImageProcessor {
                 config.resample
             )));
         }
-        if config.image_mean.len() != 3 || config.image_std.len() != 3 {
-            return Err(DataError::Other("image processor: image_mean/image_std must have 3 entries".into()));
-        }
+        config.validate().map_err(|m| DataError::Other(format!("image processor: {m}")))?;
         Ok(ImageProcessor { config })
     }
 

@@ -377,3 +377,88 @@ fn endless_files_are_read_up_to_a_limit() {
     let e = vsft_data::ImageProcessorConfig::from_file(Path::new("/dev/zero")).unwrap_err().to_string();
     assert!(e.contains("/dev/zero") && e.contains("16 MiB"), "{e}");
 }
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// The image processor JSON of `dir` with `patch` merged in, through the family selection
+/// (as `preprocessor_config.json` would be read).
+fn with_patch(dir: &Path, patch: serde_json::Value) -> Result<vsft_data::VisionProcessor, String> {
+    let path = dir.join("preprocessor_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (k, x) in patch.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    let res = std::panic::catch_unwind(|| vsft_data::VisionProcessor::from_value(dir, &v, &path));
+    match res.unwrap_or_else(|_| panic!("{patch}: panicked")) {
+        Ok(p) => Ok(p),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[test]
+fn processor_configs_are_validated_on_load() {
+    use serde_json::json;
+    let llava = fixtures().join("data/model");
+    let next = fixtures().join("llava_next/data/processor");
+    let qwen = fixtures().join("qwen_vl/data/processor");
+    let cases = [
+        (&llava, json!({"crop_size": {"height": 0, "width": 0}}), "crop_size.height is 0"),
+        (&llava, json!({"crop_size": 100000}), "crop_size.height 100000 is larger than 8192"),
+        (&llava, json!({"size": {"shortest_edge": 0}}), "size.shortest_edge is 0"),
+        (&llava, json!({"size": {"shortest_edge": 50000}}), "size.shortest_edge 50000"),
+        (&llava, json!({"image_std": [0.0, 0.2, 0.2]}), "image_std"),
+        (&llava, json!({"image_mean": [0.5, 0.5]}), "image_mean"),
+        (&next, json!({"image_grid_pinpoints": []}), "image_grid_pinpoints"),
+        (&next, json!({"image_grid_pinpoints": [[0, 336]]}), "image_grid_pinpoints"),
+        (&next, json!({"image_grid_pinpoints": [[336, 1000000]]}), "image_grid_pinpoints"),
+        (&next, json!({"crop_size": {"height": 0, "width": 0}}), "crop_size.height is 0"),
+        (&next, json!({"image_std": [1.0, 0.0, 1.0]}), "image_std"),
+        (&qwen, json!({"patch_size": 0}), "patch_size"),
+        (&qwen, json!({"merge_size": 1000}), "merge_size 1000"),
+        (&qwen, json!({"temporal_patch_size": 0}), "temporal_patch_size"),
+        (&qwen, json!({"min_pixels": 1000000000u64, "max_pixels": 1000000}), "min_pixels / max_pixels"),
+        (&qwen, json!({"max_pixels": 1000000000000u64}), "max_pixels 1000000000000"),
+        (&qwen, json!({"image_std": [0.0, 0.0, 0.0]}), "image_std"),
+    ];
+    for (dir, patch, key) in cases {
+        let e = with_patch(dir, patch.clone()).err().unwrap_or_else(|| panic!("{patch}: accepted"));
+        assert!(e.contains("preprocessor_config.json") && e.contains(key), "{patch}: {e}");
+    }
+    for dir in [&llava, &next, &qwen] {
+        assert!(with_patch(dir, json!({})).is_ok(), "{}", dir.display());
+    }
+}
+
+#[test]
+fn a_resize_of_a_very_thin_image_is_refused_not_attempted() {
+    // LLaVA's shortest-edge resize of a 1-pixel-wide image (a PNG may be 1 x 10^8 pixels)
+    let p = vsft_data::VisionProcessor::from_model_dir(&fixtures().join("data/model")).unwrap();
+    let e = p.meta(10_000_000, 1).err().expect("a 1x10^7 image resized to shortest edge 84").to_string();
+    assert!(e.contains("1x10000000") && e.contains(&MAX_IMAGE_PIXELS.to_string()), "{e}");
+    assert!(p.meta(1000, 1).is_ok());
+}
+
+#[test]
+fn a_row_over_the_pixel_limit_is_a_corrupt_image_row() {
+    use vsft_data::{BadRowKind, ImageSource, Processor, ProcessorOverrides, Row};
+    let overrides = ProcessorOverrides { max_image_pixels: Some(1000), ..Default::default() };
+    let p = Processor::from_model_dir_with(&fixtures().join("data/model"), None, &overrides).unwrap();
+    assert_eq!(p.max_image_pixels, 1000);
+    let row = Row {
+        index: 0,
+        file: PathBuf::from("rows.parquet"),
+        file_row: 7,
+        messages: vec![],
+        images: vec![ImageSource::Bytes(std::sync::Arc::new(fixture("baseline_photo.jpg")))],
+    };
+    let e = p.decode_row_images(&row).err().expect("a 160x120 image under a 1000-pixel limit");
+    assert_eq!(e.bad_row_kind(), Some(BadRowKind::CorruptImage));
+    let msg = e.to_string();
+    assert!(msg.contains("rows.parquet") && msg.contains("row 7") && msg.contains("images[0]") && msg.contains("limit of 1000 pixels"), "{msg}");
+    // the default is Pillow's
+    let p = Processor::from_model_dir(&fixtures().join("data/model"), None).unwrap();
+    assert_eq!(p.max_image_pixels, MAX_IMAGE_PIXELS);
+    assert_eq!(p.decode_row_images(&row).unwrap()[0].width, 160);
+}

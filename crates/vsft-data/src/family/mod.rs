@@ -192,7 +192,7 @@ impl VisionProcessor {
             return Err(DataError::Other(format!("image of size {w}x{h}")));
         }
         Ok(match self {
-            VisionProcessor::Llava(p) => p.meta(h, w),
+            VisionProcessor::Llava(p) => p.meta(h, w)?,
             VisionProcessor::LlavaNext(p) => p.meta(h, w),
             VisionProcessor::Qwen2Vl(p) => p.meta(h, w)?,
         })

@@ -19,7 +19,7 @@ use std::path::Path;
 
 use crate::collator::ImageMeta;
 use crate::error::{DataError, Result};
-use crate::image_proc::{resize_bicubic_pil, ImageProcessor, ImageProcessorConfig, RgbImage};
+use crate::image_proc::{resize_bicubic_pil, ImageProcessor, ImageProcessorConfig, RgbImage, MAX_IMAGE_PIXELS};
 
 /// `Qwen2VLImageProcessor.size["shortest_edge"]`'s class default (`min_pixels`).
 pub const DEFAULT_MIN_PIXELS: u64 = 56 * 56;
@@ -186,10 +186,17 @@ impl Qwen2VlProcessor {
         if config.min_pixels == 0 || config.max_pixels == 0 {
             return Err(bad(path, format!("data.min_pixels / data.max_pixels must be positive (got {} / {})", config.min_pixels, config.max_pixels)));
         }
-        if !overrides.qwen_keys().is_empty() && config.min_pixels > config.max_pixels {
+        if config.min_pixels > config.max_pixels {
+            let keys = if overrides.qwen_keys().is_empty() { "min_pixels / max_pixels" } else { "data.min_pixels / data.max_pixels (after the overrides)" };
+            return Err(bad(path, format!("{keys}: the minimum {} is larger than the maximum {}", config.min_pixels, config.max_pixels)));
+        }
+        if config.max_pixels > MAX_IMAGE_PIXELS {
             return Err(bad(
                 path,
-                format!("data.min_pixels ({}) is larger than data.max_pixels ({}) after the overrides", config.min_pixels, config.max_pixels),
+                format!(
+                    "max_pixels {} is more than {MAX_IMAGE_PIXELS}, Pillow's decompression-bomb limit: a resized image that large would not fit a batch",
+                    config.max_pixels
+                ),
             ));
         }
         Self::new(config, path)
@@ -200,8 +207,12 @@ impl Qwen2VlProcessor {
         if config.do_resize && config.resample != 3 {
             return Err(bad(path, format!("resample={} is not supported (only 3 = BICUBIC)", config.resample)));
         }
-        if config.patch_size > 1024 || config.merge_size > 64 || config.temporal_patch_size > 64 {
-            return Err(bad(path, "patch_size / merge_size / temporal_patch_size out of range"));
+        // Released models use 14 or 16, 2 and 2; the bounds keep one patch row
+        // (3·temporal·patch² values) and the resize factor sane.
+        for (key, v, max) in [("patch_size", config.patch_size, 128), ("merge_size", config.merge_size, 16), ("temporal_patch_size", config.temporal_patch_size, 16)] {
+            if v == 0 || v > max {
+                return Err(bad(path, format!("{key} {v} is out of range (1..={max})")));
+            }
         }
         let norm = ImageProcessor::new(config.norm.clone()).map_err(|e| bad(path, e.to_string()))?;
         Ok(Qwen2VlProcessor { config, norm })
