@@ -1,9 +1,10 @@
 //! A JPEG decoder that reproduces libjpeg-turbo's default output (what Pillow gives) for
-//! 8-bit baseline, extended and progressive Huffman files with one or three components:
-//! `jpeg_idct_islow`, fancy upsampling (h2v1, h2v2, h1v2) with libjpeg's edge and
-//! context-row rules, and the table-driven YCbCr->RGB conversion. Other valid files (CMYK,
-//! 12-bit, arithmetic coding, unusual sampling) return `Unsupported` so the caller can fall
-//! back to another decoder.
+//! 8-bit baseline, extended and progressive Huffman files: grayscale, YCbCr (or RGB) with
+//! 4:4:4, 4:2:2, 4:2:0 or 4:4:0 sampling, and unsubsampled CMYK: `jpeg_idct_islow`, fancy
+//! upsampling (h2v1, h2v2, h1v2) with libjpeg's edge and context-row rules, the
+//! table-driven YCbCr->RGB conversion, Pillow's CMYK->RGB. Other valid files (YCCK, 12-bit,
+//! arithmetic coding, unusual sampling) return `Unsupported` so the caller can fall back to
+//! another decoder.
 //!
 //! Every number read from the file is checked before it is used: table ids, segment
 //! lengths, component counts, sampling factors and Huffman code counts. The claimed size is
@@ -17,7 +18,7 @@ use std::fmt;
 
 #[derive(Debug)]
 pub enum JpegError {
-    /// Valid JPEG features this decoder does not implement (arithmetic coding, CMYK...).
+    /// Valid JPEG features this decoder does not implement (arithmetic coding, YCCK...).
     Unsupported(String),
     Corrupt(String),
     /// More pixels than the caller's limit (by default Pillow's decompression-bomb limit).

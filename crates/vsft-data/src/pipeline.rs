@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::collator::{self, Batch, CollatorConfig, Example, ImageBatch, ImageMeta, LabelMask, Truncation};
-use crate::dataset::{validate_row, Row};
+use crate::dataset::{validate_row, ImageSource, Row};
 use crate::error::{BadRowKind, DataError, Result};
 use crate::family::{qwen2_vl, PreparedImage, ProcessorOverrides, VisionProcessor};
 use crate::image_proc::{decode_image_limited, read_capped, RgbImage, MAX_IMAGE_FILE_BYTES};
@@ -75,23 +75,22 @@ impl Processor {
         self.image.family()
     }
 
-    /// Decodes the images of a row; errors name the image field. An image file over
+    /// Decodes image `k` of a row; errors name the image field. An image file over
     /// `image_proc::MAX_IMAGE_FILE_BYTES` or an image over `max_image_pixels` is a
     /// `CorruptImage` row (skipped and counted under `on_bad_row = "skip"`).
+    fn decode_row_image(&self, row: &Row, k: usize, src: &ImageSource) -> Result<RgbImage> {
+        let bytes = src.load().map_err(|e| {
+            let kind = if e.kind() == std::io::ErrorKind::FileTooLarge { BadRowKind::CorruptImage } else { BadRowKind::MissingImageFile };
+            DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), kind, e.to_string())
+        })?;
+        decode_image_limited(&bytes, self.max_image_pixels).map_err(|e| {
+            DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, format!("cannot decode image: {e}"))
+        })
+    }
+
+    /// Decodes the images of a row; errors name the image field.
     pub fn decode_row_images(&self, row: &Row) -> Result<Vec<RgbImage>> {
-        row.images
-            .iter()
-            .enumerate()
-            .map(|(k, src)| {
-                let bytes = src.load().map_err(|e| {
-                    let kind = if e.kind() == std::io::ErrorKind::FileTooLarge { BadRowKind::CorruptImage } else { BadRowKind::MissingImageFile };
-                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), kind, e.to_string())
-                })?;
-                decode_image_limited(&bytes, self.max_image_pixels).map_err(|e| {
-                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, format!("cannot decode image: {e}"))
-                })
-            })
-            .collect()
+        row.images.iter().enumerate().map(|(k, src)| self.decode_row_image(row, k, src)).collect()
     }
 
     /// Reads (up to `image_proc::MAX_IMAGE_FILE_BYTES`) and decodes an image file under
@@ -101,41 +100,25 @@ impl Processor {
         decode_image_limited(&bytes, self.max_image_pixels).map_err(|e| DataError::Image(format!("{}: cannot decode: {e}", path.display())))
     }
 
-    /// Layout and token count of each decoded image of a row; errors name the image field.
-    fn row_meta(&self, row: &Row, images: &[RgbImage]) -> Result<Vec<ImageMeta>> {
-        images
-            .iter()
-            .enumerate()
-            .map(|(k, img)| {
-                self.image.meta(img.height, img.width).map_err(|e| {
-                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, e.to_string())
-                })
-            })
-            .collect()
-    }
-
-    fn prepare_images(&self, row: &Row, images: &[RgbImage]) -> Result<Vec<PreparedImage>> {
-        images
-            .iter()
-            .enumerate()
-            .map(|(k, img)| {
-                self.image.prepare(img).map_err(|e| {
-                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, e.to_string())
-                })
-            })
-            .collect()
-    }
-
     /// Decodes and preprocesses the images of a row; errors name the image field.
     pub fn row_images(&self, row: &Row) -> Result<ImageBatch> {
-        let images = self.decode_row_images(row)?;
-        Ok(self.image.batch(&self.prepare_images(row, &images)?))
+        Ok(self.image.batch(&self.row_images_u8(row)?))
     }
 
-    /// Decoded 8-bit units (resized and cropped / tiled) of the images of a row.
+    /// Decoded 8-bit units (resized and cropped / tiled) of the images of a row, with their
+    /// layout and token counts. Each image is prepared as soon as it is decoded, so a row of
+    /// several large images holds one full-size image at a time.
     pub fn row_images_u8(&self, row: &Row) -> Result<Vec<PreparedImage>> {
-        let images = self.decode_row_images(row)?;
-        self.prepare_images(row, &images)
+        row.images
+            .iter()
+            .enumerate()
+            .map(|(k, src)| {
+                let img = self.decode_row_image(row, k, src)?;
+                self.image.prepare(&img).map_err(|e| {
+                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, e.to_string())
+                })
+            })
+            .collect()
     }
 
     /// Tokenizes (each image expanded to its own token count) and truncates a validated row.
@@ -159,14 +142,13 @@ impl Processor {
         Ok(encoded)
     }
 
-    /// Validates, decodes the images (their sizes set the `<image>` counts), tokenizes,
-    /// truncates and returns the 8-bit images.
+    /// Validates, decodes and prepares the images (their sizes set the `<image>` counts),
+    /// tokenizes, truncates and returns the 8-bit images.
     fn prepare_parts(&self, row: &Row, cfg: &CollatorConfig) -> Result<(Encoded, Vec<PreparedImage>)> {
         validate_row(row)?;
-        let images = self.decode_row_images(row)?;
-        let meta = self.row_meta(row, &images)?;
+        let prepared = self.row_images_u8(row)?;
+        let meta: Vec<ImageMeta> = prepared.iter().map(|p| p.meta).collect();
         let encoded = self.encode_checked(row, cfg, &meta)?;
-        let prepared = self.prepare_images(row, &images)?;
         Ok((encoded, prepared))
     }
 
