@@ -3,9 +3,9 @@
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let bytes = std::fs::read(&a[1]).unwrap();
-    match vsft_data::jpeg::decode(&bytes) {
+    match vsft_data::jpeg::decode(&bytes, vsft_data::image_proc::MAX_IMAGE_PIXELS) {
         Ok((w, h, _)) => eprintln!("own jpeg decoder: {w}x{h}"),
-        Err(e) => eprintln!("own jpeg decoder: {e:?}"),
+        Err(e) => eprintln!("own jpeg decoder: {e}"),
     }
     let img = vsft_data::image_proc::decode_image(&bytes).unwrap();
     std::fs::write(&a[2], &img.data).unwrap();

@@ -24,10 +24,14 @@ pub enum ImageSource {
 }
 
 impl ImageSource {
+    /// The encoded image. A file is read up to `image_proc::MAX_IMAGE_FILE_BYTES`
+    /// (a longer one is an error of kind `FileTooLarge`); errors name the file.
     pub fn load(&self) -> std::io::Result<Arc<Vec<u8>>> {
         match self {
             ImageSource::Bytes(b) => Ok(b.clone()),
-            ImageSource::Path(p) => std::fs::read(p).map(Arc::new),
+            ImageSource::Path(p) => crate::image_proc::read_capped(p, crate::image_proc::MAX_IMAGE_FILE_BYTES, "image files")
+                .map(Arc::new)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))),
         }
     }
 }

@@ -169,65 +169,161 @@ impl ImageProcessorConfig {
     }
 }
 
-pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let s = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-    serde_json::from_str(&s).map_err(|e| DataError::Json { path: path.to_path_buf(), msg: e.to_string() })
-}
+/// Largest JSON configuration file read (`preprocessor_config.json` and the like).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 16 << 20;
 
-/// Largest image decoded, in pixels: Pillow raises `DecompressionBombError` above twice
-/// `Image.MAX_IMAGE_PIXELS` (89478485), so nothing larger can reach transformers either.
-pub const MAX_IMAGE_PIXELS: usize = 2 * 89_478_485;
+/// Largest image file read from disk (`ImageSource::Path`, `vsft generate --image`).
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
 
-/// Decodes JPEG/PNG/WebP/GIF (first frame) bytes to RGB; alpha is composited onto white
-/// exactly as transformers' `convert_to_rgb` (PIL `alpha_composite`) does. Images of more
-/// than `MAX_IMAGE_PIXELS` pixels are refused before any pixel buffer is allocated.
-pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
-    // Baseline JPEGs: our libjpeg-turbo-exact decoder (what Pillow uses); anything it does
-    // not handle (progressive, CMYK, odd sampling) goes to the `image` crate.
-    if bytes.len() > 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 {
-        match crate::jpeg::decode(bytes) {
-            Ok((w, h, rgb)) => return Ok(RgbImage::new(w, h, rgb)),
-            Err(crate::jpeg::JpegError::TooLarge(m)) => return Err(m),
-            Err(_) => {}
-        }
-    }
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
-    let (w, h) = reader.into_dimensions().map_err(|e| e.to_string())?;
-    if w as usize * h as usize > MAX_IMAGE_PIXELS {
-        return Err(format!(
-            "{w}x{h} = {} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels (Pillow's decompression-bomb limit)",
-            w as usize * h as usize
+/// Reads `path` whole, refusing files longer than `limit` bytes (or endless ones such as
+/// `/dev/zero`) after reading at most `limit + 1` bytes: an `io::Error` of kind
+/// `FileTooLarge` that names the limit and `what` the file is. The caller names the path.
+pub fn read_capped(path: &Path, limit: u64, what: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    // the file's size (when it has one) sizes the buffer, never more than the limit
+    let hint = file.metadata().map(|m| m.len()).unwrap_or(0).min(limit);
+    let mut buf = Vec::with_capacity(hint as usize);
+    file.take(limit + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("longer than {} MiB, the limit for {what}", limit >> 20),
         ));
     }
-    let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
+    Ok(buf)
+}
+
+/// Largest side of a processed image (`size`, `crop_size`): an 8192² unit is already
+/// 3·8192²·4 bytes = 768 MiB of `f32` pixels.
+pub const MAX_PROCESSOR_SIDE: u32 = 8192;
+
+impl ImageProcessorConfig {
+    /// Checks what the preprocessing will use: three finite means and non-zero finite
+    /// standard deviations, a finite rescale factor, and every size between 1 and
+    /// `MAX_PROCESSOR_SIDE`. Messages name the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.do_resize && self.resample != 3 {
+            return Err(format!("resample={} is not supported (only 3 = BICUBIC)", self.resample));
+        }
+        for (key, v) in [("image_mean", &self.image_mean), ("image_std", &self.image_std)] {
+            if v.len() != 3 || v.iter().any(|x| !x.is_finite()) {
+                return Err(format!("{key} must be 3 finite numbers (one per RGB channel), found {v:?}"));
+            }
+        }
+        if self.do_normalize && self.image_std.contains(&0.0) {
+            return Err(format!("image_std {:?} has a 0: normalising divides by it", self.image_std));
+        }
+        if !self.rescale_factor.is_finite() {
+            return Err(format!("rescale_factor {} is not a finite number", self.rescale_factor));
+        }
+        for (key, size, used) in [("size", &self.size, self.do_resize), ("crop_size", &self.crop_size, self.do_center_crop)] {
+            let spec = size.spec(key == "crop_size");
+            for (field, v) in [("shortest_edge", spec.shortest_edge), ("height", spec.height), ("width", spec.width)] {
+                match v {
+                    Some(0) if used => return Err(format!("{key}.{field} is 0: an image of no pixels")),
+                    Some(n) if used && n > MAX_PROCESSOR_SIDE => {
+                        let bytes = 3 * 4 * n as u64 * n as u64;
+                        return Err(format!(
+                            "{key}.{field} {n} is larger than {MAX_PROCESSOR_SIDE}: one {n}x{n} image alone would be {} MiB of f32 pixels",
+                            bytes >> 20
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let bytes = read_capped(path, MAX_CONFIG_FILE_BYTES, "a JSON configuration file").map_err(|e| DataError::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| DataError::Json { path: path.to_path_buf(), msg: e.to_string() })
+}
+
+/// Largest image decoded by default, in pixels: Pillow raises `DecompressionBombError`
+/// above twice `Image.MAX_IMAGE_PIXELS` (89478485), so nothing larger can reach
+/// transformers either. The recipe key `data.max_image_pixels` changes it.
+pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
+/// The message for an image whose header claims more than `limit` pixels.
+pub fn too_many_pixels(width: u64, height: u64, limit: u64) -> String {
+    format!(
+        "the image claims {width}x{height} = {} pixels, more than the limit of {limit} pixels (by default Pillow's decompression-bomb limit); \
+         raise it with the recipe key `data.max_image_pixels` (`vsft generate --max-image-pixels`) if the image is genuine",
+        width * height
+    )
+}
+
+/// `decode_image_limited` with the default limit `MAX_IMAGE_PIXELS`.
+pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    decode_image_limited(bytes, MAX_IMAGE_PIXELS)
+}
+
+/// Decodes JPEG/PNG/WebP/GIF (first frame) bytes to RGB; alpha is composited onto white
+/// exactly as transformers' `convert_to_rgb` (PIL `alpha_composite`) does. An image whose
+/// header claims more than `max_pixels` pixels is refused before any pixel buffer is
+/// allocated (0 means `MAX_IMAGE_PIXELS`).
+pub fn decode_image_limited(bytes: &[u8], max_pixels: u64) -> std::result::Result<RgbImage, String> {
+    let max_pixels = if max_pixels == 0 { MAX_IMAGE_PIXELS } else { max_pixels };
+    // JPEGs: our libjpeg-turbo-exact decoder (what Pillow uses). Only what it does not
+    // implement (12-bit, YCCK, unusual sampling, arithmetic coding) goes to the `image`
+    // crate: a file it finds corrupt libjpeg refuses too, and the `image` crate's more
+    // lenient decoder would, for instance, zero-fill a truncated scan of any claimed size.
+    if bytes.len() > 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 {
+        match crate::jpeg::decode(bytes, max_pixels) {
+            Ok((w, h, rgb)) => return Ok(RgbImage::new(w, h, rgb)),
+            Err(crate::jpeg::JpegError::Unsupported(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    // The `image` crate is third-party: a panic in it is one more decoding error.
+    std::panic::catch_unwind(|| decode_with_image_crate(bytes, max_pixels))
+        .unwrap_or_else(|_| Err("the image decoder failed on this file (it panicked)".into()))
+}
+
+/// The `image` crate's decoders, bounded: the header is read once, its claimed size checked
+/// against `max_pixels`, and the decoder told the exact size and allocation it may use.
+fn decode_with_image_crate(bytes: &[u8], max_pixels: u64) -> std::result::Result<RgbImage, String> {
+    use image::ImageDecoder;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+    if reader.format().is_none() {
+        return Err("not a JPEG, PNG, WebP or GIF image".into());
+    }
+    let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(side);
+    limits.max_image_height = Some(side);
+    // the largest output is 8 bytes a pixel (RGBA, 16 bits); room for the decoder's own state
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let (w, h) = decoder.dimensions();
+    if w as u64 * h as u64 > max_pixels {
+        return Err(too_many_pixels(w as u64, h as u64, max_pixels));
+    }
     if w == 0 || h == 0 {
-        return Err("image has zero size".into());
+        return Err(format!("the image has zero size ({w}x{h})"));
     }
-    // 16-bit RGB(A) PNGs: Pillow keeps the high byte (the `image` crate would round).
-    let img = match img {
-        image::DynamicImage::ImageRgb16(b) => {
-            let data = b.as_raw().iter().map(|&v| (v >> 8) as u8).collect();
-            image::DynamicImage::ImageRgb8(image::RgbImage::from_raw(w as u32, h as u32, data).expect("size"))
-        }
-        image::DynamicImage::ImageRgba16(b) => {
-            let data = b.as_raw().iter().map(|&v| (v >> 8) as u8).collect();
-            image::DynamicImage::ImageRgba8(image::RgbaImage::from_raw(w as u32, h as u32, data).expect("size"))
-        }
-        o => o,
+    let img = image::DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    let (w, h) = (w as usize, h as usize);
+    // 16-bit images: Pillow keeps the high byte (the `image` crate would round).
+    let high_bytes = |v: &[u16]| -> Vec<u8> { v.iter().map(|&v| (v >> 8) as u8).collect() };
+    let (data, channels) = match img {
+        image::DynamicImage::ImageRgb16(b) => (high_bytes(b.as_raw()), 3),
+        image::DynamicImage::ImageRgba16(b) => (high_bytes(b.as_raw()), 4),
+        o if o.color().has_alpha() => (o.to_rgba8().into_raw(), 4),
+        o => (o.to_rgb8().into_raw(), 3),
     };
-    if img.color().has_alpha() {
-        let rgba = img.to_rgba8();
-        let src = rgba.as_raw();
-        let mut out = vec![0u8; w * h * 3];
-        for (o, p) in out.chunks_exact_mut(3).zip(src.chunks_exact(4)) {
-            let c = composite_on_white([p[0], p[1], p[2]], p[3]);
-            o.copy_from_slice(&c);
-        }
-        Ok(RgbImage::new(w, h, out))
-    } else {
-        Ok(RgbImage::new(w, h, img.to_rgb8().into_raw()))
+    if channels == 3 {
+        return Ok(RgbImage::new(w, h, data));
     }
+    let mut out = vec![0u8; w * h * 3];
+    for (o, p) in out.chunks_exact_mut(3).zip(data.chunks_exact(4)) {
+        o.copy_from_slice(&composite_on_white([p[0], p[1], p[2]], p[3]));
+    }
+    Ok(RgbImage::new(w, h, out))
 }
 
 /// PIL's `ImagingAlphaComposite` (libImaging/AlphaComposite.c) with an opaque white `dst`.
@@ -536,9 +632,7 @@ impl ImageProcessor {
                 config.resample
             )));
         }
-        if config.image_mean.len() != 3 || config.image_std.len() != 3 {
-            return Err(DataError::Other("image processor: image_mean/image_std must have 3 entries".into()));
-        }
+        config.validate().map_err(|m| DataError::Other(format!("image processor: {m}")))?;
         Ok(ImageProcessor { config })
     }
 

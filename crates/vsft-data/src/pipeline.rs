@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use crate::collator::{self, Batch, CollatorConfig, Example, ImageBatch, ImageMeta, LabelMask, Truncation};
-use crate::dataset::{validate_row, Row};
+use crate::dataset::{validate_row, ImageSource, Row};
 use crate::error::{BadRowKind, DataError, Result};
 use crate::family::{qwen2_vl, PreparedImage, ProcessorOverrides, VisionProcessor};
-use crate::image_proc::{decode_image, RgbImage};
+use crate::image_proc::{decode_image_limited, read_capped, RgbImage, MAX_IMAGE_FILE_BYTES};
 use crate::template::{AssistantSpans, Encoded, ImageTokenSpec, Message, TextProcessor};
 
 /// A row processed up to its 8-bit images (resized, cropped / tiled): what a batch needs
@@ -25,6 +25,9 @@ pub struct Prepared {
 pub struct Processor {
     pub image: VisionProcessor,
     pub text: TextProcessor,
+    /// Images whose header claims more pixels are refused before decoding
+    /// (`data.max_image_pixels`; default `image_proc::MAX_IMAGE_PIXELS`).
+    pub max_image_pixels: u64,
 }
 
 impl Processor {
@@ -37,7 +40,7 @@ impl Processor {
 
     /// `from_model_dir` with user overrides of the processor files' settings
     /// (`data.min_pixels` / `data.max_pixels`, Qwen2-VL only: an error naming the key on
-    /// other families).
+    /// other families; `data.max_image_pixels`).
     pub fn from_model_dir_with(dir: &Path, chat_template: Option<&Path>, overrides: &ProcessorOverrides) -> Result<Self> {
         let image = VisionProcessor::from_model_dir_with(dir, overrides)?;
         let text = match &image {
@@ -64,7 +67,7 @@ impl Processor {
                 text
             }
         };
-        Ok(Processor { image, text })
+        Ok(Processor { image, text, max_image_pixels: overrides.max_image_pixels() })
     }
 
     /// `"llava"` / `"llava_next"` / `"qwen2_vl"` (also for Qwen2.5-VL: same processor).
@@ -72,57 +75,50 @@ impl Processor {
         self.image.family()
     }
 
+    /// Decodes image `k` of a row; errors name the image field. An image file over
+    /// `image_proc::MAX_IMAGE_FILE_BYTES` or an image over `max_image_pixels` is a
+    /// `CorruptImage` row (skipped and counted under `on_bad_row = "skip"`).
+    fn decode_row_image(&self, row: &Row, k: usize, src: &ImageSource) -> Result<RgbImage> {
+        let bytes = src.load().map_err(|e| {
+            let kind = if e.kind() == std::io::ErrorKind::FileTooLarge { BadRowKind::CorruptImage } else { BadRowKind::MissingImageFile };
+            DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), kind, e.to_string())
+        })?;
+        decode_image_limited(&bytes, self.max_image_pixels).map_err(|e| {
+            DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, format!("cannot decode image: {e}"))
+        })
+    }
+
     /// Decodes the images of a row; errors name the image field.
     pub fn decode_row_images(&self, row: &Row) -> Result<Vec<RgbImage>> {
-        row.images
-            .iter()
-            .enumerate()
-            .map(|(k, src)| {
-                let bytes = src.load().map_err(|e| {
-                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].path"), BadRowKind::MissingImageFile, e.to_string())
-                })?;
-                decode_image(&bytes).map_err(|e| {
-                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, format!("cannot decode image: {e}"))
-                })
-            })
-            .collect()
+        row.images.iter().enumerate().map(|(k, src)| self.decode_row_image(row, k, src)).collect()
     }
 
-    /// Layout and token count of each decoded image of a row; errors name the image field.
-    fn row_meta(&self, row: &Row, images: &[RgbImage]) -> Result<Vec<ImageMeta>> {
-        images
-            .iter()
-            .enumerate()
-            .map(|(k, img)| {
-                self.image.meta(img.height, img.width).map_err(|e| {
-                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, e.to_string())
-                })
-            })
-            .collect()
-    }
-
-    fn prepare_images(&self, row: &Row, images: &[RgbImage]) -> Result<Vec<PreparedImage>> {
-        images
-            .iter()
-            .enumerate()
-            .map(|(k, img)| {
-                self.image.prepare(img).map_err(|e| {
-                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, e.to_string())
-                })
-            })
-            .collect()
+    /// Reads (up to `image_proc::MAX_IMAGE_FILE_BYTES`) and decodes an image file under
+    /// `max_image_pixels`; errors name the file.
+    pub fn load_image(&self, path: &Path) -> Result<RgbImage> {
+        let bytes = read_capped(path, MAX_IMAGE_FILE_BYTES, "image files").map_err(|e| DataError::io(path, e))?;
+        decode_image_limited(&bytes, self.max_image_pixels).map_err(|e| DataError::Image(format!("{}: cannot decode: {e}", path.display())))
     }
 
     /// Decodes and preprocesses the images of a row; errors name the image field.
     pub fn row_images(&self, row: &Row) -> Result<ImageBatch> {
-        let images = self.decode_row_images(row)?;
-        Ok(self.image.batch(&self.prepare_images(row, &images)?))
+        Ok(self.image.batch(&self.row_images_u8(row)?))
     }
 
-    /// Decoded 8-bit units (resized and cropped / tiled) of the images of a row.
+    /// Decoded 8-bit units (resized and cropped / tiled) of the images of a row, with their
+    /// layout and token counts. Each image is prepared as soon as it is decoded, so a row of
+    /// several large images holds one full-size image at a time.
     pub fn row_images_u8(&self, row: &Row) -> Result<Vec<PreparedImage>> {
-        let images = self.decode_row_images(row)?;
-        self.prepare_images(row, &images)
+        row.images
+            .iter()
+            .enumerate()
+            .map(|(k, src)| {
+                let img = self.decode_row_image(row, k, src)?;
+                self.image.prepare(&img).map_err(|e| {
+                    DataError::bad_row(&row.file, row.file_row, format!("images[{k}].bytes"), BadRowKind::CorruptImage, e.to_string())
+                })
+            })
+            .collect()
     }
 
     /// Tokenizes (each image expanded to its own token count) and truncates a validated row.
@@ -146,14 +142,13 @@ impl Processor {
         Ok(encoded)
     }
 
-    /// Validates, decodes the images (their sizes set the `<image>` counts), tokenizes,
-    /// truncates and returns the 8-bit images.
+    /// Validates, decodes and prepares the images (their sizes set the `<image>` counts),
+    /// tokenizes, truncates and returns the 8-bit images.
     fn prepare_parts(&self, row: &Row, cfg: &CollatorConfig) -> Result<(Encoded, Vec<PreparedImage>)> {
         validate_row(row)?;
-        let images = self.decode_row_images(row)?;
-        let meta = self.row_meta(row, &images)?;
+        let prepared = self.row_images_u8(row)?;
+        let meta: Vec<ImageMeta> = prepared.iter().map(|p| p.meta).collect();
         let encoded = self.encode_checked(row, cfg, &meta)?;
-        let prepared = self.prepare_images(row, &images)?;
         Ok((encoded, prepared))
     }
 

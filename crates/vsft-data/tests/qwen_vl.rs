@@ -61,7 +61,7 @@ fn overrides(r: &J, setting: &str) -> ProcessorOverrides {
         return ProcessorOverrides::default();
     }
     let o = &r["overrides"][setting];
-    ProcessorOverrides { min_pixels: o.get("min_pixels").and_then(|x| x.as_u64()), max_pixels: o.get("max_pixels").and_then(|x| x.as_u64()) }
+    ProcessorOverrides { min_pixels: o.get("min_pixels").and_then(|x| x.as_u64()), max_pixels: o.get("max_pixels").and_then(|x| x.as_u64()), ..Default::default() }
 }
 
 const SETTINGS: [&str; 3] = ["hub", "max_small", "min_large"];
@@ -372,7 +372,7 @@ fn loader_and_summary_work_for_qwen() {
     }
     assert!(summary.to_text().contains("image tokens/row: p0="), "{}", summary.to_text());
     // an override moves the summary
-    opts.overrides = ProcessorOverrides { min_pixels: Some(28 * 28 * 512), max_pixels: Some(28 * 28 * 1280) };
+    opts.overrides = ProcessorOverrides { min_pixels: Some(28 * 28 * 512), max_pixels: Some(28 * 28 * 1280), ..Default::default() };
     let bigger = vsft_data::summarize(&opts, 2).unwrap();
     assert!(bigger.image_tokens_total > summary.image_tokens_total);
     let (ins, _) = vsft_data::inspect(&opts).unwrap();
@@ -384,16 +384,16 @@ fn overrides_are_checked_and_named() {
     let r = reference();
     // another family: an error naming the key
     let llava_next = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llava_next/data/processor");
-    let e = Processor::from_model_dir_with(&llava_next, None, &ProcessorOverrides { min_pixels: Some(1000), max_pixels: None }).unwrap_err().to_string();
+    let e = Processor::from_model_dir_with(&llava_next, None, &ProcessorOverrides { min_pixels: Some(1000), ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("data.min_pixels") && e.contains("llava_next"), "{e}");
-    let e = VisionProcessor::from_model_dir_with(&llava_next, &ProcessorOverrides { min_pixels: None, max_pixels: Some(1000) }).unwrap_err().to_string();
+    let e = VisionProcessor::from_model_dir_with(&llava_next, &ProcessorOverrides { max_pixels: Some(1000), ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("data.max_pixels") && !e.contains("data.min_pixels"), "{e}");
     assert!(Processor::from_model_dir_with(&llava_next, None, &ProcessorOverrides::default()).is_ok());
     // nonsense values
     let dir = fx().join("processor");
-    let e = VisionProcessor::from_model_dir_with(&dir, &ProcessorOverrides { min_pixels: Some(1 << 20), max_pixels: Some(1 << 10) }).unwrap_err().to_string();
+    let e = VisionProcessor::from_model_dir_with(&dir, &ProcessorOverrides { min_pixels: Some(1 << 20), max_pixels: Some(1 << 10), ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("data.min_pixels"), "{e}");
-    assert!(VisionProcessor::from_model_dir_with(&dir, &ProcessorOverrides { min_pixels: None, max_pixels: Some(0) }).is_err());
+    assert!(VisionProcessor::from_model_dir_with(&dir, &ProcessorOverrides { max_pixels: Some(0), ..Default::default() }).is_err());
     // only max_pixels: min_pixels stays the file's
     let p = VisionProcessor::from_model_dir_with(&dir, &overrides(&r, "max_small")).unwrap();
     assert_eq!(qwen(&p).config.min_pixels, r["min_pixels"].as_u64().unwrap());

@@ -69,6 +69,10 @@ pub struct DataSection {
     pub min_pixels: Option<u64>,
     #[serde(default)]
     pub max_pixels: Option<u64>,
+    /// Images whose header claims more pixels are bad rows (0 or absent: Pillow's
+    /// decompression-bomb limit, 2 × 89478485).
+    #[serde(default)]
+    pub max_image_pixels: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,7 +235,7 @@ pub const KNOWN_KEYS: &[(&str, &[(&str, &str)])] = &[
             ("train", "string"), ("eval", "string"), ("image_folder", "string"), ("max_length", "integer"),
             ("label_mask", "string"), ("chat_template", "string"), ("add_special_tokens", "boolean"),
             ("on_bad_row", "string"), ("num_workers", "integer"), ("pad_to_multiple_of", "integer"),
-            ("min_pixels", "integer"), ("max_pixels", "integer"),
+            ("min_pixels", "integer"), ("max_pixels", "integer"), ("max_image_pixels", "integer"),
         ],
     ),
     (

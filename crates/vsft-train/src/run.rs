@@ -214,7 +214,11 @@ pub fn train_with<B: AutodiffBackend>(
 
     // Data.
     let chat_template = recipe.data.chat_template.as_deref().map(Path::new);
-    let overrides = vsft_data::ProcessorOverrides { min_pixels: recipe.data.min_pixels, max_pixels: recipe.data.max_pixels };
+    let overrides = vsft_data::ProcessorOverrides {
+        min_pixels: recipe.data.min_pixels,
+        max_pixels: recipe.data.max_pixels,
+        max_image_pixels: recipe.data.max_image_pixels,
+    };
     let processor = Arc::new(Processor::from_model_dir_with(&inputs.model_dir, chat_template, &overrides)?);
     let image_root = recipe.data.image_folder.as_deref().map(Path::new);
     let open_train = || open_dataset(&inputs.train, Some("train"), image_root);

@@ -33,13 +33,16 @@ pub struct GenerateArgs {
     pub seed: u64,
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// Refuse an image whose header claims more pixels (default: Pillow's
+    /// decompression-bomb limit, as the recipe key `data.max_image_pixels`).
+    #[arg(long)]
+    pub max_image_pixels: Option<u64>,
 }
 
 /// Prompt ids for one user turn (the image, then the text) with the generation prompt, through
 /// the model's chat template, and the image as the model's processor lays it out.
 pub fn encode_prompt(processor: &Processor, prompt: &str, image: &Path) -> Result<(Vec<i64>, ImageBatch)> {
-    let bytes = std::fs::read(image).with_context(|| image.display().to_string())?;
-    let decoded = vsft_data::image_proc::decode_image(&bytes).map_err(|e| anyhow::anyhow!("{}: cannot decode image: {e}", image.display()))?;
+    let decoded = processor.load_image(image)?;
     let messages = [Message::new("user", vec![Content::image(0), Content::text(prompt)])];
     let (ids, images) = processor.encode_prompt_with_images(&messages, &[decoded]).with_context(|| image.display().to_string())?;
     Ok((ids.into_iter().map(i64::from).collect(), images))
@@ -78,7 +81,8 @@ pub fn generate(a: GenerateArgs) -> Result<ExitCode> {
     if let Some(ad) = &a.adapter {
         model = crate::cmd_train::load_adapter_or_projector(model, ad)?;
     }
-    let processor = Processor::from_model_dir(&model_dir, a.chat_template.as_deref())?;
+    let overrides = vsft_data::ProcessorOverrides { max_image_pixels: a.max_image_pixels, ..Default::default() };
+    let processor = Processor::from_model_dir_with(&model_dir, a.chat_template.as_deref(), &overrides)?;
     let (ids, images) = encode_prompt(&processor, &a.prompt, &a.image)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::collator::ImageMeta;
 use crate::error::{DataError, Result};
-use crate::image_proc::{ImageProcessor, ImageProcessorConfig, RgbImage};
+use crate::image_proc::{ImageProcessor, ImageProcessorConfig, RgbImage, MAX_IMAGE_PIXELS};
 use crate::template::ImageTokenSpec;
 
 /// `CLIPImageProcessor` + the fixed `<image>` count of `LlavaProcessor`.
@@ -31,8 +31,17 @@ impl ClipImages {
         Ok(ClipImages { clip, output_hw, tokens })
     }
 
-    pub fn meta(&self, h: usize, w: usize) -> ImageMeta {
-        ImageMeta { original_hw: (h, w), units: 1, grid: (1, 1, 1), tokens: self.tokens }
+    /// The layout of an (h, w) image; an error when the resize would make it larger than
+    /// `MAX_IMAGE_PIXELS` (a shortest-edge resize of a very thin image: Pillow would run
+    /// out of memory).
+    pub fn meta(&self, h: usize, w: usize) -> Result<ImageMeta> {
+        if self.clip.config.do_resize {
+            let (rh, rw) = self.clip.config.resize_hw(h, w);
+            if rh as u64 * rw as u64 > MAX_IMAGE_PIXELS {
+                return Err(DataError::Other(format!("resizing this {w}x{h} image gives {rw}x{rh}, more than {MAX_IMAGE_PIXELS} pixels")));
+            }
+        }
+        Ok(ImageMeta { original_hw: (h, w), units: 1, grid: (1, 1, 1), tokens: self.tokens })
     }
 
     /// Resize + centre crop (8-bit): the one unit of this image.

@@ -95,12 +95,13 @@ impl VisionProcessor {
     /// `from_value` with overrides.
     pub fn from_value_with(dir: &Path, v: &serde_json::Value, path: &Path, overrides: &ProcessorOverrides) -> Result<Self> {
         let p = Self::select(dir, v, path, overrides)?;
-        if !overrides.is_empty() && !matches!(p, VisionProcessor::Qwen2Vl(_)) {
+        let qwen_keys = overrides.qwen_keys();
+        if !qwen_keys.is_empty() && !matches!(p, VisionProcessor::Qwen2Vl(_)) {
             return Err(DataError::Config {
                 path: path.to_path_buf(),
                 msg: format!(
                     "{} only applies to the qwen2_vl family (Qwen2VLImageProcessor); this model's image processor is {}",
-                    overrides.keys().join(" / "),
+                    qwen_keys.join(" / "),
                     p.family()
                 ),
             });
@@ -191,7 +192,7 @@ impl VisionProcessor {
             return Err(DataError::Other(format!("image of size {w}x{h}")));
         }
         Ok(match self {
-            VisionProcessor::Llava(p) => p.meta(h, w),
+            VisionProcessor::Llava(p) => p.meta(h, w)?,
             VisionProcessor::LlavaNext(p) => p.meta(h, w),
             VisionProcessor::Qwen2Vl(p) => p.meta(h, w)?,
         })

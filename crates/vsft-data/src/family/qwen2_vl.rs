@@ -19,7 +19,7 @@ use std::path::Path;
 
 use crate::collator::ImageMeta;
 use crate::error::{DataError, Result};
-use crate::image_proc::{resize_bicubic_pil, ImageProcessor, ImageProcessorConfig, RgbImage};
+use crate::image_proc::{resize_bicubic_pil, ImageProcessor, ImageProcessorConfig, RgbImage, MAX_IMAGE_PIXELS};
 
 /// `Qwen2VLImageProcessor.size["shortest_edge"]`'s class default (`min_pixels`).
 pub const DEFAULT_MIN_PIXELS: u64 = 56 * 56;
@@ -33,21 +33,20 @@ pub const VISION_END_TOKEN: &str = "<|vision_end|>";
 /// Largest aspect ratio `smart_resize` accepts.
 pub const MAX_ASPECT_RATIO: f64 = 200.0;
 
-/// User overrides of the processor files' settings (recipe keys `data.min_pixels`,
-/// `data.max_pixels`). Only the `qwen2_vl` family has them.
+/// User overrides of the processor files' settings: recipe keys `data.min_pixels` and
+/// `data.max_pixels` (the `qwen2_vl` family only) and `data.max_image_pixels` (every family).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProcessorOverrides {
     pub min_pixels: Option<u64>,
     pub max_pixels: Option<u64>,
+    /// The largest image decoded, in pixels (`None` or 0: `image_proc::MAX_IMAGE_PIXELS`,
+    /// Pillow's decompression-bomb limit).
+    pub max_image_pixels: Option<u64>,
 }
 
 impl ProcessorOverrides {
-    pub fn is_empty(&self) -> bool {
-        self.min_pixels.is_none() && self.max_pixels.is_none()
-    }
-
-    /// The recipe keys that are set (`data.min_pixels`, `data.max_pixels`).
-    pub fn keys(&self) -> Vec<&'static str> {
+    /// The Qwen2-VL-only recipe keys that are set (`data.min_pixels`, `data.max_pixels`).
+    pub fn qwen_keys(&self) -> Vec<&'static str> {
         let mut k = Vec::new();
         if self.min_pixels.is_some() {
             k.push("data.min_pixels");
@@ -56,6 +55,11 @@ impl ProcessorOverrides {
             k.push("data.max_pixels");
         }
         k
+    }
+
+    /// The pixel limit of image decoding.
+    pub fn max_image_pixels(&self) -> u64 {
+        self.max_image_pixels.filter(|&n| n > 0).unwrap_or(crate::image_proc::MAX_IMAGE_PIXELS)
     }
 }
 
@@ -182,10 +186,17 @@ impl Qwen2VlProcessor {
         if config.min_pixels == 0 || config.max_pixels == 0 {
             return Err(bad(path, format!("data.min_pixels / data.max_pixels must be positive (got {} / {})", config.min_pixels, config.max_pixels)));
         }
-        if !overrides.is_empty() && config.min_pixels > config.max_pixels {
+        if config.min_pixels > config.max_pixels {
+            let keys = if overrides.qwen_keys().is_empty() { "min_pixels / max_pixels" } else { "data.min_pixels / data.max_pixels (after the overrides)" };
+            return Err(bad(path, format!("{keys}: the minimum {} is larger than the maximum {}", config.min_pixels, config.max_pixels)));
+        }
+        if config.max_pixels > MAX_IMAGE_PIXELS {
             return Err(bad(
                 path,
-                format!("data.min_pixels ({}) is larger than data.max_pixels ({}) after the overrides", config.min_pixels, config.max_pixels),
+                format!(
+                    "max_pixels {} is more than {MAX_IMAGE_PIXELS}, Pillow's decompression-bomb limit: a resized image that large would not fit a batch",
+                    config.max_pixels
+                ),
             ));
         }
         Self::new(config, path)
@@ -196,8 +207,12 @@ impl Qwen2VlProcessor {
         if config.do_resize && config.resample != 3 {
             return Err(bad(path, format!("resample={} is not supported (only 3 = BICUBIC)", config.resample)));
         }
-        if config.patch_size > 1024 || config.merge_size > 64 || config.temporal_patch_size > 64 {
-            return Err(bad(path, "patch_size / merge_size / temporal_patch_size out of range"));
+        // Released models use 14 or 16, 2 and 2; the bounds keep one patch row
+        // (3·temporal·patch² values) and the resize factor sane.
+        for (key, v, max) in [("patch_size", config.patch_size, 128), ("merge_size", config.merge_size, 16), ("temporal_patch_size", config.temporal_patch_size, 16)] {
+            if v == 0 || v > max {
+                return Err(bad(path, format!("{key} {v} is out of range (1..={max})")));
+            }
         }
         let norm = ImageProcessor::new(config.norm.clone()).map_err(|e| bad(path, e.to_string()))?;
         Ok(Qwen2VlProcessor { config, norm })
