@@ -5,14 +5,12 @@
 use burn::backend::{Autodiff, Flex};
 use vsft_model::weights::read_tensor_file;
 use vsft_model::VlmModel;
-use vsft_train::optim::AdamWConfig;
-use vsft_train::trainer::OptimSettings;
 use vsft_train::{Stage, Trainer};
 
 type Train = Autodiff<Flex>;
 
 mod common;
-use common::{batch_from, fixtures};
+use common::{batch_from, fixtures, plain_settings};
 
 /// Stage 2 (LoRA on every projection, plus the projector): per-layer gradient checkpointing
 /// computes the plain step's gradients (dropout 0), so two AdamW steps land on the same
@@ -24,16 +22,7 @@ fn gradient_checkpointing_matches_the_plain_step_with_lora() {
         let mut model = VlmModel::<Train>::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap();
         let lora = vsft_model::lora::LoraConfig { r: 4, alpha: 8.0, dropout, ..Default::default() };
         model.add_lora(&lora, 3).unwrap();
-        let settings = OptimSettings {
-            lr: 1e-3,
-            projector_lr: None,
-        vision_lr: None,
-            weight_decay: 0.0,
-            adam: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
-            max_grad_norm: 1.0,
-            seed: 5,
-        };
-        let mut tr = Trainer::new(model, Stage::Instruct, settings).unwrap();
+        let mut tr = Trainer::new(model, Stage::Instruct, plain_settings(5)).unwrap();
         tr.gradient_checkpointing = checkpointing;
         let losses: Vec<f64> = (0..3).map(|step| tr.step(&[batch_from(&t, step, 0..2, false)], 1e-3, step, false).unwrap().unwrap().loss).collect();
         (losses, tr.trainable_values())

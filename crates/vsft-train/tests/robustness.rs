@@ -10,9 +10,7 @@ use vsft_data::Cursor;
 use vsft_model::weights::{write_safetensors, PendingTensor, StoredDtype};
 use vsft_model::VlmModel;
 use vsft_train::checkpoint::{self, CheckpointContent, ResumeTarget, TrainerState};
-use vsft_train::optim::AdamWConfig;
 use vsft_train::recipe::{Recipe, GENERATE_EVAL_KEYS, KNOWN_KEYS};
-use vsft_train::trainer::OptimSettings;
 use vsft_train::{Stage, Trainer};
 
 mod common;
@@ -439,16 +437,7 @@ type Train = Autodiff<Flex>;
 
 fn pretrain_trainer() -> Trainer<Train> {
     let model = VlmModel::<Train>::load(&common::fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap();
-    let settings = OptimSettings {
-        lr: 1e-3,
-        projector_lr: None,
-        vision_lr: None,
-        weight_decay: 0.0,
-        adam: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
-        max_grad_norm: 1.0,
-        seed: 1,
-    };
-    Trainer::new(model, Stage::Pretrain, settings).unwrap()
+    Trainer::new(model, Stage::Pretrain, common::plain_settings(1)).unwrap()
 }
 
 /// A checkpoint whose tensor files are missing or do not fit the model's parameters: an error

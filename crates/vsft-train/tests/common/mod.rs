@@ -123,6 +123,20 @@ pub fn mean_loss(model: &vsft_model::VlmModel<burn::backend::Flex>, b: &Batch) -
     loss.sum.into_scalar().elem::<f64>() / loss.label_tokens as f64
 }
 
+/// Plain optimizer settings: lr 1e-3 for every group, AdamW's defaults, no weight decay, clipping at 1.
+#[allow(dead_code)]
+pub fn plain_settings(seed: u64) -> vsft_train::trainer::OptimSettings {
+    vsft_train::trainer::OptimSettings {
+        lr: 1e-3,
+        projector_lr: None,
+        vision_lr: None,
+        weight_decay: 0.0,
+        adam: vsft_train::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        max_grad_norm: 1.0,
+        seed,
+    }
+}
+
 /// A PEFT reference run (the fixture's `reference.json` `lora` object) replayed by vsft: the
 /// trainer from the base model plus PEFT's initial adapter with the run's optimizer settings.
 #[allow(dead_code)]
