@@ -321,6 +321,20 @@ fn check_schema(schema: &arrow_schema::Schema) -> Option<(String, BadRowKind, St
     None
 }
 
+/// Checks that every column chunk of a row group lies inside the file: the parquet crate
+/// allocates a chunk's claimed size before reading it.
+fn check_column_chunks(rg: &parquet::file::metadata::RowGroupMetaData, file_len: u64) -> std::result::Result<(), String> {
+    for c in rg.columns() {
+        let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+        let len = c.compressed_size();
+        let end = u64::try_from(start).ok().zip(u64::try_from(len).ok()).and_then(|(s, l)| s.checked_add(l));
+        if end.is_none_or(|e| e > file_len) {
+            return Err(format!("column `{}` claims bytes {start}..{start}+{len}, outside the file's {file_len} bytes", c.column_path()));
+        }
+    }
+    Ok(())
+}
+
 impl ParquetSource {
     pub fn open(files: Vec<PathBuf>) -> Result<Self> {
         let mut out = Vec::new();
@@ -343,6 +357,7 @@ impl ParquetSource {
                     .ok()
                     .filter(|&n| n <= MAX_ROW_GROUP_ROWS)
                     .ok_or_else(|| perr(format!("row group {gi} claims {} rows; a row group may hold 0 to {MAX_ROW_GROUP_ROWS}", rg.num_rows())))?;
+                check_column_chunks(rg, file_len).map_err(|m| perr(format!("row group {gi}: {m}")))?;
                 file_rows += n as u64;
                 groups.push((total, n));
                 total += n;

@@ -115,7 +115,7 @@ const MAX_TOJSON_INDENT: usize = 64;
 /// A compiled chat template.
 pub struct ChatTemplate {
     source: String,
-    /// Where the template came from (a file path, or "chat template" when given as text): named
+    /// Where the template came from (a file path, or "inline" when given as text): named
     /// in render errors.
     origin: String,
     env: Environment<'static>,
@@ -367,10 +367,10 @@ fn strftime_now(fmt: String) -> String {
 }
 
 impl ChatTemplate {
-    /// Compiles a template given as text (errors and render errors say "chat template"; see
+    /// Compiles a template given as text (errors say "chat template: inline: ..."; see
     /// `from_file_source` for one read from a file).
     pub fn new(source: &str) -> Result<Self> {
-        Self::compile(source, "chat template".to_string())
+        Self::compile(source, "inline".to_string())
     }
 
     /// Compiles a template read from `origin`; errors name that file.
@@ -420,17 +420,38 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// Where the template came from: its file, or "chat template".
+    /// Where the template came from: its file, or "inline".
     pub fn origin(&self) -> &str {
         &self.origin
     }
 
-    /// Renders within `TEMPLATE_FUEL` and `MAX_RENDERED_BYTES`. Returns the output and the fuel
-    /// the render consumed.
-    fn render_metered(&self, tmpl: &minijinja::Template<'_, '_>, ctx: Value) -> Result<(String, u64)> {
-        let mut out = CappedOutput { buf: Vec::new(), overflowed: false };
-        let rendered = tmpl.render_captured_to(ctx, &mut out);
+    /// The fuel (of `TEMPLATE_FUEL`) that rendering `messages` consumes: how the budget was sized.
+    pub fn fuel_used(&self, messages: &[Message], add_generation_prompt: bool, special: &SpecialTokens) -> Result<u64> {
+        Ok(self.render_raw(messages, add_generation_prompt, special)?.1)
+    }
+
+    /// Renders with transformers' variables within `TEMPLATE_FUEL` and `MAX_RENDERED_BYTES`,
+    /// `{% generation %}` sentinels still in. Returns the output and the fuel consumed.
+    fn render_raw(&self, messages: &[Message], add_generation_prompt: bool, special: &SpecialTokens) -> Result<(String, u64)> {
         let fail = |msg: String| DataError::Template(format!("{}: {msg}", self.origin));
+        let tmpl = self.env.get_template("chat").map_err(|e| fail(template_error_text(&e)))?;
+        let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
+        ctx.insert("messages", Value::from(Serde(messages)));
+        ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        ctx.insert("tools", Value::from(()));
+        ctx.insert("documents", Value::from(()));
+        for (k, v) in [
+            ("bos_token", &special.bos_token),
+            ("eos_token", &special.eos_token),
+            ("unk_token", &special.unk_token),
+            ("pad_token", &special.pad_token),
+        ] {
+            if let Some(v) = v {
+                ctx.insert(k, Value::from(v.as_str()));
+            }
+        }
+        let mut out = CappedOutput { buf: Vec::new(), overflowed: false };
+        let rendered = tmpl.render_captured_to(Value::from(Serde(ctx)), &mut out);
         let captured = match rendered {
             Ok(c) => c,
             Err(_) if out.overflowed => {
@@ -456,10 +477,6 @@ impl ChatTemplate {
         Ok((text, used))
     }
 
-    fn render_capped(&self, tmpl: &minijinja::Template<'_, '_>, ctx: Value) -> Result<String> {
-        self.render_metered(tmpl, ctx).map(|(text, _)| text)
-    }
-
     /// Whether the template has `{% generation %}` blocks.
     pub fn has_generation(&self) -> bool {
         self.has_generation
@@ -468,23 +485,7 @@ impl ChatTemplate {
     /// Renders `messages` with transformers' variables. Message keys whose value is None are
     /// dropped (as transformers' `_normalize_chat_messages` does); content blocks keep them.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool, special: &SpecialTokens) -> Result<Rendered> {
-        let tmpl = self.env.get_template("chat").map_err(|e| DataError::Template(format!("{}: {}", self.origin, template_error_text(&e))))?;
-        let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
-        ctx.insert("messages", Value::from(Serde(messages)));
-        ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
-        ctx.insert("tools", Value::from(()));
-        ctx.insert("documents", Value::from(()));
-        for (k, v) in [
-            ("bos_token", &special.bos_token),
-            ("eos_token", &special.eos_token),
-            ("unk_token", &special.unk_token),
-            ("pad_token", &special.pad_token),
-        ] {
-            if let Some(v) = v {
-                ctx.insert(k, Value::from(v.as_str()));
-            }
-        }
-        let raw = self.render_capped(&tmpl, Value::from(Serde(ctx)))?;
+        let (raw, _) = self.render_raw(messages, add_generation_prompt, special)?;
         if !raw.contains(GEN_START) {
             return Ok(Rendered { text: raw, generation_spans: vec![] });
         }
