@@ -495,6 +495,11 @@ fn int_at(arr: &dyn Array, i: usize) -> std::result::Result<Option<i64>, String>
     Err(format!("expected int64, found {}", arr.data_type()))
 }
 
+/// Value `i` of an optional struct child: `None` when the child is absent or the value null.
+fn opt_at<T>(col: Option<&ArrayRef>, i: usize, at: fn(&dyn Array, usize) -> std::result::Result<Option<T>, String>) -> std::result::Result<Option<T>, String> {
+    col.map_or(Ok(None), |a| at(a.as_ref(), i))
+}
+
 fn struct_field<'a>(s: &'a StructArray, name: &str) -> Option<&'a ArrayRef> {
     s.column_by_name(name)
 }
@@ -563,14 +568,8 @@ fn parquet_row(batch: &RecordBatch, r: usize, index: usize, path: &Path, file_ro
                 let kind = str_at(ty.as_ref(), j)
                     .map_err(|m| wt(format!("messages[{i}].content[{j}].type"), m))?
                     .ok_or_else(|| wt(format!("messages[{i}].content[{j}].type"), "type is null".into()))?;
-                let text = match tx {
-                    Some(a) => str_at(a.as_ref(), j).map_err(|m| wt(format!("messages[{i}].content[{j}].text"), m))?,
-                    None => None,
-                };
-                let index = match ix {
-                    Some(a) => int_at(a.as_ref(), j).map_err(|m| wt(format!("messages[{i}].content[{j}].index"), m))?,
-                    None => None,
-                };
+                let text = opt_at(tx, j, str_at).map_err(|m| wt(format!("messages[{i}].content[{j}].text"), m))?;
+                let index = opt_at(ix, j, int_at).map_err(|m| wt(format!("messages[{i}].content[{j}].index"), m))?;
                 content.push(Content { index, text, kind });
             }
         }
@@ -584,14 +583,8 @@ fn parquet_row(batch: &RecordBatch, r: usize, index: usize, path: &Path, file_ro
         let bcol = struct_field(is, "bytes");
         let pcol = struct_field(is, "path");
         for k in 0..is.len() {
-            let b = match bcol {
-                Some(a) => bytes_at(a.as_ref(), k).map_err(|m| wt(format!("images[{k}].bytes"), m))?,
-                None => None,
-            };
-            let p = match pcol {
-                Some(a) => str_at(a.as_ref(), k).map_err(|m| wt(format!("images[{k}].path"), m))?,
-                None => None,
-            };
+            let b = opt_at(bcol, k, bytes_at).map_err(|m| wt(format!("images[{k}].bytes"), m))?;
+            let p = opt_at(pcol, k, str_at).map_err(|m| wt(format!("images[{k}].path"), m))?;
             match (b, p) {
                 (Some(b), _) => images.push(ImageSource::Bytes(Arc::new(b))),
                 (None, Some(p)) => {
@@ -884,16 +877,18 @@ pub struct Cursor {
     pub position: usize,
 }
 
-struct SplitMix64(u64);
+/// splitmix64: the seeded generator of the epoch order (and of the robustness tests' mutations).
+pub struct SplitMix64(pub u64);
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: usize) -> usize {
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
         // Lemire's multiply-shift; bias negligible for dataset sizes.
         ((self.next() as u128 * n as u128) >> 64) as usize
     }

@@ -12,7 +12,7 @@ use arrow_array::{Array, ArrayRef, Int64Array, ListArray, RecordBatch, StringArr
 use arrow_schema::{DataType, Field, Fields, Schema};
 use parquet::arrow::ArrowWriter;
 use vsft_data::collator::{CollatorConfig, MAX_BATCH_TOKENS};
-use vsft_data::dataset::{open_dataset, Cursor, OnBadRow, Row, RowSource};
+use vsft_data::dataset::{open_dataset, Cursor, OnBadRow, Row, RowSource, SplitMix64 as Rng};
 use vsft_data::inspect::{inspect, InspectOptions};
 use vsft_data::loader::MAX_NUM_WORKERS;
 use vsft_data::template::{ChatTemplate, Content, Message, SpecialTokens, MAX_TEMPLATE_BYTES, TEMPLATE_FUEL};
@@ -28,21 +28,6 @@ fn tmp(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// splitmix64: the seeded generator of mutations.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 /// The fixture processor, loaded once.

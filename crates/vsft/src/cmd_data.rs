@@ -72,7 +72,7 @@ pub fn run(c: DataCommand) -> Result<ExitCode> {
                 }
             }
             if skipped.total() > 0 {
-                eprintln!("vsft: {} rows skipped: {}", skipped.total(), skipped.report());
+                eprintln!("vsft: rows skipped: {}", skipped.report());
             }
         }
         DataCommand::Summary(a) => {
