@@ -3,7 +3,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{DataError, Result as DataResult};
 use crate::template::Encoded;
+
+/// Most tokens in one padded batch (batch size × padded length): the collator's three
+/// `[batch, seq]` buffers then take at most 384 MiB.
+pub const MAX_BATCH_TOKENS: usize = 1 << 24;
+/// Largest `data.pad_to_multiple_of` (real values are 8 to 128; no model here takes
+/// sequences this long).
+pub const MAX_PAD_TO_MULTIPLE_OF: usize = 1 << 16;
 
 /// Label id ignored by the loss.
 pub const IGNORE_INDEX: i64 = -100;
@@ -54,6 +62,42 @@ pub struct CollatorConfig {
     pub pad_to_multiple_of: Option<usize>,
     /// Tokenizer special tokens (BOS); default true as `processor(text, images)`; TRL passes false.
     pub add_special_tokens: bool,
+}
+
+impl CollatorConfig {
+    /// Refuses settings no batch can honour, naming the recipe key.
+    pub fn validate(&self) -> DataResult<()> {
+        match self.pad_to_multiple_of {
+            Some(m) if m > MAX_PAD_TO_MULTIPLE_OF => Err(DataError::Setting {
+                key: "data.pad_to_multiple_of",
+                msg: format!("{m} is larger than the {MAX_PAD_TO_MULTIPLE_OF} allowed (typical values are 8 to 128)"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The length `longest` tokens are padded to, if a batch of `rows` rows of that length
+    /// stays within `MAX_BATCH_TOKENS`.
+    pub fn padded_len(&self, rows: usize, longest: usize) -> DataResult<usize> {
+        let padded = match self.pad_to_multiple_of {
+            Some(m) if m > 0 => longest.div_ceil(m).checked_mul(m),
+            _ => Some(longest),
+        };
+        match padded.filter(|&len| len.checked_mul(rows).is_some_and(|t| t <= MAX_BATCH_TOKENS)) {
+            Some(len) => Ok(len),
+            None if self.pad_to_multiple_of.is_some_and(|m| m > 1) && longest.saturating_mul(rows) <= MAX_BATCH_TOKENS => Err(DataError::Setting {
+                key: "data.pad_to_multiple_of",
+                msg: format!(
+                    "padding {rows} rows of up to {longest} tokens to a multiple of {} exceeds the {MAX_BATCH_TOKENS} tokens a batch may hold",
+                    self.pad_to_multiple_of.unwrap_or(0)
+                ),
+            }),
+            None => Err(DataError::Setting {
+                key: "data.max_length",
+                msg: format!("a batch of {rows} rows of up to {longest} tokens exceeds the {MAX_BATCH_TOKENS} tokens a batch may hold: set a smaller max_length or batch size"),
+            }),
+        }
+    }
 }
 
 impl Default for CollatorConfig {
@@ -333,20 +377,18 @@ fn mask_vision_spans(labels: &mut [i64], enc: &Encoded) {
 }
 
 /// Pads and stacks examples (already truncated) into a batch; images are concatenated.
-pub fn collate(examples: &[Example], cfg: &CollatorConfig, pad_token_id: u32, image_token_id: u32) -> Batch {
+/// Fails when the padded batch would exceed `MAX_BATCH_TOKENS`.
+pub fn collate(examples: &[Example], cfg: &CollatorConfig, pad_token_id: u32, image_token_id: u32) -> DataResult<Batch> {
     let images = ImageBatch::concat(examples.iter().map(|e| &e.images));
     let text: Vec<(usize, &Encoded)> = examples.iter().map(|e| (e.index, &e.encoded)).collect();
     collate_text(&text, cfg, pad_token_id, image_token_id, images)
 }
 
 /// Pads token sequences into a batch around already concatenated images.
-pub fn collate_text(rows: &[(usize, &Encoded)], cfg: &CollatorConfig, pad_token_id: u32, image_token_id: u32, images: ImageBatch) -> Batch {
+pub fn collate_text(rows: &[(usize, &Encoded)], cfg: &CollatorConfig, pad_token_id: u32, image_token_id: u32, images: ImageBatch) -> DataResult<Batch> {
     let bsz = rows.len();
     let longest = rows.iter().map(|e| e.1.input_ids.len()).max().unwrap_or(0);
-    let seq_len = match cfg.pad_to_multiple_of {
-        Some(m) if m > 0 => longest.div_ceil(m) * m,
-        _ => longest,
-    };
+    let seq_len = cfg.padded_len(bsz, longest)?;
     let mut input_ids = vec![pad_token_id as i64; bsz * seq_len];
     let mut attention_mask = vec![0i64; bsz * seq_len];
     let mut labels = vec![IGNORE_INDEX; bsz * seq_len];
@@ -365,7 +407,7 @@ pub fn collate_text(rows: &[(usize, &Encoded)], cfg: &CollatorConfig, pad_token_
             labels[row + k] = v;
         }
     }
-    Batch {
+    Ok(Batch {
         batch_size: bsz,
         seq_len,
         input_ids,
@@ -375,5 +417,5 @@ pub fn collate_text(rows: &[(usize, &Encoded)], cfg: &CollatorConfig, pad_token_
         rows: rows.iter().map(|e| e.0).collect(),
         n_label_tokens,
         all_labels_masked: n_label_tokens == 0,
-    }
+    })
 }

@@ -68,11 +68,16 @@ impl std::str::FromStr for OnBadRow {
     }
 }
 
-/// Counts of skipped rows by reason, with the first few messages of each.
+/// Rows listed per reason in skip reports.
+pub const SKIP_REPORT_ROWS: usize = 5;
+
+/// Counts of skipped rows by reason, with the first few messages and row locations of each.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SkipStats {
     pub counts: BTreeMap<BadRowKind, usize>,
     pub examples: BTreeMap<BadRowKind, Vec<String>>,
+    /// (file, row in file) of the first `SKIP_REPORT_ROWS` rows skipped for each reason.
+    pub first_rows: BTreeMap<BadRowKind, Vec<(PathBuf, usize)>>,
 }
 
 impl SkipStats {
@@ -82,6 +87,12 @@ impl SkipStats {
         let ex = self.examples.entry(kind).or_default();
         if ex.len() < 3 {
             ex.push(e.to_string());
+        }
+        if let DataError::BadRow { loc, .. } = e {
+            let rows = self.first_rows.entry(kind).or_default();
+            if rows.len() < SKIP_REPORT_ROWS {
+                rows.push((loc.file.clone(), loc.row));
+            }
         }
     }
     pub fn total(&self) -> usize {
@@ -93,20 +104,54 @@ impl SkipStats {
         }
         for (k, v) in &o.examples {
             let ex = self.examples.entry(*k).or_default();
-            for m in v {
-                if ex.len() < 3 {
-                    ex.push(m.clone());
-                }
-            }
+            let room = 3usize.saturating_sub(ex.len());
+            ex.extend(v.iter().take(room).cloned());
+        }
+        for (k, v) in &o.first_rows {
+            let rows = self.first_rows.entry(*k).or_default();
+            let room = SKIP_REPORT_ROWS.saturating_sub(rows.len());
+            rows.extend(v.iter().take(room).cloned());
         }
     }
-    /// One line per reason, e.g. `corrupt image: 3`.
+    /// One entry per reason with the first rows skipped for it, e.g.
+    /// `corrupt image: 3 rows (data/train.parquet rows 4, 17, 230)`.
     pub fn report(&self) -> String {
         if self.counts.is_empty() {
             return "no rows skipped".into();
         }
-        self.counts.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+        self.counts
+            .iter()
+            .map(|(k, &n)| {
+                let rows = self.first_rows.get(k).map(|r| r.as_slice()).unwrap_or_default();
+                let noun = if n == 1 { "row" } else { "rows" };
+                if rows.is_empty() {
+                    return format!("{k}: {n} {noun}");
+                }
+                let more = if n > rows.len() { ", ..." } else { "" };
+                format!("{k}: {n} {noun} ({}{more})", list_rows_by_file(rows))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
+}
+
+/// `a.parquet rows 1, 4; b.parquet row 0` (files in order of first appearance).
+fn list_rows_by_file(rows: &[(PathBuf, usize)]) -> String {
+    let mut by_file: Vec<(&Path, Vec<usize>)> = Vec::new();
+    for (file, row) in rows {
+        match by_file.iter_mut().find(|(f, _)| f == file) {
+            Some((_, v)) => v.push(*row),
+            None => by_file.push((file, vec![*row])),
+        }
+    }
+    by_file
+        .iter()
+        .map(|(f, v)| {
+            let noun = if v.len() == 1 { "row" } else { "rows" };
+            format!("{} {noun} {}", f.display(), v.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Random access to the rows of a split.
@@ -125,12 +170,33 @@ pub trait RowSource: Send {
     fn describe(&self) -> String;
 }
 
+/// Most messages in one conversation.
+pub const MAX_MESSAGES_PER_ROW: usize = 4096;
+/// Most rows in a dataset (the epoch order holds 8 bytes per row, a LLaVA JSON index 16):
+/// counts claimed by a file's metadata beyond it are refused before anything is allocated.
+pub const MAX_DATASET_ROWS: usize = 1 << 25;
+/// Most rows in one parquet row group (a row group is decoded at once).
+pub const MAX_ROW_GROUP_ROWS: usize = 1 << 20;
+/// Most rows a parquet file may claim per byte of its size (run-length encoding makes
+/// identical rows cheap, but not free): a footer claiming more is lying.
+const MAX_ROWS_PER_FILE_BYTE: u64 = 1024;
+/// Largest record of a LLaVA JSON file (records hold text and image paths, not images).
+pub const MAX_JSON_RECORD_BYTES: u64 = 64 << 20;
+
 /// Checks the common structure of a row: non-empty, known roles, content types, and that
 /// the number of image blocks equals the number of images.
 pub fn validate_row(row: &Row) -> Result<()> {
     let bad = |field: String, kind: BadRowKind, msg: String| DataError::bad_row(&row.file, row.file_row, field, kind, msg);
     if row.messages.is_empty() {
         return Err(bad("messages".into(), BadRowKind::EmptyConversation, "the conversation has no messages".into()));
+    }
+    if row.messages.len() > MAX_MESSAGES_PER_ROW {
+        // Label masks without {% generation %} render every prefix: quadratic in the turns.
+        return Err(bad(
+            "messages".into(),
+            BadRowKind::TooLong,
+            format!("{} messages; at most {MAX_MESSAGES_PER_ROW} are allowed in one conversation", row.messages.len()),
+        ));
     }
     let mut n_img = 0;
     for (i, m) in row.messages.iter().enumerate() {
@@ -259,21 +325,52 @@ fn check_schema(schema: &arrow_schema::Schema) -> Option<(String, BadRowKind, St
     None
 }
 
+/// Checks that every column chunk of a row group lies inside the file: the parquet crate
+/// allocates a chunk's claimed size before reading it.
+fn check_column_chunks(rg: &parquet::file::metadata::RowGroupMetaData, file_len: u64) -> std::result::Result<(), String> {
+    for c in rg.columns() {
+        let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+        let len = c.compressed_size();
+        let end = u64::try_from(start).ok().zip(u64::try_from(len).ok()).and_then(|(s, l)| s.checked_add(l));
+        if end.is_none_or(|e| e > file_len) {
+            return Err(format!("column `{}` claims bytes {start}..{start}+{len}, outside the file's {file_len} bytes", c.column_path()));
+        }
+    }
+    Ok(())
+}
+
 impl ParquetSource {
     pub fn open(files: Vec<PathBuf>) -> Result<Self> {
         let mut out = Vec::new();
-        let mut total = 0;
+        let mut total = 0usize;
         for path in files {
+            let perr = |msg: String| DataError::Parquet { path: path.clone(), msg };
             let f = File::open(&path).map_err(|e| DataError::io(&path, e))?;
-            let meta = ArrowReaderMetadata::load(&f, ArrowReaderOptions::new())
-                .map_err(|e| DataError::Parquet { path: path.clone(), msg: e.to_string() })?;
+            let file_len = f.metadata().map_err(|e| DataError::io(&path, e))?.len();
+            // The parquet crate checks the footer length against the file size; the thrift
+            // decoder may still panic on hostile metadata.
+            let meta = crate::guard::catch_panic(|| ArrowReaderMetadata::load(&f, ArrowReaderOptions::new()))
+                .map_err(|p| perr(format!("unreadable metadata (the parquet library failed: {p})")))?
+                .map_err(|e| perr(e.to_string()))?;
             let schema_error = check_schema(meta.schema());
             let start = total;
             let mut groups = Vec::new();
-            for rg in meta.metadata().row_groups() {
-                let n = rg.num_rows() as usize;
+            let mut file_rows = 0u64;
+            for (gi, rg) in meta.metadata().row_groups().iter().enumerate() {
+                let n = usize::try_from(rg.num_rows())
+                    .ok()
+                    .filter(|&n| n <= MAX_ROW_GROUP_ROWS)
+                    .ok_or_else(|| perr(format!("row group {gi} claims {} rows; a row group may hold 0 to {MAX_ROW_GROUP_ROWS}", rg.num_rows())))?;
+                check_column_chunks(rg, file_len).map_err(|m| perr(format!("row group {gi}: {m}")))?;
+                file_rows += n as u64;
                 groups.push((total, n));
                 total += n;
+                if total > MAX_DATASET_ROWS {
+                    return Err(perr(format!("the dataset would have more than {MAX_DATASET_ROWS} rows, the most allowed")));
+                }
+            }
+            if file_rows > file_len.saturating_mul(MAX_ROWS_PER_FILE_BYTE) {
+                return Err(perr(format!("the metadata claims {file_rows} rows in a file of {file_len} bytes")));
             }
             out.push(ParquetFile { path, meta, start, groups, schema_error });
         }
@@ -298,38 +395,20 @@ impl ParquetSource {
 
     fn batch(&mut self, fi: usize, gi: usize) -> Result<RecordBatch> {
         if let Some(pos) = self.cache.iter().position(|(k, _)| *k == (fi, gi)) {
-            let e = self.cache.remove(pos).unwrap();
+            let e = self.cache.remove(pos).expect("position found above");
             let b = e.1.clone();
             self.cache.push_front(e);
             return Ok(b);
         }
         let f = &self.files[fi];
-        let perr = |e: parquet::errors::ParquetError| DataError::Parquet { path: f.path.clone(), msg: e.to_string() };
-        let file = File::open(&f.path).map_err(|e| DataError::io(&f.path, e))?;
-        let n = f.groups[gi].1.max(1);
-        let mut mask = Vec::new();
-        for col in ["messages", "images"] {
-            if let Some(idx) = f.meta.schema().index_of(col).ok() {
-                mask.push(idx);
-            }
-        }
-        let pmask = parquet::arrow::ProjectionMask::roots(f.meta.metadata().file_metadata().schema_descr(), mask);
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, f.meta.clone())
-            .with_row_groups(vec![gi])
-            .with_projection(pmask)
-            .with_batch_size(n)
-            .build()
+        let perr = |msg: String| DataError::Parquet { path: f.path.clone(), msg: format!("row group {gi}: {msg}") };
+        let n = f.groups[gi].1;
+        let batch = crate::guard::catch_panic(|| read_row_group(f, gi))
+            .map_err(|p| perr(format!("undecodable data (the parquet library failed: {p})")))?
             .map_err(perr)?;
-        let mut batches = Vec::new();
-        for b in reader {
-            batches.push(b.map_err(|e| DataError::Parquet { path: f.path.clone(), msg: e.to_string() })?);
+        if batch.num_rows() != n {
+            return Err(perr(format!("the metadata says {n} rows but the data holds {}", batch.num_rows())));
         }
-        let batch = if batches.len() == 1 {
-            batches.pop().unwrap()
-        } else {
-            let schema = batches[0].schema();
-            arrow_select_concat(&schema, &batches).map_err(|m| DataError::Parquet { path: f.path.clone(), msg: m })?
-        };
         self.cache.push_front(((fi, gi), batch.clone()));
         while self.cache.len() > self.cache_cap {
             self.cache.pop_back();
@@ -338,23 +417,41 @@ impl ParquetSource {
     }
 }
 
-fn arrow_select_concat(schema: &arrow_schema::SchemaRef, batches: &[RecordBatch]) -> std::result::Result<RecordBatch, String> {
-    // Row groups are read with batch_size = rows, so this is only reached for empty groups.
-    if batches.is_empty() {
-        return Ok(RecordBatch::new_empty(schema.clone()));
+/// Decodes the `messages` and `images` columns of one row group as one batch.
+fn read_row_group(f: &ParquetFile, gi: usize) -> std::result::Result<RecordBatch, String> {
+    let file = File::open(&f.path).map_err(|e| e.to_string())?;
+    let n = f.groups[gi].1;
+    let columns = ["messages", "images"].iter().filter_map(|col| f.meta.schema().index_of(col).ok());
+    let pmask = parquet::arrow::ProjectionMask::roots(f.meta.metadata().file_metadata().schema_descr(), columns);
+    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, f.meta.clone())
+        .with_row_groups(vec![gi])
+        .with_projection(pmask)
+        .with_batch_size(n)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut batches = Vec::new();
+    for b in reader {
+        batches.push(b.map_err(|e| e.to_string())?);
     }
-    Err(format!("row group decoded into {} batches", batches.len()))
+    // Only row groups with rows are read, and they are read as one batch.
+    match batches.len() {
+        1 => Ok(batches.pop().expect("one batch")),
+        k => Err(format!("decoded into {k} batches, expected 1")),
+    }
 }
 
 /// The values of list element `row` of a List/LargeList array.
-fn list_at(arr: &dyn Array, row: usize) -> Option<ArrayRef> {
+fn list_at(arr: &dyn Array, row: usize) -> std::result::Result<Option<ArrayRef>, String> {
     if arr.is_null(row) {
-        return None;
+        return Ok(None);
     }
     if let Some(l) = arr.as_list_opt::<i32>() {
-        return Some(l.value(row));
+        return Ok(Some(l.value(row)));
     }
-    arr.as_list_opt::<i64>().map(|l| l.value(row))
+    if let Some(l) = arr.as_list_opt::<i64>() {
+        return Ok(Some(l.value(row)));
+    }
+    Err(format!("expected a list, found {}", arr.data_type()))
 }
 
 fn str_at(arr: &dyn Array, i: usize) -> std::result::Result<Option<String>, String> {
@@ -402,6 +499,11 @@ fn int_at(arr: &dyn Array, i: usize) -> std::result::Result<Option<i64>, String>
     Err(format!("expected int64, found {}", arr.data_type()))
 }
 
+/// Value `i` of an optional struct child: `None` when the child is absent or the value null.
+fn opt_at<T>(col: Option<&ArrayRef>, i: usize, at: fn(&dyn Array, usize) -> std::result::Result<Option<T>, String>) -> std::result::Result<Option<T>, String> {
+    col.map_or(Ok(None), |a| at(a.as_ref(), i))
+}
+
 fn struct_field<'a>(s: &'a StructArray, name: &str) -> Option<&'a ArrayRef> {
     s.column_by_name(name)
 }
@@ -434,91 +536,75 @@ impl RowSource for ParquetSource {
             return Err(DataError::bad_row(path, file_row, field, kind, msg));
         }
         let batch = self.batch(fi, gi)?;
-        let bad = |field: String, kind: BadRowKind, msg: String| DataError::bad_row(&path, file_row, field, kind, msg);
-        let wt = |field: String, msg: String| DataError::bad_row(&path, file_row, field, BadRowKind::WrongType, msg);
-
-        // messages
-        let mcol = batch.column_by_name("messages").unwrap();
-        let msgs = list_at(mcol.as_ref(), r).ok_or_else(|| bad("messages".into(), BadRowKind::EmptyConversation, "messages is null".into()))?;
-        let ms = msgs.as_struct_opt().ok_or_else(|| wt("messages".into(), format!("expected struct elements, found {}", msgs.data_type())))?;
-        let role_col = struct_field(ms, "role").ok_or_else(|| bad("messages.role".into(), BadRowKind::MissingColumn, "no `role` field".into()))?;
-        let content_col = struct_field(ms, "content").ok_or_else(|| bad("messages.content".into(), BadRowKind::MissingColumn, "no `content` field".into()))?;
-        let mut messages = Vec::with_capacity(ms.len());
-        for i in 0..ms.len() {
-            let role = str_at(role_col.as_ref(), i)
-                .map_err(|m| wt(format!("messages[{i}].role"), m))?
-                .ok_or_else(|| wt(format!("messages[{i}].role"), "role is null".into()))?;
-            let mut content = Vec::new();
-            if let Some(ca) = list_at(content_col.as_ref(), i) {
-                let cs = ca.as_struct_opt().ok_or_else(|| wt(format!("messages[{i}].content"), format!("expected list<struct<index, text, type>>, found {}", ca.data_type())))?;
-                let ty = struct_field(cs, "type").ok_or_else(|| bad(format!("messages[{i}].content.type"), BadRowKind::MissingColumn, "no `type` field".into()))?;
-                let tx = struct_field(cs, "text");
-                let ix = struct_field(cs, "index");
-                for j in 0..cs.len() {
-                    let kind = str_at(ty.as_ref(), j)
-                        .map_err(|m| wt(format!("messages[{i}].content[{j}].type"), m))?
-                        .ok_or_else(|| wt(format!("messages[{i}].content[{j}].type"), "type is null".into()))?;
-                    let text = match tx {
-                        Some(a) => str_at(a.as_ref(), j).map_err(|m| wt(format!("messages[{i}].content[{j}].text"), m))?,
-                        None => None,
-                    };
-                    let index = match ix {
-                        Some(a) => int_at(a.as_ref(), j).map_err(|m| wt(format!("messages[{i}].content[{j}].index"), m))?,
-                        None => None,
-                    };
-                    content.push(Content { index, text, kind });
-                }
-            }
-            messages.push(Message { role, content });
-        }
-
-        // images
-        let icol = batch.column_by_name("images").unwrap();
-        let mut images = Vec::new();
-        if let Some(ia) = list_at(icol.as_ref(), r) {
-            let is = ia.as_struct_opt().ok_or_else(|| wt("images".into(), format!("expected list<struct<bytes, path>>, found {}", ia.data_type())))?;
-            let bcol = struct_field(is, "bytes");
-            let pcol = struct_field(is, "path");
-            for k in 0..is.len() {
-                let b = match bcol {
-                    Some(a) => bytes_at(a.as_ref(), k).map_err(|m| wt(format!("images[{k}].bytes"), m))?,
-                    None => None,
-                };
-                let p = match pcol {
-                    Some(a) => str_at(a.as_ref(), k).map_err(|m| wt(format!("images[{k}].path"), m))?,
-                    None => None,
-                };
-                match (b, p) {
-                    (Some(b), _) => images.push(ImageSource::Bytes(Arc::new(b))),
-                    (None, Some(p)) => {
-                        let pp = Path::new(&p);
-                        let full = if pp.is_absolute() { pp.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).join(pp) };
-                        images.push(ImageSource::Path(full));
-                    }
-                    (None, None) => return Err(bad(format!("images[{k}]"), BadRowKind::CorruptImage, "image has neither bytes nor path".into())),
-                }
-            }
-        }
-        Ok(Row { index, file: path.clone(), file_row, messages, images })
+        // Arrow's accessors assume consistent offsets; a file that decodes into inconsistent
+        // arrays fails this row, not the process.
+        crate::guard::catch_panic(|| parquet_row(&batch, r, index, &path, file_row)).unwrap_or_else(|p| {
+            Err(DataError::bad_row(&path, file_row, "", BadRowKind::Internal, format!("the row's arrays are inconsistent: {p}")))
+        })
     }
+}
+
+/// Converts row `r` of a decoded row group (columns checked by `check_schema`) to a `Row`.
+fn parquet_row(batch: &RecordBatch, r: usize, index: usize, path: &Path, file_row: usize) -> Result<Row> {
+    let bad = |field: String, kind: BadRowKind, msg: String| DataError::bad_row(path, file_row, field, kind, msg);
+    let wt = |field: String, msg: String| DataError::bad_row(path, file_row, field, BadRowKind::WrongType, msg);
+    let column = |name: &str| batch.column_by_name(name).ok_or_else(|| bad(name.into(), BadRowKind::MissingColumn, format!("column `{name}` is missing")));
+
+    // messages
+    let msgs = list_at(column("messages")?.as_ref(), r)
+        .map_err(|m| wt("messages".into(), m))?
+        .ok_or_else(|| bad("messages".into(), BadRowKind::EmptyConversation, "messages is null".into()))?;
+    let ms = msgs.as_struct_opt().ok_or_else(|| wt("messages".into(), format!("expected struct elements, found {}", msgs.data_type())))?;
+    let role_col = struct_field(ms, "role").ok_or_else(|| bad("messages.role".into(), BadRowKind::MissingColumn, "no `role` field".into()))?;
+    let content_col = struct_field(ms, "content").ok_or_else(|| bad("messages.content".into(), BadRowKind::MissingColumn, "no `content` field".into()))?;
+    let mut messages = Vec::with_capacity(ms.len().min(MAX_MESSAGES_PER_ROW + 1));
+    for i in 0..ms.len() {
+        let role = str_at(role_col.as_ref(), i)
+            .map_err(|m| wt(format!("messages[{i}].role"), m))?
+            .ok_or_else(|| wt(format!("messages[{i}].role"), "role is null".into()))?;
+        let mut content = Vec::new();
+        if let Some(ca) = list_at(content_col.as_ref(), i).map_err(|m| wt(format!("messages[{i}].content"), m))? {
+            let cs = ca.as_struct_opt().ok_or_else(|| wt(format!("messages[{i}].content"), format!("expected list<struct<index, text, type>>, found {}", ca.data_type())))?;
+            let ty = struct_field(cs, "type").ok_or_else(|| bad(format!("messages[{i}].content.type"), BadRowKind::MissingColumn, "no `type` field".into()))?;
+            let tx = struct_field(cs, "text");
+            let ix = struct_field(cs, "index");
+            for j in 0..cs.len() {
+                let kind = str_at(ty.as_ref(), j)
+                    .map_err(|m| wt(format!("messages[{i}].content[{j}].type"), m))?
+                    .ok_or_else(|| wt(format!("messages[{i}].content[{j}].type"), "type is null".into()))?;
+                let text = opt_at(tx, j, str_at).map_err(|m| wt(format!("messages[{i}].content[{j}].text"), m))?;
+                let index = opt_at(ix, j, int_at).map_err(|m| wt(format!("messages[{i}].content[{j}].index"), m))?;
+                content.push(Content { index, text, kind });
+            }
+        }
+        messages.push(Message { role, content });
+    }
+
+    // images
+    let mut images = Vec::new();
+    if let Some(ia) = list_at(column("images")?.as_ref(), r).map_err(|m| wt("images".into(), m))? {
+        let is = ia.as_struct_opt().ok_or_else(|| wt("images".into(), format!("expected list<struct<bytes, path>>, found {}", ia.data_type())))?;
+        let bcol = struct_field(is, "bytes");
+        let pcol = struct_field(is, "path");
+        for k in 0..is.len() {
+            let b = opt_at(bcol, k, bytes_at).map_err(|m| wt(format!("images[{k}].bytes"), m))?;
+            let p = opt_at(pcol, k, str_at).map_err(|m| wt(format!("images[{k}].path"), m))?;
+            match (b, p) {
+                (Some(b), _) => images.push(ImageSource::Bytes(Arc::new(b))),
+                (None, Some(p)) => {
+                    let pp = Path::new(&p);
+                    let full = if pp.is_absolute() { pp.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).join(pp) };
+                    images.push(ImageSource::Path(full));
+                }
+                (None, None) => return Err(bad(format!("images[{k}]"), BadRowKind::CorruptImage, "image has neither bytes nor path".into())),
+            }
+        }
+    }
+    Ok(Row { index, file: path.to_path_buf(), file_row, messages, images })
 }
 
 // ---------------------------------------------------------------------------------------
 // LLaVA JSON
-
-#[derive(Debug, Clone, Deserialize)]
-struct LlavaTurn {
-    from: serde_json::Value,
-    value: serde_json::Value,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct LlavaRecord {
-    #[serde(default)]
-    image: Option<serde_json::Value>,
-    #[serde(default)]
-    conversations: Option<serde_json::Value>,
-}
 
 /// The original LLaVA format: `[{"id", "image", "conversations": [{"from", "value"}]}]`,
 /// image paths relative to an image folder. `<image>` in a value becomes an image block
@@ -533,18 +619,35 @@ pub struct LlavaJsonSource {
 }
 
 /// Byte ranges of the elements of a top-level JSON array (or of the non-empty lines of a
-/// JSON-lines file), found by a streaming scan that tracks strings and nesting.
+/// JSON-lines file), found by a streaming scan that tracks strings and nesting. Records larger
+/// than `MAX_JSON_RECORD_BYTES` and more than `MAX_DATASET_ROWS` records are refused.
 fn scan_records(path: &Path, jsonl: bool) -> Result<Vec<(u64, u32)>> {
     use std::io::Read;
     let f = File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut r = std::io::BufReader::with_capacity(1 << 20, f);
     let mut buf = vec![0u8; 1 << 20];
     let mut out = Vec::new();
-    let (mut depth, mut in_str, mut esc) = (0i32, false, false);
+    let (mut depth, mut in_str, mut esc) = (0u64, false, false);
     let mut start: Option<u64> = None;
     let mut pos: u64 = 0;
     let mut started = jsonl; // seen the opening '[' (JSON) / always (JSON lines)
+    let mut closed = false; // seen the closing ']' (JSON)
     let jerr = |m: String| DataError::Json { path: path.to_path_buf(), msg: m };
+    let push = |out: &mut Vec<(u64, u32)>, s0: u64, end: u64| -> Result<()> {
+        let len = end - s0;
+        if len > MAX_JSON_RECORD_BYTES {
+            return Err(jerr(format!(
+                "record {} (at byte {s0}) has {len} bytes; a record may have at most {}",
+                out.len(),
+                crate::guard::human_bytes(MAX_JSON_RECORD_BYTES)
+            )));
+        }
+        if out.len() >= MAX_DATASET_ROWS {
+            return Err(jerr(format!("more than {MAX_DATASET_ROWS} records, the most allowed")));
+        }
+        out.push((s0, len as u32));
+        Ok(())
+    };
     loop {
         let n = r.read(&mut buf).map_err(|e| DataError::io(path, e))?;
         if n == 0 {
@@ -559,67 +662,63 @@ fn scan_records(path: &Path, jsonl: bool) -> Result<Vec<(u64, u32)>> {
                 } else if c == b'"' {
                     in_str = false;
                 }
-            } else {
-                match c {
-                    b'"' => {
-                        in_str = true;
-                        if start.is_none() && depth == 0 && started {
-                            start = Some(pos);
-                        }
+                pos += 1;
+                continue;
+            }
+            let blank = matches!(c, b' ' | b'\t' | b'\r' | b'\n');
+            if !blank && (closed || (!started && c != b'[')) {
+                let found = if closed { "text after the closing `]`" } else { "something else" };
+                return Err(jerr(format!("expected one JSON array of records, found {found} at byte {pos}")));
+            }
+            match c {
+                b'"' => {
+                    in_str = true;
+                    if start.is_none() && depth == 0 {
+                        start = Some(pos);
                     }
-                    b'[' | b'{' => {
-                        if !started && c == b'[' && depth == 0 {
-                            started = true;
-                        } else {
-                            if depth == 0 && start.is_none() {
-                                start = Some(pos);
-                            }
-                            depth += 1;
-                        }
+                }
+                b'[' if !started => started = true,
+                b'[' | b'{' => {
+                    if depth == 0 && start.is_none() {
+                        start = Some(pos);
                     }
-                    b']' | b'}' => {
-                        if depth == 0 {
-                            if !jsonl && c == b']' {
-                                if let Some(s0) = start.take() {
-                                    out.push((s0, (pos - s0) as u32));
-                                }
-                                started = false;
-                            } else {
-                                return Err(jerr(format!("unbalanced `{}` at byte {pos}", c as char)));
-                            }
-                        } else {
-                            depth -= 1;
-                            if depth == 0 {
-                                if let Some(s0) = start.take() {
-                                    out.push((s0, (pos + 1 - s0) as u32));
-                                }
-                            }
-                        }
-                    }
-                    b',' | b'\n' if depth == 0 => {
+                    depth += 1;
+                }
+                b']' | b'}' if depth > 0 => {
+                    depth -= 1;
+                    if depth == 0 {
                         if let Some(s0) = start.take() {
-                            out.push((s0, (pos - s0) as u32));
+                            push(&mut out, s0, pos + 1)?;
                         }
                     }
-                    b' ' | b'\t' | b'\r' | b'\n' | b',' => {}
-                    _ => {
-                        if depth == 0 && start.is_none() && started {
-                            start = Some(pos);
-                        }
+                }
+                b']' if !jsonl => {
+                    if let Some(s0) = start.take() {
+                        push(&mut out, s0, pos)?;
+                    }
+                    closed = true;
+                }
+                b']' | b'}' => return Err(jerr(format!("unbalanced `{}` at byte {pos}", c as char))),
+                b',' | b'\n' if depth == 0 => {
+                    if let Some(s0) = start.take() {
+                        push(&mut out, s0, pos)?;
+                    }
+                }
+                _ if blank || c == b',' => {}
+                _ => {
+                    if depth == 0 && start.is_none() {
+                        start = Some(pos);
                     }
                 }
             }
             pos += 1;
         }
     }
-    if in_str || depth != 0 {
+    if in_str || depth != 0 || (started && !jsonl && !closed) {
         return Err(jerr("truncated JSON".into()));
     }
     if let Some(s0) = start.take() {
-        out.push((s0, (pos - s0) as u32));
-    }
-    if !jsonl && pos > 0 && out.is_empty() && started {
-        return Ok(out);
+        push(&mut out, s0, pos)?;
     }
     Ok(out)
 }
@@ -638,10 +737,13 @@ impl LlavaJsonSource {
         if self.file.is_none() {
             self.file = Some(File::open(&self.path).map_err(|e| DataError::io(&self.path, e))?);
         }
-        let f = self.file.as_mut().unwrap();
+        let f = self.file.as_mut().expect("opened above");
+        // `len` was bounded by `MAX_JSON_RECORD_BYTES` when the file was scanned.
         let mut buf = vec![0u8; len as usize];
         f.seek(SeekFrom::Start(off)).and_then(|_| f.read_exact(&mut buf)).map_err(|e| DataError::io(&self.path, e))?;
-        serde_json::from_slice(&buf).map_err(|e| DataError::bad_row(&self.path, index, "", BadRowKind::WrongType, format!("invalid JSON record: {e}")))
+        serde_json::from_slice(&buf).map_err(|e| {
+            DataError::bad_row(&self.path, index, "", BadRowKind::WrongType, format!("invalid JSON record (at byte {off} of the file): {e}"))
+        })
     }
 }
 
@@ -689,28 +791,33 @@ impl RowSource for LlavaJsonSource {
         let rec = self.record(index)?;
         let path = &self.path;
         let bad = |field: String, kind: BadRowKind, msg: String| DataError::bad_row(path, index, field, kind, msg);
-        let rec: LlavaRecord = serde_json::from_value(rec).map_err(|e| bad("".into(), BadRowKind::WrongType, e.to_string()))?;
-        let conv = rec.conversations.ok_or_else(|| bad("conversations".into(), BadRowKind::MissingColumn, "no `conversations`".into()))?;
-        let turns: Vec<LlavaTurn> = serde_json::from_value(conv).map_err(|e| bad("conversations".into(), BadRowKind::WrongType, e.to_string()))?;
-        let mut tv = Vec::new();
+        let wt = |field: String, want: &str, found: &serde_json::Value| bad(field, BadRowKind::WrongType, format!("expected {want}, found {}", json_kind(found)));
+        let rec = rec.as_object().ok_or_else(|| wt(String::new(), "an object with `conversations` and `image`", &rec))?;
+        let conv = rec.get("conversations").ok_or_else(|| bad("conversations".into(), BadRowKind::MissingColumn, "no `conversations`".into()))?;
+        let turns = conv.as_array().ok_or_else(|| wt("conversations".into(), "a list of {\"from\", \"value\"} turns", conv))?;
+        let mut tv = Vec::with_capacity(turns.len());
         for (i, t) in turns.iter().enumerate() {
-            let from = t.from.as_str().ok_or_else(|| bad(format!("conversations[{i}].from"), BadRowKind::WrongType, "expected a string".into()))?;
-            let value = t.value.as_str().ok_or_else(|| bad(format!("conversations[{i}].value"), BadRowKind::WrongType, "expected a string".into()))?;
-            tv.push((from.to_string(), value.to_string()));
+            let t = t.as_object().ok_or_else(|| wt(format!("conversations[{i}]"), "an object with `from` and `value`", t))?;
+            let text = |key: &str| -> Result<String> {
+                let field = format!("conversations[{i}].{key}");
+                let v = t.get(key).ok_or_else(|| bad(field.clone(), BadRowKind::MissingColumn, format!("no `{key}`")))?;
+                v.as_str().map(str::to_string).ok_or_else(|| wt(field, "a string", v))
+            };
+            tv.push((text("from")?, text("value")?));
         }
         let messages = llava_to_messages(&tv).map_err(|(i, r)| {
             bad(format!("conversations[{i}].from"), BadRowKind::UnknownRole, format!("unknown role {r:?} (expected human, gpt or system)"))
         })?;
         let mut images = Vec::new();
-        match rec.image {
+        match rec.get("image") {
             None | Some(serde_json::Value::Null) => {}
-            Some(serde_json::Value::String(s)) => images.push(s),
+            Some(serde_json::Value::String(s)) => images.push(s.as_str()),
             Some(serde_json::Value::Array(a)) => {
                 for (k, v) in a.iter().enumerate() {
-                    images.push(v.as_str().ok_or_else(|| bad(format!("image[{k}]"), BadRowKind::WrongType, "expected a string".into()))?.to_string());
+                    images.push(v.as_str().ok_or_else(|| wt(format!("image[{k}]"), "a path", v))?);
                 }
             }
-            Some(o) => return Err(bad("image".into(), BadRowKind::WrongType, format!("expected a path, found {o}"))),
+            Some(o) => return Err(wt("image".into(), "a path or a list of paths", o)),
         }
         let mut srcs = Vec::new();
         for (k, im) in images.iter().enumerate() {
@@ -722,6 +829,18 @@ impl RowSource for LlavaJsonSource {
             srcs.push(ImageSource::Path(p));
         }
         Ok(Row { index, file: self.path.clone(), file_row: index, messages, images: srcs })
+    }
+}
+
+/// What kind of JSON value `v` is, for errors (never the value itself, which may be huge).
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -762,16 +881,18 @@ pub struct Cursor {
     pub position: usize,
 }
 
-struct SplitMix64(u64);
+/// splitmix64: the seeded generator of the epoch order (and of the robustness tests' mutations).
+pub struct SplitMix64(pub u64);
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: usize) -> usize {
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
         // Lemire's multiply-shift; bias negligible for dataset sizes.
         ((self.next() as u128 * n as u128) >> 64) as usize
     }

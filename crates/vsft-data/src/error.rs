@@ -16,7 +16,12 @@ pub struct RowLoc {
 
 impl fmt::Display for RowLoc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: row {}: field `{}`", self.file.display(), self.row, self.field)
+        write!(f, "{}: row {}", self.file.display(), self.row)?;
+        // A problem with the row as a whole (e.g. a record that is not a JSON object) has no field.
+        if !self.field.is_empty() {
+            write!(f, ": field `{}`", self.field)?;
+        }
+        Ok(())
     }
 }
 
@@ -33,6 +38,8 @@ pub enum BadRowKind {
     ImageTruncated,
     TooLong,
     Template,
+    /// Processing the row panicked (a bug in vsft or a library it uses, triggered by this row).
+    Internal,
 }
 
 impl BadRowKind {
@@ -48,6 +55,7 @@ impl BadRowKind {
             BadRowKind::ImageTruncated => "truncation would cut an image",
             BadRowKind::TooLong => "too long",
             BadRowKind::Template => "chat template error",
+            BadRowKind::Internal => "internal error",
         }
     }
 }
@@ -62,12 +70,11 @@ impl fmt::Display for BadRowKind {
 pub enum DataError {
     #[error("{loc}: {kind}: {msg}")]
     BadRow { loc: RowLoc, kind: BadRowKind, msg: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The OS error is displayed, not chained as a source, so that `{:#}` does not print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}: larger than {} allowed for a {what}", crate::guard::human_bytes(*limit))]
+    TooLarge { path: PathBuf, what: String, limit: u64 },
     #[error("{path}: parquet: {msg}")]
     Parquet { path: PathBuf, msg: String },
     #[error("{path}: schema: {msg}")]
@@ -82,6 +89,9 @@ pub enum DataError {
     Template(String),
     #[error("config {path}: {msg}")]
     Config { path: PathBuf, msg: String },
+    /// A setting (recipe key such as `data.num_workers`) that cannot be honoured.
+    #[error("{key}: {msg}")]
+    Setting { key: &'static str, msg: String },
     #[error("no data files found for {0}")]
     NoData(String),
     #[error("{0}")]
@@ -112,7 +122,7 @@ impl DataError {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io { path: path.into(), source }
+        DataError::Io { path: path.into(), error: source }
     }
 }
 

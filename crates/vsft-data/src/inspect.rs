@@ -9,6 +9,7 @@ use crate::collator::{example_labels, CollatorConfig, LabelMask, IGNORE_INDEX};
 use crate::dataset::{open_dataset, OnBadRow, SkipStats};
 use crate::error::Result;
 use crate::family::ProcessorOverrides;
+use crate::guard::{read_row, row_guard};
 use crate::pipeline::Processor;
 
 /// Options shared by `inspect` and `summarize`.
@@ -27,6 +28,7 @@ pub struct InspectOptions {
     pub max_length: Option<usize>,
     /// Rows to look at (`None` = all).
     pub limit: Option<usize>,
+    /// `Error` (the default): stop at the first bad row with its error; `Skip`: count bad rows.
     pub on_bad_row: OnBadRow,
     /// `data.min_pixels` / `data.max_pixels` (Qwen2-VL), to see their effect on the summary.
     pub overrides: ProcessorOverrides,
@@ -44,7 +46,7 @@ impl InspectOptions {
             add_special_tokens: true,
             max_length: None,
             limit: None,
-            on_bad_row: OnBadRow::Skip,
+            on_bad_row: OnBadRow::Error,
             overrides: ProcessorOverrides::default(),
         }
     }
@@ -175,9 +177,9 @@ pub fn inspect_with(processor: &Processor, opts: &InspectOptions) -> Result<(Vec
     let mut out = Vec::new();
     let mut skipped = SkipStats::default();
     for i in 0..n {
-        let r = source.get(i).and_then(|row| {
+        let r = read_row(source.as_mut(), i).and_then(|row| {
             let src = format!("{}:{}", row.file.display(), row.file_row);
-            processor.process_row(&row, &cfg).map(|ex| (ex, src))
+            row_guard(&row, || processor.process_row(&row, &cfg)).map(|ex| (ex, src))
         });
         match r {
             Ok((ex, src)) => {
@@ -279,7 +281,7 @@ pub fn summarize(opts: &InspectOptions, workers: usize) -> Result<Summary> {
         on_bad_row: opts.on_bad_row,
         drop_last: false,
     };
-    let loader = crate::loader::DataLoader::new(source, processor, cfg, crate::dataset::Cursor::default());
+    let loader = crate::loader::DataLoader::try_new(source, processor, cfg, crate::dataset::Cursor::default())?;
     let mut lens = Vec::new();
     let mut image_tokens = Vec::new();
     let mut max_per_image = 0;

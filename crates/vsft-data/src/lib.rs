@@ -36,6 +36,7 @@ pub mod collator;
 pub mod dataset;
 pub mod error;
 pub mod family;
+pub mod guard;
 pub mod image_proc;
 pub mod inspect;
 pub mod jpeg;

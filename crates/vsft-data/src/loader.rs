@@ -11,7 +11,16 @@ use serde::{Deserialize, Serialize};
 use crate::collator::{Batch, CollatorConfig};
 use crate::dataset::{epoch_order, Cursor, OnBadRow, Row, RowSource, SkipStats};
 use crate::error::{DataError, Result};
+use crate::guard::{catch_panic, read_row, row_guard};
 use crate::pipeline::Processor;
+
+/// Most worker threads (`data.num_workers`): more than any machine has cores for.
+pub const MAX_NUM_WORKERS: usize = 256;
+/// Stack of each loader thread: as much as a main thread gets, so that templates nest as
+/// deep as their recursion limit allows wherever they are rendered.
+pub const WORKER_STACK_BYTES: usize = 8 << 20;
+/// Most batches queued per worker, whatever `prefetch` asks (each queue slot is allocated).
+const MAX_QUEUED_BATCHES: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoaderConfig {
@@ -27,6 +36,19 @@ pub struct LoaderConfig {
     pub on_bad_row: OnBadRow,
     /// Drop a last incomplete batch of the epoch.
     pub drop_last: bool,
+}
+
+impl LoaderConfig {
+    /// Refuses settings the loader cannot honour, naming the recipe key.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_workers > MAX_NUM_WORKERS {
+            return Err(DataError::Setting {
+                key: "data.num_workers",
+                msg: format!("{} worker threads requested; 0 to {MAX_NUM_WORKERS} are allowed (0 = process on the training thread)", self.num_workers),
+            });
+        }
+        self.collator.validate()
+    }
 }
 
 impl Default for LoaderConfig {
@@ -52,6 +74,9 @@ type Job = (usize, Vec<Result<Row>>);
 enum Mode {
     Inline { source: Box<dyn RowSource>, order: Vec<usize> },
     Threads { outputs: Vec<Receiver<Item>>, handles: Vec<JoinHandle<()>> },
+    /// The configuration was refused or the threads could not start: the error is the
+    /// first item.
+    Failed(Option<DataError>),
 }
 
 /// Iterator over the batches of one epoch, starting at a cursor.
@@ -75,11 +100,13 @@ pub struct DataLoader {
 }
 
 /// Processes the rows of one batch: prepare each row, skip or fail on bad ones, collate.
+/// A panic while processing a row fails (or skips) that row with the panic's message.
 fn process_batch(p: &Processor, rows: Vec<Result<Row>>, cfg: &LoaderConfig) -> (Result<Option<Batch>>, SkipStats) {
     let mut skipped = SkipStats::default();
     let mut prepared = Vec::with_capacity(rows.len());
     for r in rows {
-        match r.and_then(|row| p.prepare_row(&row, &cfg.collator)) {
+        let r = r.and_then(|row| row_guard(&row, || p.prepare_row(&row, &cfg.collator)));
+        match r {
             Ok(x) => prepared.push(x),
             Err(e) if cfg.on_bad_row == OnBadRow::Skip && e.bad_row_kind().is_some() => skipped.record(&e),
             Err(e) => return (Err(e), skipped),
@@ -88,7 +115,19 @@ fn process_batch(p: &Processor, rows: Vec<Result<Row>>, cfg: &LoaderConfig) -> (
     if prepared.is_empty() {
         return (Ok(None), skipped);
     }
-    (Ok(Some(p.collate_prepared(&prepared, &cfg.collator))), skipped)
+    let batch = catch_panic(|| p.collate_prepared(&prepared, &cfg.collator))
+        .unwrap_or_else(|msg| Err(DataError::Other(format!("collating rows {} failed: {msg}", row_list(&prepared)))));
+    (batch.map(Some), skipped)
+}
+
+/// `rows 3, 8, 9` of a batch (indices in the split), for errors about the batch as a whole.
+fn row_list(prepared: &[crate::pipeline::Prepared]) -> String {
+    prepared.iter().map(|r| r.index.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Reads the rows at `positions` of the order.
+fn read_rows(source: &mut dyn RowSource, positions: &[usize]) -> Vec<Result<Row>> {
+    positions.iter().map(|&i| read_row(source, i)).collect()
 }
 
 /// Position ranges of the batches of an epoch from `start`.
@@ -100,6 +139,8 @@ fn batch_ranges(start: usize, len: usize, bs: usize, drop_last: bool) -> impl It
 impl DataLoader {
     /// Starts loading `source` from `cursor` (use `Cursor { seed, epoch: 0, position: 0 }` to
     /// start; store `loader.cursor()` in checkpoints to resume after the last batch yielded).
+    /// A configuration that cannot be honoured (see `LoaderConfig::validate`) or threads that
+    /// cannot start make the first item an error; `try_new` returns it instead.
     pub fn new(mut source: Box<dyn RowSource>, processor: Arc<Processor>, cfg: LoaderConfig, cursor: Cursor) -> Self {
         if cfg.shuffle {
             source.set_group_window(cfg.shuffle_window);
@@ -107,46 +148,67 @@ impl DataLoader {
         let order = epoch_order(&source.groups(), cursor.seed, cursor.epoch, cfg.shuffle, cfg.shuffle_window);
         let epoch_len = order.len();
         let start = cursor.position.min(epoch_len);
-        let mode = if cfg.num_workers == 0 {
-            Mode::Inline { source, order }
-        } else {
-            Self::spawn(source, order, start, processor.clone(), &cfg)
+        let mode = match cfg.validate() {
+            Err(e) => Mode::Failed(Some(e)),
+            Ok(()) if cfg.num_workers == 0 => Mode::Inline { source, order },
+            Ok(()) => Self::spawn(source, order, start, processor.clone(), &cfg).unwrap_or_else(|e| Mode::Failed(Some(e))),
         };
         DataLoader { processor, cfg, cursor, epoch_len, next_pos: start, next_batch: 0, mode, skipped: SkipStats::default(), failed: false }
     }
 
-    fn spawn(mut source: Box<dyn RowSource>, order: Vec<usize>, start: usize, processor: Arc<Processor>, cfg: &LoaderConfig) -> Mode {
+    /// `new`, returning a refused configuration or a failure to start the threads as an error.
+    pub fn try_new(source: Box<dyn RowSource>, processor: Arc<Processor>, cfg: LoaderConfig, cursor: Cursor) -> Result<Self> {
+        let mut loader = Self::new(source, processor, cfg, cursor);
+        match &mut loader.mode {
+            Mode::Failed(e) => Err(e.take().expect("a failed loader holds its error until it is taken")),
+            _ => Ok(loader),
+        }
+    }
+
+    fn spawn(mut source: Box<dyn RowSource>, order: Vec<usize>, start: usize, processor: Arc<Processor>, cfg: &LoaderConfig) -> Result<Mode> {
         let n = cfg.num_workers;
-        let depth = (cfg.prefetch / cfg.batch_size.max(1)).max(1);
+        let depth = (cfg.prefetch / cfg.batch_size.max(1)).clamp(1, MAX_QUEUED_BATCHES);
         let mut inputs: Vec<SyncSender<Job>> = Vec::new();
         let mut outputs = Vec::new();
         let mut handles = Vec::new();
-        for _ in 0..n {
+        let thread = |name: String| std::thread::Builder::new().name(name).stack_size(WORKER_STACK_BYTES);
+        // On a failure to start, the threads started so far see their queues close and end.
+        let spawn_err = |what: String, e: std::io::Error| DataError::Setting {
+            key: "data.num_workers",
+            msg: format!("cannot start {what} of {n} worker threads ({e}); use fewer workers, or 0 to process on the training thread"),
+        };
+        for w in 0..n {
             let (tx_in, rx_in) = sync_channel::<Job>(depth);
             let (tx_out, rx_out) = sync_channel::<Item>(depth);
             let p = processor.clone();
             let lcfg = cfg.clone();
-            handles.push(std::thread::spawn(move || {
-                for (end, rows) in rx_in {
-                    let (r, skipped) = process_batch(&p, rows, &lcfg);
-                    if tx_out.send((end, r, skipped)).is_err() {
-                        break;
+            let h = thread(format!("vsft-data-worker-{w}"))
+                .spawn(move || {
+                    for (end, rows) in rx_in {
+                        let (r, skipped) = process_batch(&p, rows, &lcfg);
+                        if tx_out.send((end, r, skipped)).is_err() {
+                            break;
+                        }
                     }
-                }
-            }));
+                })
+                .map_err(|e| spawn_err(format!("worker {w}"), e))?;
+            handles.push(h);
             inputs.push(tx_in);
             outputs.push(rx_out);
         }
         let (bs, drop_last) = (cfg.batch_size, cfg.drop_last);
-        handles.push(std::thread::spawn(move || {
-            for (b, (s, e)) in batch_ranges(start, order.len(), bs, drop_last).enumerate() {
-                let rows: Vec<Result<Row>> = order[s..e].iter().map(|&i| source.get(i)).collect();
-                if inputs[b % n].send((e, rows)).is_err() {
-                    break;
+        let reader = thread("vsft-data-reader".into())
+            .spawn(move || {
+                for (b, (s, e)) in batch_ranges(start, order.len(), bs, drop_last).enumerate() {
+                    let rows = read_rows(source.as_mut(), &order[s..e]);
+                    if inputs[b % n].send((e, rows)).is_err() {
+                        break;
+                    }
                 }
-            }
-        }));
-        Mode::Threads { outputs, handles }
+            })
+            .map_err(|e| spawn_err("the reader thread in addition to the".into(), e))?;
+        handles.push(reader);
+        Ok(Mode::Threads { outputs, handles })
     }
 
     /// Position after the last batch yielded: store it in checkpoints.
@@ -169,7 +231,7 @@ impl DataLoader {
         match &mut self.mode {
             Mode::Inline { source, order } => {
                 let (s, e) = batch_ranges(self.next_pos, order.len(), self.cfg.batch_size, self.cfg.drop_last).next()?;
-                let rows: Vec<Result<Row>> = order[s..e].iter().map(|&i| source.get(i)).collect();
+                let rows = read_rows(source.as_mut(), &order[s..e]);
                 let (r, skipped) = process_batch(&self.processor, rows, &self.cfg);
                 Some((e, r, skipped))
             }
@@ -177,7 +239,27 @@ impl DataLoader {
                 let n = outputs.len();
                 outputs[self.next_batch % n].recv().ok()
             }
+            Mode::Failed(_) => None, // reported by `next` before asking for items
         }
+    }
+
+    /// Why the threads stopped before the end of the epoch: the panic of one that panicked
+    /// (errors of rows are sent as items, so only a bug elsewhere ends a thread early).
+    fn stopped_threads_error(&mut self) -> DataError {
+        let mut why = Vec::new();
+        if let Mode::Threads { outputs, handles } = &mut self.mode {
+            outputs.clear();
+            for h in handles.drain(..) {
+                let name = h.thread().name().unwrap_or("a data loader thread").to_string();
+                if let Err(p) = h.join() {
+                    why.push(format!("{name} panicked: {}", crate::guard::panic_message(p.as_ref())));
+                }
+            }
+        }
+        if why.is_empty() {
+            why.push("no thread reported why".into());
+        }
+        DataError::Other(format!("the data loader stopped before the end of the epoch: {}", why.join("; ")))
     }
 }
 
@@ -186,16 +268,23 @@ impl Iterator for DataLoader {
 
     fn next(&mut self) -> Option<Result<Batch>> {
         loop {
-            if self.failed || self.next_pos >= self.epoch_len {
+            if self.failed {
+                return None;
+            }
+            if let Mode::Failed(e) = &mut self.mode {
+                self.failed = true;
+                return e.take().map(Err);
+            }
+            if self.next_pos >= self.epoch_len {
                 return None;
             }
             let (end, r, skipped) = match self.next_item() {
                 Some(x) => x,
                 None => {
-                    // end of the epoch (drop_last) or a worker gone
-                    if !matches!(self.mode, Mode::Inline { .. }) && batch_ranges(self.next_pos, self.epoch_len, self.cfg.batch_size, self.cfg.drop_last).next().is_some() {
+                    // end of the epoch (drop_last) or a thread gone
+                    if matches!(self.mode, Mode::Threads { .. }) && batch_ranges(self.next_pos, self.epoch_len, self.cfg.batch_size, self.cfg.drop_last).next().is_some() {
                         self.failed = true;
-                        return Some(Err(DataError::Other("data loader worker stopped".into())));
+                        return Some(Err(self.stopped_threads_error()));
                     }
                     return None;
                 }

@@ -165,13 +165,13 @@ impl Processor {
     }
 
     /// Collates prepared rows, normalising images directly into the batch's pixel buffer.
-    pub fn collate_prepared(&self, rows: &[Prepared], cfg: &CollatorConfig) -> Batch {
+    pub fn collate_prepared(&self, rows: &[Prepared], cfg: &CollatorConfig) -> Result<Batch> {
         let images = self.image.batch(rows.iter().flat_map(|r| r.images.iter()));
         let text: Vec<(usize, &Encoded)> = rows.iter().map(|r| (r.index, &r.encoded)).collect();
         collator::collate_text(&text, cfg, self.text.pad_token_id, self.text.image_token_id, images)
     }
 
-    pub fn collate(&self, examples: &[Example], cfg: &CollatorConfig) -> Batch {
+    pub fn collate(&self, examples: &[Example], cfg: &CollatorConfig) -> Result<Batch> {
         collator::collate(examples, cfg, self.text.pad_token_id, self.text.image_token_id)
     }
 

@@ -90,11 +90,56 @@ pub struct Rendered {
     pub generation_spans: Vec<(usize, usize)>,
 }
 
+/// Largest chat template accepted (real ones are a few KiB; Llama-3.x's is 7 KiB).
+pub const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+/// Largest `tokenizer.json` read (Qwen2's, with 151k tokens and their merges, is 7 MiB;
+/// Gemma's 33 MiB).
+pub const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
+/// Largest `tokenizer_config.json` / `chat_template.json` read (these hold the template and
+/// the added tokens: a few hundred KiB at most in practice).
+pub const MAX_TOKENIZER_CONFIG_BYTES: u64 = 64 << 20;
+/// Work one render may do, in minijinja fuel: about one unit per instruction and per 64
+/// bytes of data created, so it bounds both time and memory (~256 MiB). The fixture
+/// templates use under 4,000 for the fixture conversations (see the robustness tests), and
+/// text up to `MAX_RENDERED_BYTES` costs well under a tenth of this: a template that runs out
+/// is in a runaway loop or doubles strings.
+pub const TEMPLATE_FUEL: u64 = 4_000_000;
+/// Largest rendered conversation (before tokenization).
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
+/// Deepest nesting of macro calls / includes (minijinja's default is 500; each level costs a
+/// few KiB of stack, and workers run on threads with `loader::WORKER_STACK_BYTES`).
+pub const TEMPLATE_RECURSION_LIMIT: usize = 200;
+/// Largest `indent` of the `tojson` filter.
+const MAX_TOJSON_INDENT: usize = 64;
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     source: String,
+    /// Where the template came from (a file path, or "inline" when given as text): named
+    /// in render errors.
+    origin: String,
     env: Environment<'static>,
     has_generation: bool,
+}
+
+/// Output of a render, refused past `MAX_RENDERED_BYTES`.
+struct CappedOutput {
+    buf: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered text too large"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -253,6 +298,9 @@ fn py_json(v: &Value, indent: Option<usize>, sort_keys: bool, ensure_ascii: bool
 
 fn tojson_filter(v: Value, kwargs: Kwargs) -> std::result::Result<Value, JError> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    if let Some(n) = indent.filter(|&n| n > MAX_TOJSON_INDENT) {
+        return Err(JError::new(ErrorKind::InvalidOperation, format!("tojson: indent {n} is larger than the {MAX_TOJSON_INDENT} allowed")));
+    }
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
@@ -319,16 +367,36 @@ fn strftime_now(fmt: String) -> String {
 }
 
 impl ChatTemplate {
+    /// Compiles a template given as text (errors say "chat template: inline: ..."; see
+    /// `from_file_source` for one read from a file).
     pub fn new(source: &str) -> Result<Self> {
+        Self::compile(source, "inline".to_string())
+    }
+
+    /// Compiles a template read from `origin`; errors name that file.
+    pub fn from_file_source(source: &str, origin: &Path) -> Result<Self> {
+        Self::compile(source, origin.display().to_string())
+    }
+
+    fn compile(source: &str, origin: String) -> Result<Self> {
+        if source.len() as u64 > MAX_TEMPLATE_BYTES {
+            return Err(DataError::Template(format!(
+                "{origin}: the template has {} bytes; at most {} are allowed",
+                source.len(),
+                crate::guard::human_bytes(MAX_TEMPLATE_BYTES)
+            )));
+        }
         let (rewritten, has_generation) = rewrite_generation_tags(source);
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()
                 .trim_blocks(true)
                 .lstrip_blocks(true)
                 .keep_trailing_newline(false)
                 .build()
-                .map_err(|e| DataError::Template(e.to_string()))?,
+                .map_err(|e| DataError::Template(format!("{origin}: {e}")))?,
         );
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -344,23 +412,29 @@ impl ChatTemplate {
             o.push(GEN_END);
             o
         });
-        env.add_template_owned("chat", rewritten).map_err(|e| DataError::Template(format!("{e:#}")))?;
-        Ok(ChatTemplate { source: source.to_string(), env, has_generation })
+        env.add_template_owned("chat", rewritten).map_err(|e| DataError::Template(format!("{origin}: {}", template_error_text(&e))))?;
+        Ok(ChatTemplate { source: source.to_string(), origin, env, has_generation })
     }
 
     pub fn source(&self) -> &str {
         &self.source
     }
 
-    /// Whether the template has `{% generation %}` blocks.
-    pub fn has_generation(&self) -> bool {
-        self.has_generation
+    /// Where the template came from: its file, or "inline".
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
-    /// Renders `messages` with transformers' variables. Message keys whose value is None are
-    /// dropped (as transformers' `_normalize_chat_messages` does); content blocks keep them.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, special: &SpecialTokens) -> Result<Rendered> {
-        let tmpl = self.env.get_template("chat").map_err(|e| DataError::Template(e.to_string()))?;
+    /// The fuel (of `TEMPLATE_FUEL`) that rendering `messages` consumes: how the budget was sized.
+    pub fn fuel_used(&self, messages: &[Message], add_generation_prompt: bool, special: &SpecialTokens) -> Result<u64> {
+        Ok(self.render_raw(messages, add_generation_prompt, special)?.1)
+    }
+
+    /// Renders with transformers' variables within `TEMPLATE_FUEL` and `MAX_RENDERED_BYTES`,
+    /// `{% generation %}` sentinels still in. Returns the output and the fuel consumed.
+    fn render_raw(&self, messages: &[Message], add_generation_prompt: bool, special: &SpecialTokens) -> Result<(String, u64)> {
+        let fail = |msg: String| DataError::Template(format!("{}: {msg}", self.origin));
+        let tmpl = self.env.get_template("chat").map_err(|e| fail(template_error_text(&e)))?;
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
         ctx.insert("messages", Value::from(Serde(messages)));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
@@ -376,15 +450,42 @@ impl ChatTemplate {
                 ctx.insert(k, Value::from(v.as_str()));
             }
         }
-        let raw = tmpl.render(Value::from(Serde(ctx))).map_err(|e| {
-            let mut msg = format!("{e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
+        let mut out = CappedOutput { buf: Vec::new(), overflowed: false };
+        let rendered = tmpl.render_captured_to(Value::from(Serde(ctx)), &mut out);
+        let captured = match rendered {
+            Ok(c) => c,
+            Err(_) if out.overflowed => {
+                return Err(fail(format!(
+                    "the rendered text is larger than the {} allowed",
+                    crate::guard::human_bytes(MAX_RENDERED_BYTES as u64)
+                )))
             }
-            DataError::Template(msg)
-        })?;
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(fail(format!(
+                    "rendering did more work than the {TEMPLATE_FUEL} steps allowed (a loop that does not end, \
+                     or text that grows without bound){}",
+                    template_location(&e)
+                )))
+            }
+            Err(e) => return Err(fail(template_error_text(&e))),
+        };
+        let used = captured.state().fuel_levels().map(|(consumed, _)| consumed).unwrap_or(0);
+        drop(captured);
+        // The template writes `str`s only, so the bytes are UTF-8 (a cut can only come from
+        // the cap above, which fails the render).
+        let text = String::from_utf8(out.buf).map_err(|_| fail("the rendered text is not UTF-8".into()))?;
+        Ok((text, used))
+    }
+
+    /// Whether the template has `{% generation %}` blocks.
+    pub fn has_generation(&self) -> bool {
+        self.has_generation
+    }
+
+    /// Renders `messages` with transformers' variables. Message keys whose value is None are
+    /// dropped (as transformers' `_normalize_chat_messages` does); content blocks keep them.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, special: &SpecialTokens) -> Result<Rendered> {
+        let (raw, _) = self.render_raw(messages, add_generation_prompt, special)?;
         if !raw.contains(GEN_START) {
             return Ok(Rendered { text: raw, generation_spans: vec![] });
         }
@@ -414,29 +515,48 @@ impl ChatTemplate {
     }
 }
 
+/// A minijinja error as one line: what went wrong and where (`line N`), then its causes.
+fn template_error_text(e: &JError) -> String {
+    let mut msg = match e.detail() {
+        Some(d) => format!("{}: {d}", e.kind()),
+        None => e.kind().to_string(),
+    };
+    msg.push_str(&template_location(e));
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
+}
+
+/// ` (line N)` of a template error, when known.
+fn template_location(e: &JError) -> String {
+    e.line().map(|l| format!(" (line {l})")).unwrap_or_default()
+}
+
 /// Where a chat template comes from, in transformers' order of preference.
 pub fn load_chat_template(model_dir: &Path, explicit: Option<&Path>) -> Result<(String, PathBuf)> {
+    use crate::guard::{read_json_capped, read_text_capped};
     if let Some(p) = explicit {
-        let s = std::fs::read_to_string(p).map_err(|e| DataError::io(p, e))?;
         // A .json file holding {"chat_template": ...} is accepted too.
         if p.extension().is_some_and(|e| e == "json") {
-            let v: serde_json::Value =
-                serde_json::from_str(&s).map_err(|e| DataError::Json { path: p.to_path_buf(), msg: e.to_string() })?;
+            let v = read_json_capped(p, MAX_TOKENIZER_CONFIG_BYTES, "chat template JSON")?;
             if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
                 return Ok((t.to_string(), p.to_path_buf()));
             }
+            return Err(DataError::Config { path: p.to_path_buf(), msg: "no `chat_template` string in this JSON file".into() });
         }
-        return Ok((s, p.to_path_buf()));
+        return Ok((read_text_capped(p, MAX_TEMPLATE_BYTES, "chat template")?, p.to_path_buf()));
     }
     let jinja = model_dir.join("chat_template.jinja");
     if jinja.exists() {
-        let s = std::fs::read_to_string(&jinja).map_err(|e| DataError::io(&jinja, e))?;
-        return Ok((s, jinja));
+        return Ok((read_text_capped(&jinja, MAX_TEMPLATE_BYTES, "chat template")?, jinja));
     }
     for f in ["chat_template.json", "tokenizer_config.json", "processor_config.json"] {
         let p = model_dir.join(f);
         if p.exists() {
-            let v = read_json(&p)?;
+            let v = read_json_capped(&p, MAX_TOKENIZER_CONFIG_BYTES, f)?;
             match v.get("chat_template") {
                 Some(serde_json::Value::String(s)) => return Ok((s.clone(), p)),
                 Some(serde_json::Value::Array(list)) => {
@@ -581,8 +701,14 @@ impl std::fmt::Debug for TextProcessor {
     }
 }
 
+/// Loads a `tokenizer.json` of at most `MAX_TOKENIZER_BYTES`; a file the `tokenizers` crate
+/// cannot use (including one that makes it panic) is an error naming the file.
 pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
-    tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer { path: path.to_path_buf(), msg: e.to_string() })
+    let bytes = crate::guard::read_capped(path, MAX_TOKENIZER_BYTES, "tokenizer.json")?;
+    let terr = |msg: String| DataError::Tokenizer { path: path.to_path_buf(), msg };
+    crate::guard::catch_panic(|| tokenizers::Tokenizer::from_bytes(&bytes))
+        .map_err(|p| terr(format!("the tokenizers library failed on this file: {p}")))?
+        .map_err(|e| terr(e.to_string()))
 }
 
 impl TextProcessor {
@@ -598,9 +724,13 @@ impl TextProcessor {
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = load_tokenizer(&tok_path)?;
         let tc_path = dir.join("tokenizer_config.json");
-        let special = if tc_path.exists() { SpecialTokens::from_tokenizer_config(&read_json(&tc_path)?) } else { SpecialTokens::default() };
+        let special = if tc_path.exists() {
+            SpecialTokens::from_tokenizer_config(&crate::guard::read_json_capped(&tc_path, MAX_TOKENIZER_CONFIG_BYTES, "tokenizer_config.json")?)
+        } else {
+            SpecialTokens::default()
+        };
         let (src, src_path) = load_chat_template(dir, chat_template)?;
-        let template = ChatTemplate::new(&src).map_err(|e| DataError::Template(format!("{}: {e}", src_path.display())))?;
+        let template = ChatTemplate::from_file_source(&src, &src_path)?;
         Self::new(tokenizer, template, special, image, &tok_path)
     }
 
@@ -712,9 +842,8 @@ impl TextProcessor {
         };
         // Tokenize with each <image> once; added special tokens are split out before
         // normalisation, so expanding ids afterwards equals tokenizing the expanded text.
-        let enc = self
-            .tokenizer
-            .encode_char_offsets(text.as_str(), add_special)
+        let enc = crate::guard::catch_panic(|| self.tokenizer.encode_char_offsets(text.as_str(), add_special))
+            .map_err(|p| DataError::Other(format!("tokenizer: the tokenizers library failed on this text: {p}")))?
             .map_err(|e| DataError::Other(format!("tokenizer: {e}")))?;
         let ids = enc.get_ids();
         let offsets = enc.get_offsets();

@@ -111,12 +111,12 @@ fn all_masked_batches_are_flagged() {
     row.messages.truncate(1); // user turn only: nothing for the assistant mask to train on
     let cfg = CollatorConfig { label_mask: LabelMask::Assistant, ..Default::default() };
     let ex = p.process_row(&row, &cfg).unwrap();
-    let b = collate(&[ex], &cfg, p.text.pad_token_id, p.text.image_token_id);
+    let b = collate(&[ex], &cfg, p.text.pad_token_id, p.text.image_token_id).unwrap();
     assert!(b.all_labels_masked);
     assert_eq!(b.n_label_tokens, 0);
     let cfg = CollatorConfig { label_mask: LabelMask::Pad, ..Default::default() };
     let ex = p.process_row(&row, &cfg).unwrap();
-    let b = collate(&[ex], &cfg, p.text.pad_token_id, p.text.image_token_id);
+    let b = collate(&[ex], &cfg, p.text.pad_token_id, p.text.image_token_id).unwrap();
     assert!(!b.all_labels_masked);
 }
 

@@ -193,7 +193,7 @@ fn batches_match_trl_collator_in_all_masks() {
             let p = if mode == LabelMask::Assistant { &training } else { &plain };
             let cfg = CollatorConfig { label_mask: mode, max_length: None, pad_to_multiple_of: None, add_special_tokens: false };
             let examples: Vec<_> = rs.iter().map(|row| p.process_row(row, &cfg).unwrap()).collect();
-            let batch = collate(&examples, &cfg, p.text.pad_token_id, p.text.image_token_id);
+            let batch = collate(&examples, &cfg, p.text.pad_token_id, p.text.image_token_id).unwrap();
             let ctx = format!("rows {ids:?} mask {mode_name}");
             let want_ids = flat(&b["input_ids"]);
             assert_eq!(batch.batch_size, ids.len(), "{ctx}");
@@ -203,7 +203,7 @@ fn batches_match_trl_collator_in_all_masks() {
             assert_eq!(batch.labels, flat(want), "{ctx}: labels");
             // the loader's path (normalising straight into the batch) gives the same batch
             let prepared: Vec<_> = rs.iter().map(|row| p.prepare_row(row, &cfg).unwrap()).collect();
-            assert_eq!(p.collate_prepared(&prepared, &cfg), batch, "{ctx}: collate_prepared");
+            assert_eq!(p.collate_prepared(&prepared, &cfg).unwrap(), batch, "{ctx}: collate_prepared");
             // images: image_sizes, tokens per image = image runs in the ids, transformers' padded shape
             let im = &batch.images;
             let want_sizes: Vec<(usize, usize)> = b["image_sizes"].as_array().unwrap().iter().map(pair).collect();
@@ -284,7 +284,7 @@ fn loader_and_summary_work_for_llava_next() {
     let mut s = src();
     for b in &inline {
         let ex: Vec<_> = b.rows.iter().map(|&i| p.process_row(&s.get(i).unwrap(), &cfg).unwrap()).collect();
-        assert_eq!(&p.collate(&ex, &cfg), b);
+        assert_eq!(&p.collate(&ex, &cfg).unwrap(), b);
     }
     let n_images: usize = r["rows"].as_array().unwrap().iter().map(|e| e["images"].as_array().unwrap().len()).sum();
     let mut opts = vsft_data::InspectOptions::new(fx().join("processor"), fx().join("llava_instruct_mix").to_str().unwrap().to_string());

@@ -131,7 +131,7 @@ fn check_batch(b: &J, source: &mut dyn RowSource, procs: &std::collections::Hash
                 p.process_row(&row, &cfg).unwrap()
             })
             .collect();
-        let batch = collate(&examples, &cfg, p.text.pad_token_id, p.text.image_token_id);
+        let batch = collate(&examples, &cfg, p.text.pad_token_id, p.text.image_token_id).unwrap();
         let ctx = format!("rows {rows:?} template {tn} add_special_tokens {ast} multiple {mult:?} mask {mode_name}");
         let want_ids = flat(&b["input_ids"]);
         let n = b["input_ids"].as_array().unwrap().len();

@@ -228,7 +228,7 @@ fn batches_match_trl_collator_in_all_masks() {
             let mode: LabelMask = mode_name.parse().unwrap();
             let cfg = CollatorConfig { label_mask: mode, max_length: None, pad_to_multiple_of: None, add_special_tokens: false };
             let examples: Vec<_> = rs.iter().map(|row| p.process_row(row, &cfg).unwrap()).collect();
-            let batch = collate(&examples, &cfg, p.text.pad_token_id, p.text.image_token_id);
+            let batch = collate(&examples, &cfg, p.text.pad_token_id, p.text.image_token_id).unwrap();
             let ctx = format!("rows {ids:?} mask {mode_name}");
             let want_ids = flat(&b["input_ids"]);
             assert_eq!(batch.seq_len * ids.len(), want_ids.len(), "{ctx}: seq_len");
@@ -236,7 +236,7 @@ fn batches_match_trl_collator_in_all_masks() {
             assert_eq!(batch.attention_mask, flat(&b["attention_mask"]), "{ctx}: attention_mask");
             assert_eq!(batch.labels, flat(want), "{ctx}: labels");
             let prepared: Vec<_> = rs.iter().map(|row| p.prepare_row(row, &cfg).unwrap()).collect();
-            assert_eq!(p.collate_prepared(&prepared, &cfg), batch, "{ctx}: collate_prepared");
+            assert_eq!(p.collate_prepared(&prepared, &cfg).unwrap(), batch, "{ctx}: collate_prepared");
             let im = &batch.images;
             let want_grids: Vec<_> = b["image_grid_thw"].as_array().unwrap().iter().map(thw).collect();
             assert_eq!(im.grid_thw(), want_grids, "{ctx}: image_grid_thw");
@@ -346,7 +346,7 @@ fn loader_and_summary_work_for_qwen() {
     let mut s = dataset();
     for b in &inline {
         let ex: Vec<_> = b.rows.iter().map(|&i| p.process_row(&s.get(i).unwrap(), &cfg).unwrap()).collect();
-        assert_eq!(&p.collate(&ex, &cfg), b);
+        assert_eq!(&p.collate(&ex, &cfg).unwrap(), b);
         assert_eq!(b.images.unit_shape(), &[1176]);
     }
     // per-row image tokens from the reference

@@ -34,7 +34,10 @@ pub struct InspectArgs {
     /// Tokenize without BOS (TRL 1.16 passes add_special_tokens=False).
     #[arg(long)]
     pub no_special_tokens: bool,
-    /// Count bad rows instead of stopping at the first.
+    /// Image folder of a LLaVA JSON dataset (default: the JSON file's folder).
+    #[arg(long)]
+    pub image_folder: Option<PathBuf>,
+    /// Count bad rows instead of stopping at the first (summary always counts them).
     #[arg(long)]
     pub skip_bad_rows: bool,
     /// One JSON object per line.
@@ -52,9 +55,8 @@ fn options(a: &InspectArgs) -> Result<InspectOptions> {
     o.add_special_tokens = !a.no_special_tokens;
     o.max_length = a.max_length;
     o.limit = a.limit;
-    if a.skip_bad_rows {
-        o.on_bad_row = vsft_data::OnBadRow::Skip;
-    }
+    o.image_root = a.image_folder.clone();
+    o.on_bad_row = if a.skip_bad_rows { vsft_data::OnBadRow::Skip } else { vsft_data::OnBadRow::Error };
     Ok(o)
 }
 
@@ -70,11 +72,13 @@ pub fn run(c: DataCommand) -> Result<ExitCode> {
                 }
             }
             if skipped.total() > 0 {
-                eprintln!("{}", skipped.report());
+                eprintln!("vsft: rows skipped: {}", skipped.report());
             }
         }
         DataCommand::Summary(a) => {
-            let s = summarize(&options(&a)?, 2)?;
+            // A summary's purpose is to count bad rows and say why they are bad.
+            let o = InspectOptions { on_bad_row: vsft_data::OnBadRow::Skip, ..options(&a)? };
+            let s = summarize(&o, 2)?;
             println!("{}", s.to_text());
         }
     }
