@@ -717,6 +717,10 @@ fn scan_records(path: &Path, jsonl: bool) -> Result<Vec<(u64, u32)>> {
     if in_str || depth != 0 || (started && !jsonl && !closed) {
         return Err(jerr("truncated JSON".into()));
     }
+    // An empty (or all-blank) file is no JSON document at all, not an empty dataset.
+    if !jsonl && !started {
+        return Err(jerr("empty: expected one JSON array of records".into()));
+    }
     if let Some(s0) = start.take() {
         push(&mut out, s0, pos)?;
     }

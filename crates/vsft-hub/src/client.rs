@@ -364,7 +364,7 @@ impl HubClient {
                     return Err(HubError::Transport {
                         what: ctx.what.clone(),
                         endpoint: origin(&req.url).to_string(),
-                        source: Box::new(t),
+                        error: Box::new(t),
                     });
                 }
             }

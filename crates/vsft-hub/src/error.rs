@@ -34,12 +34,12 @@ pub enum HubError {
     Http { what: String, status: u16, body: String },
 
     /// Connection-level failure (after retries).
-    #[error("{what}: cannot reach {endpoint}: {source}. Check the network and HF_ENDPOINT")]
+    /// The cause is part of the message, not chained, so that it is printed once.
+    #[error("{what}: cannot reach {endpoint}: {error}. Check the network and HF_ENDPOINT")]
     Transport {
         what: String,
         endpoint: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
 
     /// The server answered something this client does not understand.
@@ -55,12 +55,9 @@ pub enum HubError {
     Integrity { path: PathBuf, msg: String },
 
     /// Local file system error.
-    #[error("{path:?}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The OS error is part of the message, not chained, so that it is printed once.
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
 
     /// Bad argument (repo id, pattern, …).
     #[error("{0}")]
@@ -69,7 +66,7 @@ pub enum HubError {
 
 impl HubError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        HubError::Io { path: path.into(), source }
+        HubError::Io { path: path.into(), error: source }
     }
 
     /// HTTP status of the error, if it came from an HTTP answer.

@@ -420,7 +420,7 @@ impl HubClient {
                     break Err(HubError::Transport {
                         what: format!("{} (interrupted; rerun to resume)", ctx.what),
                         endpoint: origin(&meta.location).to_string(),
-                        source: Box::new(e),
+                        error: Box::new(e),
                     })
                 }
             }

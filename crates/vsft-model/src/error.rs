@@ -11,7 +11,7 @@ pub enum ModelError {
     Config { path: PathBuf, message: String },
     #[error("{path}: invalid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
-    #[error("{dir}: checkpoint does not match the model:\n{problems}")]
+    #[error("{dir}: the weights (*.safetensors) do not match what config.json describes:\n{problems}")]
     Mismatch { dir: PathBuf, problems: String },
     /// What the file describes would not fit in memory (refused before allocating it).
     #[error("{path}: {message}")]

@@ -36,6 +36,16 @@ pub enum TargetModules {
     Regex(String),
 }
 
+/// As a recipe writes it: `["q_proj", "v_proj"]` or `"regex"`.
+impl std::fmt::Display for TargetModules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetModules::Suffixes(s) => write!(f, "[{}]", s.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(", ")),
+            TargetModules::Regex(r) => write!(f, "{r:?}"),
+        }
+    }
+}
+
 impl Default for TargetModules {
     fn default() -> Self {
         TargetModules::Suffixes(LANGUAGE_MODEL_LINEARS.iter().map(|s| s.to_string()).collect())
@@ -181,7 +191,7 @@ impl<B: Backend> VlmModel<B> {
         }
         if targeted.is_empty() {
             return Err(ModelError::Input(format!(
-                "lora.target_modules {:?} matches no linear layer (names look like model.language_model.layers.0.self_attn.q_proj; \
+                "lora.target_modules = {} matches no linear layer (names look like model.language_model.layers.0.self_attn.q_proj; \
                  a regex may also name the vision tower's, e.g. model.vision_tower.encoder.layers.0.self_attn.q_proj)",
                 cfg.target_modules
             )));

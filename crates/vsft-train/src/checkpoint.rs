@@ -195,8 +195,15 @@ pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
         )));
     }
     let text = crate::error::read_text_limited(&p, MAX_STATE_BYTES, "a trainer state (JSON)")?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| TrainError::Checkpoint(format!("{}: not a valid trainer state: {e}", p.display())))?;
+    // The path names the field (`global_step: invalid value: integer `-1`, expected usize`).
+    let state: TrainerState = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
+        .map_err(|e| {
+            let field = match e.path().to_string() {
+                at if at == "." => String::new(),
+                at => format!("field `{at}`: "),
+            };
+            TrainError::Checkpoint(format!("{}: not a valid trainer state: {field}{}", p.display(), e.inner()))
+        })?;
     state.check(&p)?;
     Ok(state)
 }

@@ -289,7 +289,8 @@ pub fn train_with<B: AutodiffBackend>(
     let started = Instant::now();
     let mut window = (0.0f64, 0usize, 0usize, 0usize, Instant::now()); // loss sum, steps, tokens, samples, since
     let mut losses = Vec::new();
-    let mut loader = DataLoader::new(first_source, processor.clone(), lcfg.clone(), state.cursor);
+    // A refused loader setting fails here, before the first step, not at the first batch.
+    let mut loader = DataLoader::try_new(first_source, processor.clone(), lcfg.clone(), state.cursor)?;
     let mut skips = vsft_data::SkipStats::default();
     let rows_skipped_before = state.rows_skipped;
     let mut interrupted = false;

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::common::{run, vsft};
 use crate::recipes::{base_recipe, render};
-use crate::{args, endless, replace, scratch, with_value, Case};
+use crate::{args, endless, replace, scratch, tiny_llava, with_value, Case};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -21,6 +21,19 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
     }
+}
+
+/// What reads `file` of a run's checkpoint-2: a resume reads the trainer state, the trainable
+/// values and the optimizer; `vsft generate --adapter` reads the PEFT adapter files.
+fn reader(dir: &Path, k: usize, run: &Path, file: &str) -> Vec<std::ffi::OsString> {
+    let checkpoint = run.join("checkpoint-2");
+    if file.starts_with("adapter_") {
+        let image = crate::common::root().join("tests/fixtures/data/images/chelsea.jpg");
+        return args!["generate", "--model", tiny_llava(), "--adapter", checkpoint, "--image", image, "--prompt", "What?", "--max-new-tokens", "1"];
+    }
+    let r = dir.join(format!("resume{k}.toml"));
+    std::fs::write(&r, render(&base_recipe(run, 3), "train", "seed", "1")).unwrap();
+    args!["train", "--config", &r, "--resume", checkpoint]
 }
 
 pub fn cases() -> Vec<Case> {
@@ -65,11 +78,13 @@ pub fn cases() -> Vec<Case> {
             Some(b) => replace(&target, b),
             None => endless(&target),
         }
-        let r = dir.join(format!("resume{k}.toml"));
-        std::fs::write(&r, render(&base_recipe(&copy, 3), "train", "seed", "1")).unwrap();
-        let mut case = Case::new("checkpoint", format!("{file}: {what}"), args!["train", "--config", &r, "--resume", copy.join("checkpoint-2")], file);
+        let mut case = Case::new("checkpoint", format!("{file}: {what}"), reader(&dir, k, &copy, file), file);
         if let Some(f) = field {
             case = case.naming(f);
+        }
+        if what == "r changed" {
+            // The tensors are what no longer fits: the error names them and the r they miss.
+            case.must_name = vec!["adapter_model.safetensors".into(), "r=8".into()];
         }
         cases.push(case);
     }
@@ -77,9 +92,7 @@ pub fn cases() -> Vec<Case> {
         let copy = dir.join(format!("missing-{file}"));
         copy_dir(&out, &copy);
         std::fs::remove_file(copy.join("checkpoint-2").join(file)).unwrap();
-        let r = dir.join(format!("missing-{file}.toml"));
-        std::fs::write(&r, render(&base_recipe(&copy, 3), "train", "seed", "1")).unwrap();
-        cases.push(Case::new("checkpoint", format!("{file} missing"), args!["train", "--config", &r, "--resume", copy.join("checkpoint-2")], file));
+        cases.push(Case::new("checkpoint", format!("{file} missing"), reader(&dir, 1000 + cases.len(), &copy, file), file));
     }
     cases
 }

@@ -146,7 +146,6 @@ fn template_cases(dir: &Path) -> Vec<Case> {
         ("syntax error", "{% for m in messages %}{{ m.content }"),
         ("raise_exception", "{{ raise_exception('no system role allowed') }}"),
         ("unknown filter", "{{ messages | explode }}"),
-        ("empty template", ""),
     ];
     let mut cases = Vec::new();
     for (k, (what, text)) in templates.into_iter().enumerate() {
@@ -154,6 +153,10 @@ fn template_cases(dir: &Path) -> Vec<Case> {
         std::fs::write(&p, text).unwrap();
         cases.push(Case::new("template", format!("template: {what}"), args!["data", "inspect", "--model", llava_processor(), "--data", &data, "--chat-template", &p], p.file_name().unwrap().to_string_lossy()));
     }
+    // An empty template renders no image placeholder: the row is refused (naming the data file).
+    let p = dir.join("empty.jinja");
+    std::fs::write(&p, "").unwrap();
+    cases.push(Case::new("template", "template: empty", args!["data", "inspect", "--model", llava_processor(), "--data", &data, "--chat-template", &p], "llava_instruct_mix").naming("<image>"));
     let z = dir.join("zero.jinja");
     endless(&z);
     cases.push(Case::new("template", "template: /dev/zero", args!["data", "inspect", "--model", llava_processor(), "--data", &data, "--chat-template", &z], "zero.jinja"));

@@ -57,7 +57,10 @@ fn config_cases(dir: &Path, family: &str, base: &Path, rng: &mut Rng) -> Vec<Cas
     let paths = number_paths(&config);
     let mut docs: Vec<(String, Vec<u8>, bool)> = Vec::new();
     for (key, values) in refused_values() {
-        for path in paths.iter().filter(|p| p.last().is_some_and(|k| k == key)) {
+        // Legacy LLaVA-NeXT configs carry a top-level vocab_size that transformers ignores
+        // (text_config's is the one used), so only the keys a model is built from count.
+        let ignored = |p: &Vec<String>| p.len() == 1 && config.get("text_config").is_some_and(|t| t.get(&p[0]).is_some());
+        for path in paths.iter().filter(|p| p.last().is_some_and(|k| k == key) && !ignored(p)) {
             for v in &values {
                 docs.push((format!("{} = {v}", path.join(".")), with_value(&config, path, v.clone()).to_string().into_bytes(), false));
             }
@@ -115,7 +118,10 @@ fn safetensors_cases(dir: &Path, family: &str, base: &Path, rng: &mut Rng) -> Ve
         let (header, data) = split_safetensors(&bytes);
         let tensors: Vec<String> = header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").cloned().collect();
         let tensor = rng.pick(&tensors).clone();
-        let other = rng.pick(&tensors).clone();
+        let others: Vec<String> = tensors.iter().filter(|t| **t != tensor).cloned().collect();
+        let other = rng.pick(&others).clone();
+        // A dtype of another width than the stored one, so that the bytes cannot fit.
+        let other_dtype = if header[&tensor]["dtype"] == "F32" { "F16" } else { "F32" };
         let off = |t: &str| header[t]["data_offsets"].clone();
         let mut lies: Vec<(String, Vec<u8>)> = Vec::new();
         for _ in 0..3 {
@@ -131,7 +137,7 @@ fn safetensors_cases(dir: &Path, family: &str, base: &Path, rng: &mut Rng) -> Ve
         lies.push((format!("{tensor} ends past the file"), join_safetensors(&with_value(&header, &[tensor.clone(), "data_offsets".into()], json!([0, end + 4096])), data)));
         lies.push((format!("{tensor} offsets reversed"), join_safetensors(&with_value(&header, &[tensor.clone(), "data_offsets".into()], json!([8, 0])), data)));
         lies.push((format!("{tensor} overlaps {other}"), join_safetensors(&with_value(&header, &[tensor.clone(), "data_offsets".into()], off(&other)), data)));
-        lies.push((format!("{tensor} dtype F16"), join_safetensors(&with_value(&header, &[tensor.clone(), "dtype".into()], json!("F16")), data)));
+        lies.push((format!("{tensor} dtype {other_dtype}"), join_safetensors(&with_value(&header, &[tensor.clone(), "dtype".into()], json!(other_dtype)), data)));
         lies.push((format!("{tensor} dtype unknown"), join_safetensors(&with_value(&header, &[tensor.clone(), "dtype".into()], json!("Q7")), data)));
         lies.push((format!("{tensor} shape huge"), join_safetensors(&with_value(&header, &[tensor.clone(), "shape".into()], json!([1u64 << 40, 1u64 << 40])), data)));
         lies.push((format!("{tensor} shape transposed"), join_safetensors(&with_value(&header, &[tensor.clone(), "shape".into()], json!([3, 5])), data)));
@@ -149,11 +155,9 @@ fn safetensors_cases(dir: &Path, family: &str, base: &Path, rng: &mut Rng) -> Ve
     if index.exists() {
         let idx: Value = serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
         let tensor = idx["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
-        let mut missing_tensor = idx.clone();
-        missing_tensor["weight_map"].as_object_mut().unwrap().remove(&tensor);
         let docs = [
             ("a shard that does not exist", with_value(&idx, &["weight_map".into(), tensor.clone()], json!("model-99999-of-99999.safetensors")).to_string(), "model-99999-of-99999.safetensors".to_string()),
-            ("a tensor left out", missing_tensor.to_string(), tensor.clone()),
+
             ("a shard path leaving the directory", with_value(&idx, &["weight_map".into(), tensor.clone()], json!("../../../etc/passwd")).to_string(), "model.safetensors.index.json".to_string()),
             ("not JSON", "{\"weight_map\": ".to_string(), "model.safetensors.index.json".to_string()),
         ];

@@ -74,7 +74,6 @@ pub fn cases() -> Vec<Case> {
         ("train", "warmup_ratio", "2.0"),
         ("train", "max_grad_norm", "nan"),
         ("train", "log_steps", "0"),
-        ("train", "save_steps", "0"),
         ("train", "batch_size", "-1"),
         ("train", "batch_size", "0"),
         ("train", "batch_size", "1000000000"),
