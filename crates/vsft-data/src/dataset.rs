@@ -29,7 +29,7 @@ impl ImageSource {
     pub fn load(&self) -> std::io::Result<Arc<Vec<u8>>> {
         match self {
             ImageSource::Bytes(b) => Ok(b.clone()),
-            ImageSource::Path(p) => crate::image_proc::read_capped(p, crate::image_proc::MAX_IMAGE_FILE_BYTES, "image files")
+            ImageSource::Path(p) => crate::guard::read_bounded(p, crate::image_proc::MAX_IMAGE_FILE_BYTES, "image files")
                 .map(Arc::new)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))),
         }

@@ -17,20 +17,43 @@ pub fn human_bytes(n: u64) -> String {
     format!("{n} bytes")
 }
 
-/// Reads a whole file of at most `limit` bytes. Reads at most `limit + 1` bytes whatever
-/// the file claims to be (a FIFO or `/dev/zero` reports no size), so a larger file is
-/// refused without being read. `what` names the kind of file in the error.
-pub fn read_capped(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(DataError::Config { path: path.to_path_buf(), msg: format!("is a directory, expected a {what} file") });
+/// The largest JSON configuration file read anywhere in vsft (`config.json`, shard indexes,
+/// processor and adapter configs, recipes).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 16 << 20;
+
+/// Every bounded read of vsft: a whole file of at most `limit` bytes. Reads at most
+/// `limit + 1` bytes whatever the file claims to be (a FIFO or `/dev/zero` reports no size),
+/// so a larger file is refused without being read. The errors are `io::Error`s of kind
+/// `FileTooLarge` or `IsADirectory` whose text says the limit and what was expected (`what`,
+/// e.g. "a recipe (TOML)"); callers put the path in front, in their own error type.
+pub fn read_bounded(path: &Path, limit: u64, what: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind};
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(Error::new(ErrorKind::IsADirectory, format!("is a directory, expected {what}")));
     }
-    let mut buf = Vec::new();
-    file.take(limit.saturating_add(1)).read_to_end(&mut buf).map_err(|e| DataError::io(path, e))?;
+    // The file's size, when it has one, sizes the buffer, never more than the limit.
+    let mut buf = Vec::with_capacity(meta.len().min(limit) as usize);
+    file.take(limit.saturating_add(1)).read_to_end(&mut buf)?;
     if buf.len() as u64 > limit {
-        return Err(DataError::TooLarge { path: path.to_path_buf(), what: what.to_string(), limit });
+        return Err(Error::new(ErrorKind::FileTooLarge, format!("more than {}, the limit for {what}", human_bytes(limit))));
     }
     Ok(buf)
+}
+
+/// Whether a [`read_bounded`] error is its own refusal (the text says it all) rather than the OS's.
+pub fn is_refusal(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::FileTooLarge | std::io::ErrorKind::IsADirectory)
+}
+
+/// [`read_bounded`] with vsft-data's errors.
+pub fn read_capped(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
+    read_bounded(path, limit, what).map_err(|e| match e.kind() {
+        std::io::ErrorKind::FileTooLarge => DataError::TooLarge { path: path.to_path_buf(), what: what.to_string(), limit },
+        std::io::ErrorKind::IsADirectory => DataError::Config { path: path.to_path_buf(), msg: e.to_string() },
+        _ => DataError::io(path, e),
+    })
 }
 
 /// `read_capped` for text files.

@@ -169,30 +169,10 @@ impl ImageProcessorConfig {
     }
 }
 
-/// Largest JSON configuration file read (`preprocessor_config.json` and the like).
-pub const MAX_CONFIG_FILE_BYTES: u64 = 16 << 20;
 
 /// Largest image file read from disk (`ImageSource::Path`, `vsft generate --image`).
 pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
 
-/// Reads `path` whole, refusing files longer than `limit` bytes (or endless ones such as
-/// `/dev/zero`) after reading at most `limit + 1` bytes: an `io::Error` of kind
-/// `FileTooLarge` that names the limit and `what` the file is. The caller names the path.
-pub fn read_capped(path: &Path, limit: u64, what: &str) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let file = std::fs::File::open(path)?;
-    // the file's size (when it has one) sizes the buffer, never more than the limit
-    let hint = file.metadata().map(|m| m.len()).unwrap_or(0).min(limit);
-    let mut buf = Vec::with_capacity(hint as usize);
-    file.take(limit + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::FileTooLarge,
-            format!("longer than {} MiB, the limit for {what}", limit >> 20),
-        ));
-    }
-    Ok(buf)
-}
 
 /// Largest side of a processed image (`size`, `crop_size`): an 8192² unit is already
 /// 3·8192²·4 bytes = 768 MiB of `f32` pixels.
@@ -238,7 +218,7 @@ impl ImageProcessorConfig {
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let bytes = read_capped(path, MAX_CONFIG_FILE_BYTES, "a JSON configuration file").map_err(|e| DataError::io(path, e))?;
+    let bytes = crate::guard::read_capped(path, crate::guard::MAX_CONFIG_FILE_BYTES, "a JSON configuration file")?;
     serde_json::from_slice(&bytes).map_err(|e| DataError::Json { path: path.to_path_buf(), msg: e.to_string() })
 }
 

@@ -8,7 +8,8 @@ use crate::collator::{self, Batch, CollatorConfig, Example, ImageBatch, ImageMet
 use crate::dataset::{validate_row, ImageSource, Row};
 use crate::error::{BadRowKind, DataError, Result};
 use crate::family::{qwen2_vl, PreparedImage, ProcessorOverrides, VisionProcessor};
-use crate::image_proc::{decode_image_limited, read_capped, RgbImage, MAX_IMAGE_FILE_BYTES};
+use crate::guard::read_bounded;
+use crate::image_proc::{decode_image_limited, RgbImage, MAX_IMAGE_FILE_BYTES};
 use crate::template::{AssistantSpans, Encoded, ImageTokenSpec, Message, TextProcessor};
 
 /// A row processed up to its 8-bit images (resized, cropped / tiled): what a batch needs
@@ -96,7 +97,7 @@ impl Processor {
     /// Reads (up to `image_proc::MAX_IMAGE_FILE_BYTES`) and decodes an image file under
     /// `max_image_pixels`; errors name the file.
     pub fn load_image(&self, path: &Path) -> Result<RgbImage> {
-        let bytes = read_capped(path, MAX_IMAGE_FILE_BYTES, "image files").map_err(|e| DataError::io(path, e))?;
+        let bytes = read_bounded(path, MAX_IMAGE_FILE_BYTES, "image files").map_err(|e| DataError::io(path, e))?;
         decode_image_limited(&bytes, self.max_image_pixels).map_err(|e| DataError::Image(format!("{}: cannot decode: {e}", path.display())))
     }
 

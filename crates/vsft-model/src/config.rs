@@ -5,7 +5,6 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::io::Read;
 use std::ops::{Add, Mul};
 use std::path::Path;
 
@@ -37,19 +36,17 @@ pub enum SelectStrategy {
     Full,
 }
 
-/// The most a JSON file of a model directory may hold (`config.json`, the shard index,
-/// `adapter_config.json`): a larger one, or `/dev/zero`, is refused rather than read whole.
-pub const MAX_JSON_BYTES: u64 = 16 << 20;
-
-/// Reads and parses a JSON file of a model directory, at most [`MAX_JSON_BYTES`] of it.
+/// Reads and parses a JSON file of a model directory, at most
+/// [`vsft_data::guard::MAX_CONFIG_FILE_BYTES`] of it.
 pub fn read_json_file(path: &Path) -> Result<Value, ModelError> {
     let bad = |message: String| ModelError::Config { path: path.to_path_buf(), message };
-    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_JSON_BYTES + 1).read_to_end(&mut bytes).map_err(|e| ModelError::io(path, e))?;
-    if bytes.len() as u64 > MAX_JSON_BYTES {
-        return Err(bad(format!("more than {} MiB; a JSON file of a model directory may hold at most that", MAX_JSON_BYTES >> 20)));
-    }
+    let bytes = vsft_data::guard::read_bounded(path, vsft_data::guard::MAX_CONFIG_FILE_BYTES, "a JSON file of a model directory").map_err(|e| {
+        if vsft_data::guard::is_refusal(&e) {
+            bad(e.to_string())
+        } else {
+            ModelError::io(path, e)
+        }
+    })?;
     serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))
 }
 

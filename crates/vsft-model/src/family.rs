@@ -327,7 +327,7 @@ pub trait VisionLanguageModel<B: Backend> {
         let kept: Vec<i64> = (0..targets.len()).filter(|&i| targets[i] != IGNORE_INDEX).map(|i| i as i64).collect();
         if kept.is_empty() {
             // Zero, but still in the graph, so backward over an all-masked micro-batch works.
-            return LossSum { sum: hidden.sum().mul_scalar(0.0), label_tokens: 0 };
+            return LossSum { sum: hidden.sum().mul_scalar(0.0), label_tokens: 0, correct_tokens: 0 };
         }
         let (hidden, targets) = if kept.len() == targets.len() {
             (hidden, targets)

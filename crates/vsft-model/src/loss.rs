@@ -13,6 +13,8 @@ pub struct LossSum<B: Backend> {
     /// Scalar `[1]`.
     pub sum: Tensor<B, 1>,
     pub label_tokens: usize,
+    /// Label tokens whose argmax prediction is the label (TRL's `mean_token_accuracy`).
+    pub correct_tokens: usize,
 }
 
 impl<B: Backend> LossSum<B> {
@@ -41,8 +43,10 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
 /// are also the reference the kernel is tested against.
 pub fn token_loss_sum<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> LossSum<B> {
     let label_tokens = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+    // Before the loss: the fused kernel reuses the logits' buffer once nothing else holds it.
+    let correct_tokens = correct_predictions(&logits, targets);
     let logits = match vsft_kernels::cross_entropy_sum(logits, targets) {
-        Ok(sum) => return LossSum { sum, label_tokens },
+        Ok(sum) => return LossSum { sum, label_tokens, correct_tokens },
         Err(logits) => logits,
     };
     let [rows, _] = logits.dims();
@@ -52,5 +56,12 @@ pub fn token_loss_sum<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> Loss
     let safe: Vec<i64> = targets.iter().map(|&t| if t == IGNORE_INDEX { 0 } else { t }).collect();
     let safe = Tensor::<B, 1, Int>::from_data(TensorData::new(safe, [rows]), &device);
     let picked = log_softmax(logits, 1).gather(1, safe.unsqueeze_dim(1)).reshape([rows]);
-    LossSum { sum: picked.mask_fill(ignored, 0.0).sum().neg(), label_tokens }
+    LossSum { sum: picked.mask_fill(ignored, 0.0).sum().neg(), label_tokens, correct_tokens }
+}
+
+/// Rows whose argmax is their target, as TRL counts for `mean_token_accuracy`
+/// (`(logits.argmax(-1) == labels) & (labels != -100)`).
+fn correct_predictions<B: Backend>(logits: &Tensor<B, 2>, targets: &[i64]) -> usize {
+    let predicted = logits.clone().argmax(1).into_data();
+    predicted.iter::<i64>().zip(targets).filter(|(p, &t)| t != IGNORE_INDEX && *p == t).count()
 }

@@ -123,6 +123,49 @@ pub fn read_metrics(path: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
     Ok(by_key.into_iter().map(|(k, m)| (k, m.into_iter().map(|(s, v)| (s as f64, v)).collect())).collect())
 }
 
+/// One `[generate_eval]` answer, as `samples.json` holds it.
+pub struct Sample<'a> {
+    pub question: &'a str,
+    pub answer: &'a str,
+    pub expected: &'a str,
+    pub correct: bool,
+    pub kind: &'a str,
+    /// The picture's encoded bytes (PNG, JPEG, GIF or WebP), shown inline.
+    pub image: Option<&'a [u8]>,
+}
+
+fn image_mime(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [0x89, b'P', b'N', b'G', ..] => Some("image/png"),
+        [0xFF, 0xD8, ..] => Some("image/jpeg"),
+        [b'G', b'I', b'F', ..] => Some("image/gif"),
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => Some("image/webp"),
+        _ => None,
+    }
+}
+
+/// Writes `output_dir/samples.json` (atomically): the samples and per-kind accuracy
+/// (`kind → (right, total)`), for the report.
+pub fn write_samples(output_dir: &Path, samples: &[Sample], accuracy: &BTreeMap<String, (usize, usize)>) -> Result<PathBuf> {
+    let list: Vec<Value> = samples
+        .iter()
+        .map(|s| {
+            let mut v = serde_json::json!({"question": s.question, "answer": s.answer, "expected": s.expected, "correct": s.correct, "kind": s.kind});
+            if let Some((bytes, mime)) = s.image.and_then(|b| image_mime(b).map(|m| (b, m))) {
+                v["image_mime"] = mime.into();
+                v["image_base64"] = base64::engine::general_purpose::STANDARD.encode(bytes).into();
+            }
+            v
+        })
+        .collect();
+    let acc: serde_json::Map<String, Value> = accuracy.iter().map(|(k, (r, t))| (k.clone(), serde_json::json!({"right": r, "total": t}))).collect();
+    let path = output_dir.join("samples.json");
+    let tmp = output_dir.join(".samples.json.tmp");
+    std::fs::write(&tmp, serde_json::json!({"samples": list, "accuracy": acc}).to_string()).map_err(|e| TrackError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| TrackError::io(&path, e))?;
+    Ok(path)
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }

@@ -104,7 +104,18 @@ fn event_files_hold_what_tensorboard_read_from_a_real_run() {
     let event_file = tracker.event_file().unwrap().to_path_buf();
     drop(tracker);
     assert!(event_file.starts_with(dir.join("runs")) && event_file.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."));
-    assert_eq!(std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(), metrics, "metrics.jsonl gets every record as given");
+    // metrics.jsonl gets every record as given (floats through serde_json's parser and printer:
+    // equal to 1e-15, not always to the last digit).
+    let written = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(written.lines().count(), metrics.lines().count());
+    for (a, b) in written.lines().zip(metrics.lines()) {
+        let (a, b): (serde_json::Value, serde_json::Value) = (serde_json::from_str(a).unwrap(), serde_json::from_str(b).unwrap());
+        assert_eq!(a.as_object().unwrap().keys().collect::<Vec<_>>(), b.as_object().unwrap().keys().collect::<Vec<_>>());
+        for (k, x) in a.as_object().unwrap() {
+            let (x, y) = (x.as_f64().unwrap(), b[k].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-15 * y.abs().max(1.0), "{k}: {x} vs {y}");
+        }
+    }
 
     let (version, scalars) = read_events(&event_file);
     assert_eq!(version, "brain.Event:2");

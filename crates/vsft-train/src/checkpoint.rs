@@ -45,6 +45,9 @@ pub struct TrainerState {
     /// The base model's `model_type` (checkpoints from before families were added are LLaVA's).
     #[serde(default = "default_model_type")]
     pub model_type: String,
+    /// Non-pad tokens trained on so far (TRL's `num_tokens`); 0 in checkpoints that predate it.
+    #[serde(default)]
+    pub num_tokens: u64,
 }
 
 /// Everything a checkpoint writer needs from the run.

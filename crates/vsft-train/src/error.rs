@@ -1,4 +1,3 @@
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -14,6 +13,8 @@ pub enum TrainError {
     Model(#[from] vsft_model::ModelError),
     #[error(transparent)]
     Data(#[from] vsft_data::DataError),
+    #[error(transparent)]
+    Track(#[from] vsft_track::TrackError),
     #[error("{0}")]
     Checkpoint(String),
     #[error("step {step}: the loss is {loss} (set train.on_nan = \"skip\" to drop such steps)")]
@@ -32,32 +33,18 @@ impl TrainError {
 /// message. Reads at most `limit + 1` bytes, so `/dev/zero` or a huge file stops with an error
 /// instead of filling memory.
 pub fn read_text_limited(path: &Path, limit: u64, what: &str) -> Result<String, TrainError> {
-    let file = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
-    if file.metadata().is_ok_and(|m| m.is_dir()) {
-        return Err(TrainError::Other(format!("{}: is a directory, expected {what}", path.display())));
-    }
-    let mut bytes = Vec::new();
-    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| TrainError::io(path, e))?;
-    if bytes.len() as u64 > limit {
-        return Err(TrainError::Other(format!(
-            "{}: more than {} bytes; {what} may be at most {}",
-            path.display(),
-            limit,
-            human_bytes(limit)
-        )));
-    }
+    let bytes = vsft_data::guard::read_bounded(path, limit, what).map_err(|e| {
+        if vsft_data::guard::is_refusal(&e) {
+            TrainError::Other(format!("{}: {e}", path.display()))
+        } else {
+            TrainError::io(path, e)
+        }
+    })?;
     String::from_utf8(bytes).map_err(|e| {
         TrainError::Other(format!("{}: not UTF-8 text (invalid byte at offset {}); expected {what}", path.display(), e.utf8_error().valid_up_to()))
     })
 }
 
-fn human_bytes(n: u64) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
-        format!("{} MiB", n >> 20)
-    } else {
-        format!("{n} bytes")
-    }
-}
 
 /// At most this many characters of a value or a line go into a message.
 const EXCERPT_CHARS: usize = 80;

@@ -92,6 +92,36 @@ pub enum Scheduler {
     Cosine,
 }
 
+/// `train.report_to`: one name or a list, as transformers takes it; `jsonl` is always on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReportToNames {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl ReportToNames {
+    pub fn is_unset(&self) -> bool {
+        *self == ReportToNames::None
+    }
+
+    /// The sinks, `jsonl` first; an unknown or cloud tracker is refused with what is allowed.
+    pub fn parsed(&self) -> Result<Vec<vsft_track::ReportTo>, String> {
+        let names: Vec<&str> = match self {
+            ReportToNames::None => vec![],
+            ReportToNames::One(n) => vec![n.as_str()],
+            ReportToNames::Many(v) => v.iter().map(String::as_str).collect(),
+        };
+        let mut out = vec![vsft_track::ReportTo::Jsonl];
+        for n in names.into_iter().filter(|n| !matches!(*n, "none" | "jsonl")) {
+            out.push(vsft_track::ReportTo::parse(n).map_err(|e| format!("train.report_to: {e}"))?);
+        }
+        Ok(out)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
@@ -146,6 +176,10 @@ pub struct TrainSection {
     /// What a NaN/inf loss does: `error` stops naming the step, `skip` drops the step.
     #[serde(default = "d::on_nan")]
     pub on_nan: String,
+    /// Where metrics go besides `metrics.jsonl`: `"tensorboard"` (event files under
+    /// `output_dir/runs/`), as transformers' `report_to`; cloud trackers are not built in.
+    #[serde(default, skip_serializing_if = "ReportToNames::is_unset")]
+    pub report_to: ReportToNames,
     /// Keep only each decoder layer's input in the forward and re-run the layers one at a time
     /// in backward: activation memory of one layer instead of all, for one more forward.
     #[serde(default)]
@@ -248,7 +282,7 @@ pub const KNOWN_KEYS: &[(&str, &[(&str, &str)])] = &[
             ("max_grad_norm", "float"), ("seed", "integer"), ("shuffle", "boolean"), ("log_steps", "integer"),
             ("eval_steps", "integer"), ("save_steps", "integer"), ("save_total_limit", "integer"),
             ("on_nan", "string"), ("gradient_checkpointing", "boolean"),
-            ("freeze_vision_tower", "boolean"), ("vision_lr", "float"),
+            ("freeze_vision_tower", "boolean"), ("vision_lr", "float"), ("report_to", "list or string"),
         ],
     ),
     ("lora", &[("r", "integer"), ("alpha", "float"), ("dropout", "float"), ("target_modules", "list or string"), ("rslora", "boolean")]),
@@ -260,7 +294,7 @@ pub const GENERATE_EVAL_KEYS: &[(&str, &str)] =
     &[("data", "string"), ("limit", "integer"), ("show", "integer"), ("max_new_tokens", "integer")];
 
 /// The largest recipe file read: a recipe is a short text file.
-pub const MAX_RECIPE_BYTES: u64 = 16 << 20;
+pub const MAX_RECIPE_BYTES: u64 = vsft_data::guard::MAX_CONFIG_FILE_BYTES;
 
 /// What a key allows, beyond its type in [`KNOWN_KEYS`]. Checked on the TOML values of the
 /// file (and `--set`) before anything runs, so every value out of range is refused with the key,
@@ -707,6 +741,9 @@ impl Recipe {
                 "model.dtype",
                 format!("model.dtype must be \"float32\", \"bfloat16\" or \"float16\", found \"{}\"", crate::error::excerpt(&self.model.dtype)),
             );
+        }
+        if let Err(e) = t.report_to.parsed() {
+            return problem("train.report_to", e);
         }
         let lora = vsft_model::lora::LoraConfig { target_modules: self.lora.target_modules.clone(), ..Default::default() };
         if let Err(e) = lora.matcher() {

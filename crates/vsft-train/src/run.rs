@@ -1,7 +1,6 @@
 //! `vsft train`: the recipe, top to bottom — load the model, set up the stage (what trains),
 //! stream the data, step, log, evaluate, checkpoint, resume.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
@@ -17,6 +16,8 @@ use vsft_model::VlmModel;
 
 use crate::checkpoint::{self, CheckpointContent, TrainerState};
 use crate::error::TrainError;
+use crate::metrics::{eval_record, write_run_info, LogWindow};
+use vsft_track::Tracker;
 use crate::optim::{lr_lambda, warmup_steps, AdamWConfig};
 use crate::recipe::{Recipe, Stage};
 use crate::trainer::{batch_tensors, image_infos, image_inputs, OptimSettings, Trainer, TrainParts};
@@ -86,12 +87,14 @@ pub struct EvalResult {
     pub loss: f64,
     pub label_tokens: usize,
     pub examples: usize,
+    /// Mean over batches of the share of label tokens predicted right (TRL's `eval_mean_token_accuracy`).
+    pub mean_token_accuracy: f64,
 }
 
 pub fn evaluate<B: Backend>(model: &VlmModel<B>, batches: impl Iterator<Item = Result<Batch, vsft_data::DataError>>) -> Result<EvalResult, TrainError> {
     let model = model.as_dyn();
     let device = model.device();
-    let (mut sum, mut tokens, mut examples) = (0.0f64, 0usize, 0usize);
+    let (mut sum, mut tokens, mut examples, mut accuracy, mut batches_seen) = (0.0f64, 0usize, 0usize, 0.0f64, 0usize);
     for batch in batches {
         let batch = batch?;
         let (ids, mask, _) = batch_tensors::<B>(&batch, &device);
@@ -102,8 +105,10 @@ pub fn evaluate<B: Backend>(model: &VlmModel<B>, batches: impl Iterator<Item = R
         sum += loss.sum.into_scalar().elem::<f64>();
         tokens += loss.label_tokens;
         examples += batch.batch_size;
+        accuracy += loss.correct_tokens as f64 / loss.label_tokens.max(1) as f64;
+        batches_seen += 1;
     }
-    Ok(EvalResult { loss: sum / tokens.max(1) as f64, label_tokens: tokens, examples })
+    Ok(EvalResult { loss: sum / tokens.max(1) as f64, label_tokens: tokens, examples, mean_token_accuracy: accuracy / batches_seen.max(1) as f64 })
 }
 
 /// Loads a stage-1 projector: a checkpoint directory (its `projector.safetensors` or
@@ -129,22 +134,6 @@ pub fn load_projector<B: Backend>(model: VlmModel<B>, path: &Path) -> Result<Vlm
         return Err(TrainError::Checkpoint(format!("{}: holds no {}* tensor", file.display(), model.as_dyn().part_names().projector)));
     }
     Ok(model.with_tensors(&projector, &file)?)
-}
-
-struct Metrics {
-    file: std::fs::File,
-}
-
-impl Metrics {
-    fn open(dir: &Path) -> Result<Self, TrainError> {
-        let p = dir.join("metrics.jsonl");
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| TrainError::io(&p, e))?;
-        Ok(Self { file })
-    }
-    fn write(&mut self, v: serde_json::Value) {
-        let _ = writeln!(self.file, "{v}");
-        let _ = self.file.flush();
-    }
 }
 
 /// Runs (or resumes) the training a recipe describes.
@@ -252,6 +241,7 @@ pub fn train_with<B: AutodiffBackend>(
         last_eval_loss: None,
         base_model: recipe.model.path.clone(),
         model_type: trainer.model.family().model_type().to_string(),
+        num_tokens: 0,
     };
     let (resume_dir, picked) = match resume {
         Resume::No => (None, false),
@@ -279,7 +269,12 @@ pub fn train_with<B: AutodiffBackend>(
         state = TrainerState { total_steps, ..saved };
     }
 
-    let mut metrics = Metrics::open(&out)?;
+    let report_to = recipe.train.report_to.parsed().map_err(TrainError::Recipe)?;
+    let mut tracker = Tracker::open(&out, &report_to)?;
+    if let Some(f) = tracker.event_file() {
+        eprintln!("vsft: TensorBoard events in {} (tensorboard --logdir {})", f.display(), out.join("runs").display());
+    }
+    write_run_info(&out, &trainer, t, None)?;
     let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
@@ -287,7 +282,8 @@ pub fn train_with<B: AutodiffBackend>(
     );
     bar.set_position(state.global_step as u64);
     let started = Instant::now();
-    let mut window = (0.0f64, 0usize, 0usize, 0usize, Instant::now()); // loss sum, steps, tokens, samples, since
+    let mut window = LogWindow::new();
+    let mut evaluated_at = None; // the step of the last evaluation, so that the end does not repeat it
     let mut losses = Vec::new();
     // A refused loader setting fails here, before the first step, not at the first batch.
     let mut loader = DataLoader::try_new(first_source, processor.clone(), lcfg.clone(), state.cursor)?;
@@ -300,6 +296,7 @@ pub fn train_with<B: AutodiffBackend>(
             break;
         }
         let mut micro = Vec::with_capacity(t.grad_accum);
+        let waiting = Instant::now();
         while micro.len() < t.grad_accum {
             match loader.next() {
                 Some(batch) => {
@@ -332,6 +329,7 @@ pub fn train_with<B: AutodiffBackend>(
         if micro.is_empty() {
             break;
         }
+        window.data_wait += waiting.elapsed();
         let lr = t.lr * lr_lambda(t.scheduler, state.global_step, warmup, total_steps);
         let stats = trainer.step(&micro, lr, state.global_step, t.on_nan == "skip")?;
         state.global_step += 1;
@@ -344,26 +342,28 @@ pub fn train_with<B: AutodiffBackend>(
         };
         losses.push(stats.loss);
         state.last_loss = Some(stats.loss);
-        window.0 += stats.loss;
-        window.1 += 1;
-        window.2 += stats.tokens;
-        window.3 += stats.samples;
+        state.num_tokens += stats.tokens as u64;
+        window.add(&stats);
         bar.set_position(state.global_step as u64);
-        let secs = window.4.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!("loss {:.4}  lr {lr:.2e}  {:.0} tok/s", stats.loss, window.2 as f64 / secs));
+        bar.set_message(format!("loss {:.4}  lr {lr:.2e}  {:.0} tok/s", stats.loss, window.per_second(window.tokens)));
         if state.global_step % t.log_steps.max(1) == 0 || state.global_step == total_steps {
-            metrics.write(serde_json::json!({
-                "step": state.global_step, "epoch": state.epoch, "loss": window.0 / window.1 as f64, "lr": lr,
-                "grad_norm": stats.grad_norm, "tokens_per_s": window.2 as f64 / secs,
-                "samples_per_s": window.3 as f64 / secs, "elapsed_s": started.elapsed().as_secs_f64(),
-            }));
-            window = (0.0, 0, 0, 0, Instant::now());
+            let mut record = window.record(&state, lr, &stats);
+            for (key, group_lr) in [("learning_rate_projector", t.projector_lr), ("learning_rate_vision", t.vision_lr.filter(|_| !t.freeze_vision_tower))] {
+                if let Some(base) = group_lr {
+                    record[key] = serde_json::json!(base * lr / t.lr);
+                }
+            }
+            record["elapsed_s"] = serde_json::json!(started.elapsed().as_secs_f64());
+            tracker.log(&record)?;
+            window = LogWindow::new();
         }
         if t.eval_steps > 0 && state.global_step % t.eval_steps == 0 {
             if let Some(eval) = &inputs.eval {
+                evaluated_at = Some(state.global_step);
                 let r = run_eval(&trainer, recipe, eval, &processor)?;
                 state.last_eval_loss = Some(r.loss);
-                metrics.write(serde_json::json!({"step": state.global_step, "epoch": state.epoch, "eval_loss": r.loss, "eval_label_tokens": r.label_tokens}));
+                tracker.log(&eval_record(&state, &r))?;
+                vsft_track::report::write_report(&out)?;
                 bar.println(format!("vsft: step {}: eval loss {:.4}", state.global_step, r.loss));
             }
         }
@@ -375,13 +375,15 @@ pub fn train_with<B: AutodiffBackend>(
     bar.finish_and_clear();
     skips.merge(loader.skipped());
     state.rows_skipped = rows_skipped_before.saturating_add(skips.total());
-    if !interrupted {
+    write_run_info(&out, &trainer, t, (skips.total() > 0).then(|| skips.report()))?;
+    if !interrupted && evaluated_at != Some(state.global_step) {
         if let Some(eval) = &inputs.eval {
             let r = run_eval(&trainer, recipe, eval, &processor)?;
             state.last_eval_loss = Some(r.loss);
-            metrics.write(serde_json::json!({"step": state.global_step, "epoch": state.epoch, "eval_loss": r.loss, "eval_label_tokens": r.label_tokens}));
+            tracker.log(&eval_record(&state, &r))?;
         }
     }
+    vsft_track::report::write_report(&out)?;
     let last_checkpoint = save(&out, &trainer, &state, &lora_cfg, &targeted, &recipe_toml, t.save_total_limit)?;
     if interrupted {
         eprintln!("vsft: interrupted: saved {} (resume with --resume auto)", last_checkpoint.display());

@@ -48,6 +48,9 @@ pub struct StepStats {
     /// Non-pad tokens processed.
     pub tokens: usize,
     pub samples: usize,
+    pub images: usize,
+    /// The mean over micro-batches of the share of label tokens predicted right (TRL's).
+    pub mean_token_accuracy: f64,
 }
 
 /// Model + optimizer + which parameters train.
@@ -192,11 +195,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Forward of one batch → (summed token loss, label tokens), in the autodiff graph.
-    pub fn loss_sum(&self, batch: &Batch) -> Result<(Tensor<B, 1>, usize), TrainError> {
+    pub fn loss_sum(&self, batch: &Batch) -> Result<vsft_model::loss::LossSum<B>, TrainError> {
         let (ids, mask, feats) = self.inputs(batch)?;
         let positions = batch_positions(self.model.as_dyn(), batch)?;
         let loss = self.model.as_dyn().loss_with_features(ids, mask, feats, &batch.labels, &positions)?;
-        Ok((loss.sum, loss.label_tokens))
+        Ok(loss)
     }
 
     /// A batch's ids and attention mask on the device, and its image features through the
@@ -217,13 +220,13 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Per-layer gradient checkpointing for one micro-batch: the loss (already divided by
-    /// `num_items`) and the gradients, in parts. The forward runs the decoder (and a trained
+    /// `num_items`), the label tokens predicted right, and the gradients, in parts. The forward runs the decoder (and a trained
     /// vision tower) without a graph, keeping only each layer's input; backward goes from the
     /// top down, re-running one layer at a time with a graph and handing its input gradient to
     /// the layer below. Costs one more forward; activation memory is one layer's graph plus the
     /// inputs. Each layer's dropout seed depends on `seed` and the layer, so both runs draw the
     /// same masks.
-    pub fn checkpointed_grads(&self, batch: &Batch, num_items: usize, seed: u64) -> Result<(f64, Vec<B::Gradients>), TrainError> {
+    pub fn checkpointed_grads(&self, batch: &Batch, num_items: usize, seed: u64) -> Result<(f64, usize, Vec<B::Gradients>), TrainError> {
         let device = self.device();
         let model = self.model.as_dyn();
         let layer_seed = |l: usize| seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -267,7 +270,9 @@ impl<B: AutodiffBackend> Trainer<B> {
 
         // The top (final norm, head, loss) with a graph from the last layer's output.
         let top = Tensor::<B, 3>::from_inner(x).require_grad();
-        let loss = model.loss_from_hidden(lm.model.norm.forward(top.clone()), &batch.labels).sum / num_items as f64;
+        let loss_sum = model.loss_from_hidden(lm.model.norm.forward(top.clone()), &batch.labels);
+        let correct = loss_sum.correct_tokens;
+        let loss = loss_sum.sum / num_items as f64;
         let value = loss.clone().into_scalar().elem::<f64>();
         let grads = loss.backward();
         let upstream = top.grad(&grads).ok_or_else(|| TrainError::Other("checkpointing: the loss does not depend on the decoder".into()))?;
@@ -291,7 +296,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             })?;
             all.push(((stack.stem)(&images)? * Tensor::from_inner(upstream)).sum().backward());
         }
-        Ok((value, all))
+        Ok((value, correct, all))
     }
 
     /// One optimizer step over `micro_batches` (gradient accumulation), weighting each by its
@@ -310,17 +315,20 @@ impl<B: AutodiffBackend> Trainer<B> {
         let device = self.device();
         let mut acc: BTreeMap<String, Tensor<B::InnerBackend, 1>> = BTreeMap::new();
         let mut loss_total = 0.0;
+        let mut accuracy_sum = 0.0;
         for (i, batch) in micro_batches.iter().enumerate() {
             let seed = self.settings.seed.wrapping_mul(1_000_003).wrapping_add((global_step * 1024 + i) as u64);
             B::seed(&device, seed);
-            let (loss, all_grads) = if self.gradient_checkpointing {
+            let (loss, correct, all_grads) = if self.gradient_checkpointing {
                 self.checkpointed_grads(batch, num_items, seed)?
             } else {
-                let (sum, _) = self.loss_sum(batch)?;
-                let loss = sum / num_items as f64;
-                (loss.clone().into_scalar().elem::<f64>(), vec![loss.backward()])
+                let sum = self.loss_sum(batch)?;
+                let loss = sum.sum / num_items as f64;
+                (loss.clone().into_scalar().elem::<f64>(), sum.correct_tokens, vec![loss.backward()])
             };
             loss_total += loss;
+            // TRL: the accuracy of each forward (micro-batch), averaged when logged.
+            accuracy_sum += correct as f64 / shifted_label_tokens(batch).max(1) as f64;
             for grads in &all_grads {
                 for (name, g) in TrainableCollector::collect(&self.model, &self.trainable, Some(grads)) {
                     let merged = match acc.remove(&name) {
@@ -351,7 +359,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.set_trainable_values(updated);
         let tokens = micro_batches.iter().map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count()).sum();
         let samples = micro_batches.iter().map(|b| b.batch_size).sum();
-        Ok(Some(StepStats { loss: loss_total, grad_norm, label_tokens: num_items, tokens, samples }))
+        let mean_token_accuracy = accuracy_sum / micro_batches.len() as f64;
+        let images = micro_batches.iter().map(|b| b.images.meta.len()).sum();
+        Ok(Some(StepStats { loss: loss_total, grad_norm, label_tokens: num_items, tokens, samples, images, mean_token_accuracy }))
     }
 
     /// Current values of the trainable parameters, flattened, by name.

@@ -113,6 +113,9 @@ pub fn generate(a: GenerateArgs) -> Result<ExitCode> {
 
 /// `[generate_eval]`: answer held-out questions by greedy generation; exact match on the first
 /// word of the answer, overall and per question kind (for the demo's shapes data).
+/// How many `[generate_eval]` answers the report shows.
+const REPORT_SAMPLES: usize = 24;
+
 pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint: &Path) -> Result<()> {
     let model = VlmModel::<Compute>::load(model_dir, &device())?;
     let model = crate::cmd_train::load_adapter_or_projector(model, checkpoint)?;
@@ -124,6 +127,8 @@ pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint
         s.split_whitespace().next().unwrap_or("").trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase()
     };
     let mut per_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    // (question, answer, expected, correct, kind, picture) of every question, for the report.
+    let mut answered: Vec<(String, String, String, bool, String, Option<std::sync::Arc<Vec<u8>>>)> = Vec::new();
     let n = source.len().min(ge.limit);
     let started = std::time::Instant::now();
     println!("\nHeld-out pictures: the model's answers");
@@ -141,17 +146,30 @@ pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint
         let text = processor.text.tokenizer.decode(&tokens, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
         let correct = first_word(&text) == first_word(&expected);
         let kind = vsft_demo::QuestionKind::of_question(&question).map(|k| k.name().to_string()).unwrap_or_else(|| "all".into());
-        let e = per_kind.entry(kind).or_default();
+        let e = per_kind.entry(kind.clone()).or_default();
         e.0 += usize::from(correct);
         e.1 += 1;
         if i < ge.show {
             println!("  Q: {question}\n  A: {}   (expected {expected}) {}", text.trim(), if correct { "✓" } else { "✗" });
+        }
+        if answered.len() < REPORT_SAMPLES {
+            let picture = row.images.first().and_then(|src| src.load().ok());
+            answered.push((question, text.trim().to_string(), expected, correct, kind, picture));
         }
     }
     let (right, total) = per_kind.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     println!("\nAccuracy on {total} held-out questions: {:.1}% ({right}/{total}), {:.1} s", 100.0 * right as f64 / total.max(1) as f64, started.elapsed().as_secs_f64());
     for (kind, (r, t)) in &per_kind {
         println!("  {kind:<10} {:>5.1}% ({r}/{t})", 100.0 * *r as f64 / (*t).max(1) as f64);
+    }
+    // The stage's output directory: the report shows these answers with their pictures.
+    if let Some(out) = checkpoint.parent().filter(|d| d.join("metrics.jsonl").exists()) {
+        let samples: Vec<vsft_track::report::Sample> = answered
+            .iter()
+            .map(|(q, a, e, c, k, p)| vsft_track::report::Sample { question: q, answer: a, expected: e, correct: *c, kind: k, image: p.as_ref().map(|b| b.as_slice()) })
+            .collect();
+        vsft_track::report::write_samples(out, &samples, &per_kind)?;
+        println!("\nReport: {}", vsft_track::report::write_report(out)?.display());
     }
     Ok(())
 }

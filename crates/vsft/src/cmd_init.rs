@@ -66,9 +66,6 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(v)?).with_context(|| path.display().to_string())
 }
 
-/// A model config is a small JSON file; a larger one is refused before it fills memory.
-const MAX_CONFIG_BYTES: u64 = 16 << 20;
-
 /// Qwen2-VL's processor files, as the Hub's Qwen2-VL / Qwen2.5-VL repos ship them.
 fn write_qwen_processor_files(cfg: &vsft_model::Qwen2VlConfig, dir: &Path) -> Result<()> {
     let v = &cfg.vision_config;
@@ -85,7 +82,7 @@ fn write_qwen_processor_files(cfg: &vsft_model::Qwen2VlConfig, dir: &Path) -> Re
 }
 
 pub fn init(a: InitArgs) -> Result<ExitCode> {
-    let text = vsft_train::read_text_limited(&a.config, MAX_CONFIG_BYTES, "a model config (JSON)")?;
+    let text = vsft_train::read_text_limited(&a.config, vsft_data::guard::MAX_CONFIG_FILE_BYTES, "a model config (JSON)")?;
     let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", a.config.display()))?;
     let dtype = StoredDtype::from_torch_name(&a.dtype).with_context(|| format!("--dtype {}: use float32, bfloat16 or float16", a.dtype))?;
     let shard = vsft_model::weights::parse_size(&a.max_shard_size).with_context(|| format!("--max-shard-size {}", a.max_shard_size))?;

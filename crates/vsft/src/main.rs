@@ -49,6 +49,8 @@ enum Command {
     /// Benchmarks (speed and memory of the training step).
     #[command(subcommand)]
     Bench(cmd_bench::BenchCommand),
+    /// Write OUTPUT_DIR/report.html: curves, what trains, skipped rows, sample answers, the recipe.
+    Report(ReportArgs),
     /// Look at what the model will be trained on.
     #[command(subcommand)]
     Data(cmd_data::DataCommand),
@@ -66,6 +68,18 @@ fn tune_allocator() {
     }
 }
 
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// A training output_dir (holding metrics.jsonl).
+    output_dir: std::path::PathBuf,
+}
+
+fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
+    let path = vsft_track::report::write_report(&a.output_dir)?;
+    println!("{}", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
@@ -79,6 +93,7 @@ fn main() -> ExitCode {
         Command::Export(a) => cmd_export::export(a),
         Command::Push(a) => cmd_export::push(a),
         Command::Logits(a) => cmd_export::logits(a),
+        Command::Report(a) => report(a),
     };
     match result {
         Ok(code) => code,
