@@ -387,8 +387,8 @@ fn trainer_states_that_do_not_fit_the_run_are_refused_naming_the_field() {
         ("\"optimizer_step\": 4", "\"optimizer_step\": 5", "optimizer_step must be at most global_step (4), found 5"),
         ("\"rows_skipped\": 0", "\"rows_skipped\": 18446744073709551615", "rows_skipped must be at most"),
         ("\"epoch\": 0,", "\"epoch\": 18446744073709551615,", "cursor.epoch must be at most"),
-        ("\"stage\": \"pretrain\"", "\"stage\": \"finetune\"", "not a valid trainer state: unknown variant `finetune`"),
-        ("\"global_step\": 4", "\"global_step\": -4", "not a valid trainer state: invalid value: integer `-4`"),
+        ("\"stage\": \"pretrain\"", "\"stage\": \"finetune\"", "not a valid trainer state: field `stage`: unknown variant `finetune`"),
+        ("\"global_step\": 4", "\"global_step\": -4", "not a valid trainer state: field `global_step`: invalid value: integer `-4`"),
     ];
     let text = serde_json::to_string_pretty(&good).unwrap();
     for (from, to, want) in absurd {
@@ -426,7 +426,7 @@ fn damaged_trainer_states_name_the_file() {
     std::fs::remove_file(dir.join("trainer_state.json")).unwrap();
     std::os::unix::fs::symlink("/dev/zero", dir.join("trainer_state.json")).unwrap();
     let err = checkpoint::read_state(&dir).unwrap_err().to_string();
-    assert!(err.starts_with(&file) && err.contains("more than 67108864 bytes"), "{err}");
+    assert!(err.starts_with(&file) && err.contains("more than 64 MiB, the limit for a trainer state"), "{err}");
     std::fs::remove_file(dir.join("trainer_state.json")).unwrap();
     let err = checkpoint::read_state(&dir).unwrap_err().to_string();
     assert!(err.starts_with(&file) && err.contains("missing") && err.contains("not a complete vsft checkpoint"), "{err}");

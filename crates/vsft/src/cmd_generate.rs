@@ -170,6 +170,12 @@ pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint
             .collect();
         vsft_track::report::write_samples(out, &samples, &per_kind)?;
         println!("\nReport: {}", vsft_track::report::write_report(out)?.display());
+        // One held-out picture as a file, so that the next command has something to look at.
+        if let Some((question, _, _, _, _, Some(picture))) = answered.first() {
+            let png = out.join("held-out-0.png");
+            std::fs::write(&png, picture.as_slice()).with_context(|| png.display().to_string())?;
+            println!("\nNext:\n  vsft report {}\n  vsft generate --model {} --adapter {} --image {} --prompt {question:?}", out.display(), model_dir.display(), checkpoint.display(), png.display());
+        }
     }
     Ok(())
 }

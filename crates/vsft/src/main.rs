@@ -35,7 +35,7 @@ enum Command {
     #[command(after_help = "Example:\n  vsft init --config configs/tiny-llava-mha.json --tokenizer-from tests/fixtures/data/model --out /tmp/tiny")]
     Init(cmd_init::InitArgs),
     /// Answer a prompt about an image (KV cache, streamed; greedy by default).
-    #[command(after_help = "Example:\n  vsft generate --model out/demo/model --adapter out/demo/instruct/checkpoint-300 --image shapes.png --prompt \"What colour is the circle?\"")]
+    #[command(after_help = "Example:\n  vsft generate --model ~/.cache/vsft/builtin/demo-tiny-llava-v3 --adapter out/demo/instruct/checkpoint-<last step> --image out/demo/instruct/held-out-0.png --prompt \"What colour is the circle?\"\n(the paths the demo prints at its end)")]
     Generate(cmd_generate::GenerateArgs),
     /// Export a checkpoint: a PEFT adapter (or stage-1 projector), or with --merge a full model.
     #[command(after_help = "Examples:\n  vsft export --checkpoint out/llava15-instruct/checkpoint-2000 --out out/lora\n  vsft export --checkpoint out/llava15-instruct/checkpoint-2000 --out out/merged --merge --dtype bfloat16")]
