@@ -236,8 +236,9 @@ impl<B: Backend> VlmModel<B> {
     }
 
     /// Loads a PEFT LoRA adapter directory (vsft's exports and PEFT's own): `adapter_config.json`
-    /// and `adapter_model.safetensors`, legacy or current key layout. The projector is replaced when
-    /// the adapter carries it. Returns the model and the adapter's config.
+    /// and `adapter_model.safetensors`, legacy or current key layout. The projector, and the vision
+    /// tower when it was trained in full (`modules_to_save`), are replaced when the adapter
+    /// carries them. Returns the model and the adapter's config.
     pub fn load_adapter(mut self, dir: &Path) -> Result<(Self, LoraConfig), ModelError> {
         let cfg_path = dir.join("adapter_config.json");
         let peft = read_json_file(&cfg_path)?;
@@ -249,7 +250,7 @@ impl<B: Backend> VlmModel<B> {
         let parts = self.as_dyn().part_names();
         // Normalise keys: drop `base_model.model.` and PEFT's adapter name.
         let mut by_module: BTreeMap<String, [Option<weights::RawTensor>; 2]> = BTreeMap::new();
-        let mut projector = Vec::new();
+        let mut in_full = Vec::new();
         for (key, raw) in &tensors {
             let k = key.strip_prefix("base_model.model.").unwrap_or(key).replace(".default.", ".");
             let k = k.replace(".modules_to_save.", ".");
@@ -259,8 +260,8 @@ impl<B: Backend> VlmModel<B> {
                 (m, 1)
             } else {
                 let canonical = weights::canonical_name(&k);
-                if parts.is_projector(&canonical) {
-                    projector.push((canonical, raw.clone()));
+                if parts.is_projector(&canonical) || parts.is_tower(&canonical) {
+                    in_full.push((canonical, raw.clone()));
                     continue;
                 }
                 return Err(ModelError::Input(format!("{}: unsupported tensor {key}", weights_path.display())));
@@ -294,7 +295,7 @@ impl<B: Backend> VlmModel<B> {
                 dropout: burn::nn::DropoutConfig::new(lora_cfg.dropout).init(),
             });
         }
-        let model = if projector.is_empty() { self } else { self.with_tensors(&projector, &weights_path)? };
+        let model = if in_full.is_empty() { self } else { self.with_tensors(&in_full, &weights_path)? };
         Ok((model, lora_cfg))
     }
 

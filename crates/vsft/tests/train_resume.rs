@@ -189,13 +189,17 @@ fn resume_kill_and_eval() {
     assert!(err.contains("step ") && err.contains("the loss is") && err.contains("on_nan"), "{err}");
 
     // `vsft eval` with the final adapter gives training's final eval loss.
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(full_out.join("checkpoint-6/trainer_state.json")).unwrap()).unwrap();
+    assert_eval_matches_training(&model, &full_out.join("checkpoint-6"));
+}
+
+/// `vsft eval` of `checkpoint` (as an adapter on `model`) gives the eval loss training recorded in it.
+fn assert_eval_matches_training(model: &Path, checkpoint: &Path) {
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(checkpoint.join("trainer_state.json")).unwrap()).unwrap();
     let out = vsft()
         .args(["eval", "--json", "--label-mask", "assistant", "--batch-size", "2", "--max-length", "512", "--model"])
-        .arg(&model)
+        .arg(model)
         .arg("--adapter")
-        .arg(full_out.join("checkpoint-6"))
+        .arg(checkpoint)
         .arg("--data")
         .arg(root().join("tests/fixtures/data/llava_instruct_mix"))
         .output()
@@ -205,6 +209,20 @@ fn resume_kill_and_eval() {
     let trained_eval = state["last_eval_loss"].as_f64().unwrap();
     println!("eval: {v} vs training's eval loss {trained_eval}");
     assert!((v["loss"].as_f64().unwrap() - trained_eval).abs() < 1e-5);
+}
+
+/// A vision tower trained in full travels in the adapter (PEFT's `modules_to_save`): `vsft eval`
+/// and `generate` load it back and give training's eval loss.
+#[test]
+fn a_trained_tower_travels_in_the_adapter() {
+    let dir = tmp("e2e-tower");
+    let model = tiny_model(&dir);
+    let out = dir.join("out");
+    let r = recipe(&dir, &model, &out);
+    let text = std::fs::read_to_string(&r).unwrap().replace("max_steps = 6", "max_steps = 2").replace("[lora]", "freeze_vision_tower = false\nvision_lr = 1e-3\n[lora]");
+    std::fs::write(&r, text).unwrap();
+    train(&r, &[]);
+    assert_eval_matches_training(&model, &out.join("checkpoint-2"));
 }
 
 /// `vsft train` in the background, pausing inside each checkpoint write for `ms`
