@@ -111,6 +111,20 @@ pub fn evaluate<B: Backend>(model: &VlmModel<B>, batches: impl Iterator<Item = R
     Ok(EvalResult { loss: sum / tokens.max(1) as f64, label_tokens: tokens, examples, mean_token_accuracy: accuracy / batches_seen.max(1) as f64 })
 }
 
+/// The model's image-token id (`config.json`) must be the id the tokenizer gives the image
+/// placeholder: otherwise rows carry placeholders the model never replaces with features, and
+/// the mismatch would surface later, far from its cause.
+pub fn check_image_token<B: Backend>(model: &VlmModel<B>, processor: &Processor, model_dir: &Path) -> Result<(), TrainError> {
+    let (model_id, token_id) = (model.as_dyn().image_token_id(), processor.text.image_token_id as i64);
+    if model_id == token_id {
+        return Ok(());
+    }
+    Err(TrainError::Model(vsft_model::ModelError::Config {
+        path: model_dir.join("config.json"),
+        message: format!("the image token id is {model_id}, but the tokenizer gives the image placeholder the id {token_id}; the two must agree"),
+    }))
+}
+
 /// Loads a stage-1 projector: a checkpoint directory (its `projector.safetensors` or
 /// `adapter_model.safetensors`) or a safetensors file.
 pub fn load_projector<B: Backend>(model: VlmModel<B>, path: &Path) -> Result<VlmModel<B>, TrainError> {
@@ -209,6 +223,7 @@ pub fn train_with<B: AutodiffBackend>(
         max_image_pixels: recipe.data.max_image_pixels,
     };
     let processor = Arc::new(Processor::from_model_dir_with(&inputs.model_dir, chat_template, &overrides)?);
+    check_image_token(&trainer.model, &processor, &inputs.model_dir)?;
     let image_root = recipe.data.image_folder.as_deref().map(Path::new);
     let open_train = || open_dataset(&inputs.train, Some("train"), image_root);
     let first_source = open_train()?;

@@ -83,6 +83,7 @@ pub fn generate(a: GenerateArgs) -> Result<ExitCode> {
     }
     let overrides = vsft_data::ProcessorOverrides { max_image_pixels: a.max_image_pixels, ..Default::default() };
     let processor = Processor::from_model_dir_with(&model_dir, a.chat_template.as_deref(), &overrides)?;
+    vsft_train::run::check_image_token(&model, &processor, &model_dir)?;
     let (ids, images) = encode_prompt(&processor, &a.prompt, &a.image)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
@@ -120,6 +121,7 @@ pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint
     let model = VlmModel::<Compute>::load(model_dir, &device())?;
     let model = crate::cmd_train::load_adapter_or_projector(model, checkpoint)?;
     let processor = Processor::from_model_dir(model_dir, None)?;
+    vsft_train::run::check_image_token(&model, &processor, model_dir)?;
     let data = crate::cmd_train::resolve_data(&ge.data, "test")?;
     let mut source = vsft_data::open_dataset(&data, Some("test"), None)?;
     let opts = GenerateOptions { max_new_tokens: ge.max_new_tokens, eos_token_ids: eos_ids(model_dir, &processor), ..Default::default() };

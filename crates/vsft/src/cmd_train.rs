@@ -159,6 +159,7 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
         model = load_adapter_or_projector(model, adapter)?;
     }
     let processor = Arc::new(Processor::from_model_dir(&model_dir, a.chat_template.as_deref())?);
+    vsft_train::run::check_image_token(&model, &processor, &model_dir)?;
     let data = resolve_data(&a.data, &a.split)?;
     let split = (a.split != "all").then_some(a.split.as_str());
     let source = open_dataset(&data, split, a.image_folder.as_deref())?;

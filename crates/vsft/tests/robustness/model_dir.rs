@@ -31,8 +31,9 @@ fn refused_values() -> Vec<(&'static str, Vec<Value>)> {
         ("image_size", vec![json!(0)]),
         ("spatial_merge_size", vec![json!(0)]),
         ("temporal_patch_size", vec![json!(0)]),
-        ("image_token_index", vec![huge.clone()]),
-        ("image_token_id", vec![huge]),
+        // 1 is in the vocabulary but is not the tokenizer's image placeholder.
+        ("image_token_index", vec![huge.clone(), json!(1)]),
+        ("image_token_id", vec![huge, json!(1)]),
     ]
 }
 
