@@ -124,14 +124,14 @@ pub fn read_metrics(path: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
 }
 
 /// One `[generate_eval]` answer, as `samples.json` holds it.
-pub struct Sample<'a> {
-    pub question: &'a str,
-    pub answer: &'a str,
-    pub expected: &'a str,
+pub struct Sample {
+    pub question: String,
+    pub answer: String,
+    pub expected: String,
     pub correct: bool,
-    pub kind: &'a str,
+    pub kind: String,
     /// The picture's encoded bytes (PNG, JPEG, GIF or WebP), shown inline.
-    pub image: Option<&'a [u8]>,
+    pub image: Option<Vec<u8>>,
 }
 
 fn image_mime(bytes: &[u8]) -> Option<&'static str> {
@@ -151,7 +151,7 @@ pub fn write_samples(output_dir: &Path, samples: &[Sample], accuracy: &BTreeMap<
         .iter()
         .map(|s| {
             let mut v = serde_json::json!({"question": s.question, "answer": s.answer, "expected": s.expected, "correct": s.correct, "kind": s.kind});
-            if let Some((bytes, mime)) = s.image.and_then(|b| image_mime(b).map(|m| (b, m))) {
+            if let Some((bytes, mime)) = s.image.as_deref().and_then(|b| image_mime(b).map(|m| (b, m))) {
                 v["image_mime"] = mime.into();
                 v["image_base64"] = base64::engine::general_purpose::STANDARD.encode(bytes).into();
             }

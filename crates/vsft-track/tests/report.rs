@@ -22,8 +22,8 @@ fn the_report_holds_curves_tables_and_samples_and_needs_no_network() {
     .unwrap();
     let png = std::fs::read(fixtures.join("data/images/small.png")).unwrap();
     let samples = [
-        Sample { question: "What colour is the circle?", answer: "red", expected: "red", correct: true, kind: "colour", image: Some(&png) },
-        Sample { question: "How many shapes?", answer: "two", expected: "three", correct: false, kind: "count", image: Some(&png) },
+        Sample { question: "What colour is the circle?".into(), answer: "red".into(), expected: "red".into(), correct: true, kind: "colour".into(), image: Some(png.clone()) },
+        Sample { question: "How many shapes?".into(), answer: "two".into(), expected: "three".into(), correct: false, kind: "count".into(), image: Some(png.clone()) },
     ];
     let accuracy: BTreeMap<String, (usize, usize)> = [("colour".to_string(), (1, 1)), ("count".to_string(), (0, 1))].into();
     write_samples(&dir, &samples, &accuracy).unwrap();

@@ -129,8 +129,8 @@ pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint
         s.split_whitespace().next().unwrap_or("").trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase()
     };
     let mut per_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-    // (question, answer, expected, correct, kind, picture) of every question, for the report.
-    let mut answered: Vec<(String, String, String, bool, String, Option<std::sync::Arc<Vec<u8>>>)> = Vec::new();
+    // The first answers with their pictures, for the report.
+    let mut answered: Vec<vsft_track::report::Sample> = Vec::new();
     let n = source.len().min(ge.limit);
     let started = std::time::Instant::now();
     println!("\nHeld-out pictures: the model's answers");
@@ -156,7 +156,7 @@ pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint
         }
         if answered.len() < REPORT_SAMPLES {
             let picture = row.images.first().and_then(|src| src.load().ok());
-            answered.push((question, text.trim().to_string(), expected, correct, kind, picture));
+            answered.push(vsft_track::report::Sample { question, answer: text.trim().to_string(), expected, correct, kind, image: picture.map(|b| b.to_vec()) });
         }
     }
     let (right, total) = per_kind.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
@@ -166,16 +166,12 @@ pub fn generate_eval(ge: &vsft_train::GenerateEval, model_dir: &Path, checkpoint
     }
     // The stage's output directory: the report shows these answers with their pictures.
     if let Some(out) = checkpoint.parent().filter(|d| d.join("metrics.jsonl").exists()) {
-        let samples: Vec<vsft_track::report::Sample> = answered
-            .iter()
-            .map(|(q, a, e, c, k, p)| vsft_track::report::Sample { question: q, answer: a, expected: e, correct: *c, kind: k, image: p.as_ref().map(|b| b.as_slice()) })
-            .collect();
-        vsft_track::report::write_samples(out, &samples, &per_kind)?;
+        vsft_track::report::write_samples(out, &answered, &per_kind)?;
         println!("\nReport: {}", vsft_track::report::write_report(out)?.display());
         // One held-out picture as a file, so that the next command has something to look at.
-        if let Some((question, _, _, _, _, Some(picture))) = answered.first() {
+        if let Some(vsft_track::report::Sample { question, image: Some(picture), .. }) = answered.first() {
             let png = out.join("held-out-0.png");
-            std::fs::write(&png, picture.as_slice()).with_context(|| png.display().to_string())?;
+            std::fs::write(&png, picture).with_context(|| png.display().to_string())?;
             println!("\nNext:\n  vsft report {}\n  vsft generate --model {} --adapter {} --image {} --prompt {question:?}", out.display(), model_dir.display(), checkpoint.display(), png.display());
         }
     }
