@@ -8,6 +8,7 @@ pub mod error;
 pub mod export;
 pub mod metrics;
 pub mod optim;
+pub mod progress;
 pub mod recipe;
 pub mod run;
 pub mod trainer;

@@ -9,7 +9,6 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
-use indicatif::{ProgressBar, ProgressStyle};
 use vsft_data::{open_dataset, Batch, CollatorConfig, Cursor, DataLoader, LoaderConfig, Processor};
 use vsft_model::lora::LoraConfig;
 use vsft_model::VlmModel;
@@ -19,6 +18,7 @@ use crate::error::TrainError;
 use crate::metrics::{eval_record, write_run_info, LogWindow};
 use vsft_track::Tracker;
 use crate::optim::{lr_lambda, warmup_steps, AdamWConfig};
+use crate::progress::{Progress, StepView};
 use crate::recipe::{Recipe, Stage};
 use crate::trainer::{batch_tensors, image_infos, image_inputs, OptimSettings, Trainer, TrainParts};
 
@@ -290,12 +290,10 @@ pub fn train_with<B: AutodiffBackend>(
         eprintln!("vsft: TensorBoard events in {} (tensorboard --logdir {})", f.display(), out.join("runs").display());
     }
     write_run_info(&out, &trainer, t, None)?;
-    let bar = ProgressBar::new(total_steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
-            .expect("template"),
-    );
-    bar.set_position(state.global_step as u64);
+    let bar = Progress::new(total_steps, state.global_step);
+    if B::name(device).contains("cubecl") && state.global_step < total_steps {
+        bar.starting("the first step compiles and autotunes this backend's kernels (a minute or more; cached for later runs)");
+    }
     let started = Instant::now();
     let mut window = LogWindow::new();
     let mut evaluated_at = None; // the step of the last evaluation, so that the end does not repeat it
@@ -359,9 +357,10 @@ pub fn train_with<B: AutodiffBackend>(
         state.last_loss = Some(stats.loss);
         state.num_tokens += stats.tokens as u64;
         window.add(&stats);
-        bar.set_position(state.global_step as u64);
-        bar.set_message(format!("loss {:.4}  lr {lr:.2e}  {:.0} tok/s", stats.loss, window.per_second(window.tokens)));
+        let view = StepView { step: state.global_step, loss: stats.loss, lr, tokens_per_s: window.per_second(window.tokens) };
+        bar.stepped(&view);
         if state.global_step % t.log_steps.max(1) == 0 || state.global_step == total_steps {
+            bar.logged(&view);
             let mut record = window.record(&state, lr, &stats);
             for (key, group_lr) in [("learning_rate_projector", t.projector_lr), ("learning_rate_vision", t.vision_lr.filter(|_| !t.freeze_vision_tower))] {
                 if let Some(base) = group_lr {
@@ -387,7 +386,7 @@ pub fn train_with<B: AutodiffBackend>(
             on_checkpoint(&dir)?;
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     skips.merge(loader.skipped());
     state.rows_skipped = rows_skipped_before.saturating_add(skips.total());
     write_run_info(&out, &trainer, t, (skips.total() > 0).then(|| skips.report()))?;

@@ -112,6 +112,11 @@ fn resume_kill_and_eval() {
     assert_eq!(full.len(), 6);
     let log = String::from_utf8(train(&recipe(&dir, &model, &dir.join("log")), &[]).stderr).unwrap();
     assert!(log.contains("vision tower") && log.contains("frozen") && log.contains("LoRA adapters"), "{log}");
+    // stderr is a pipe here, not a terminal: no bar, one plain line per log step.
+    for step in 1..=6 {
+        assert!(log.contains(&format!("vsft: step {step}/6  loss ")), "no line for step {step}: {log}");
+    }
+    assert!(!log.contains('\r') && !log.contains('\x1b'), "control characters without a terminal: {log:?}");
 
     // Resume from checkpoint-4 after losing the rest.
     let resumed_out = dir.join("resumed");
@@ -227,6 +232,22 @@ fn a_trained_tower_travels_in_the_adapter() {
 
 /// `vsft train` in the background, pausing inside each checkpoint write for `ms`
 /// (so a test can interrupt it there).
+/// On a terminal (a pseudo-terminal from util-linux's `script`), the bar is drawn in place with
+/// step/total, loss, lr, tokens/s and the ETA, and the plain per-step lines are not printed.
+#[test]
+fn on_a_terminal_the_progress_bar_is_drawn() {
+    let dir = tmp("e2e-tty");
+    let model = tiny_model(&dir);
+    let r = recipe(&dir, &model, &dir.join("out"));
+    let cmd = format!("{} train --config {}", env!("CARGO_BIN_EXE_vsft"), r.display());
+    let out = Command::new("script").args(["-qefc", &cmd, "/dev/null"]).env("COLUMNS", "160").output().expect("util-linux's script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains('\r') || text.contains('\x1b'), "the bar is redrawn in place: {text:?}");
+    assert!(text.contains("/6 steps") && text.contains(" tok/s") && text.contains("lr "), "bar fields: {text:?}");
+    assert!(!text.contains("vsft: step 1/6"), "plain lines on a terminal: {text:?}");
+}
+
 fn train_pausing_in_checkpoints(recipe: &Path, ms: u64) -> std::process::Child {
     vsft()
         .arg("train")
