@@ -1,66 +1,35 @@
 //! LoRA against PEFT (fixtures from scripts/make_train_fixtures.py): a PEFT-written adapter with
 //! fixed non-zero A/B gives PEFT's logits (≤ 1e-5), merged too; vsft writes the same keys.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::backend::Flex;
-use burn::tensor::{Int, Tensor, TensorData};
 use vsft_model::lora::LoraConfig;
 use vsft_model::weights::read_tensor_file;
 use vsft_model::VlmModel;
 
 type Cpu = Flex;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
 
 fn base() -> VlmModel<Cpu> {
-    VlmModel::load(&fixtures().join("model/tiny-llava-mha/legacy"), &Default::default()).unwrap()
+    VlmModel::load(&common::model_dir("tiny-llava-mha").join("legacy"), &Default::default()).unwrap()
 }
 
 fn logits(model: &VlmModel<Cpu>, r: &std::collections::BTreeMap<String, vsft_model::weights::RawTensor>) -> Vec<f32> {
-    let dev = Default::default();
-    let ids = &r["input_ids"];
-    let shape = [ids.shape[0], ids.shape[1]];
-    let int = |k: &str| Tensor::<Cpu, 2, Int>::from_data(TensorData::new(r[k].to_i64().unwrap(), shape), &dev);
-    let images = model.images_from_hf(&r["pixel_values"], None).unwrap();
-    model.as_dyn().forward(int("input_ids"), int("attention_mask"), Some(&images.inputs())).unwrap().into_data().convert::<f32>().into_vec().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    common::logits_of(model, &common::inputs(r))
 }
 
 #[test]
 fn peft_adapters_give_peft_logits_plain_and_rslora() {
     for name in ["plain", "rslora"] {
-        let dir = fixtures().join("lora").join(name);
-        let r = read_tensor_file(&dir.join("reference.safetensors")).unwrap();
-        let (mut model, cfg) = base().load_adapter(&dir).unwrap();
-        assert_eq!(cfg.rslora, name == "rslora");
-        let want = r["logits"].to_f32().unwrap();
-        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let d = max_diff(&logits(&model, &r), &want);
-        println!("{name}: adapter logits max abs diff vs PEFT {d:.2e} (max |logit| {scale:.1}, relative {:.2e})", d / scale);
-        assert!(d <= 1e-5, "{name}: adapter logits differ by {d}");
-        // One LoRA linear alone (layer 0's q_proj) against PEFT's lora.Linear: ≤ 1e-5 absolute.
-        let x = &r["q_proj.input"];
-        let x = Tensor::<Cpu, 2>::from_data(TensorData::new(x.to_f32().unwrap(), [x.shape[0], x.shape[1]]), &Default::default());
-        let y: Vec<f32> = model.language_model().model.layers[0].self_attn.q_proj.forward(x).into_data().convert::<f32>().into_vec().unwrap();
-        let d = max_diff(&y, &r["q_proj.output"].to_f32().unwrap());
-        println!("{name}: LoRA linear max abs diff vs PEFT {d:.2e}");
-        assert!(d <= 1e-5, "{name}: LoRA linear differs by {d}");
-        model.merge_lora();
-        let d = max_diff(&logits(&model, &r), &r["merged_logits"].to_f32().unwrap());
-        println!("{name}: merged logits max abs diff vs PEFT merge_and_unload {d:.2e}");
-        assert!(d <= 1e-4, "{name} merged: {d}");
+        common::check_peft_adapter::<Cpu>(name, 1.0);
     }
 }
 
 #[test]
 fn vsft_adapter_files_use_peft_keys_and_config_fields() {
-    let dir = fixtures().join("lora/plain");
+    let dir = common::fixtures("lora/plain");
     let (model, _) = base().load_adapter(&dir).unwrap();
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("adapter-keys");
     std::fs::create_dir_all(&out).unwrap();
@@ -94,7 +63,7 @@ fn vsft_adapter_files_use_peft_keys_and_config_fields() {
 
 #[test]
 fn fresh_adapters_start_at_the_base_model() {
-    let r = read_tensor_file(&fixtures().join("lora/plain/reference.safetensors")).unwrap();
+    let r = read_tensor_file(&common::fixtures("lora/plain/reference.safetensors")).unwrap();
     let model = base();
     let before = logits(&model, &r);
     let mut adapted = base();

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod export;
+pub mod kernel_cache;
 pub mod metrics;
 pub mod optim;
 pub mod progress;

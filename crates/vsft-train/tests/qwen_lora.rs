@@ -18,7 +18,7 @@ fn six_lora_steps_match_peft_and_the_adapter_round_trips() {
         let dir = fixtures().join("qwen_vl/model").join(name);
         let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
         let r = &reference["lora"];
-        let (mut trainer, lora_cfg) = peft_trainer(&dir.join("hub"), &dir, r, "merger");
+        let (mut trainer, lora_cfg) = peft_trainer::<burn::backend::Autodiff<burn::backend::Flex>>(&dir.join("hub"), &dir, r, "merger");
         let peft_trainable = r["trainable_parameter_order"].as_array().unwrap().len();
         assert_eq!(trainer.trainable.len(), peft_trainable, "{name}: vsft trains what PEFT trains");
         // transformers' decay rule, group by group (a LayerNorm merger norm does not decay, an RMSNorm one does).
@@ -33,7 +33,7 @@ fn six_lora_steps_match_peft_and_the_adapter_round_trips() {
         }
         let batches = read_tensor_file(&dir.join("lora_batches.safetensors")).unwrap();
         let image_token = trainer.model.as_dyn().image_token_id();
-        replay_steps(&mut trainer, r, name, |step| qwen_batch(&batches, &format!("batch{}.", step % 3), image_token, 2));
+        replay_steps(&mut trainer, r, name, 1.0, |step| qwen_batch(&batches, &format!("batch{}.", step % 3), image_token, 2));
         let reloaded = export_and_reload(&trainer, &lora_cfg, &dir.join("hub"), &dir, &format!("{name}-adapter"));
         let inputs = read_tensor_file(&dir.join("inputs.safetensors")).unwrap();
         let got = mean_loss(&reloaded, &qwen_batch(&inputs, "", reloaded.as_dyn().image_token_id(), 2));

@@ -83,6 +83,9 @@ fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    // GPU backends: cubecl's autotune results (and CUDA's compiled kernels) persist under the
+    // cache directory, so only the first run pays for them in full.
+    vsft_train::kernel_cache::use_cache_dir(&builtin::cache_root().join("cubecl"));
     let result = match cli.command {
         Command::Train(a) => cmd_train::train(a),
         Command::Eval(a) => cmd_train::eval(a),
