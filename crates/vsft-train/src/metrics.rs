@@ -4,6 +4,7 @@
 //! per second, the share of the step spent waiting for data, peak memory).
 
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::AutodiffBackend;
@@ -14,6 +15,14 @@ use crate::error::TrainError;
 use crate::recipe::TrainSection;
 use crate::run::EvalResult;
 use crate::trainer::{StepStats, Trainer};
+
+static DEVICE_MEMORY: OnceLock<fn() -> Option<u64>> = OnceLock::new();
+
+/// Set once by the binary, which knows its backend: how many bytes the device's memory pool
+/// holds. Logged as `device_memory_mb` at each log step (GPU backends only).
+pub fn set_device_memory_probe(probe: fn() -> Option<u64>) {
+    let _ = DEVICE_MEMORY.set(probe);
+}
 
 /// What accumulates between two log steps.
 pub struct LogWindow {
@@ -63,6 +72,9 @@ impl LogWindow {
         });
         if let Some(mb) = peak_rss_mb() {
             r["peak_rss_mb"] = json!(mb);
+        }
+        if let Some(bytes) = DEVICE_MEMORY.get().and_then(|probe| probe()) {
+            r["device_memory_mb"] = json!(bytes as f64 / (1024.0 * 1024.0));
         }
         r
     }

@@ -16,6 +16,22 @@ pub fn device() -> burn::tensor::Device<Compute> {
     Default::default()
 }
 
+/// Bytes held by the device's memory pool (as `torch.cuda.memory_reserved`), on the cubecl
+/// backends; `None` on the CPU, where the log has the process's peak RSS instead.
+pub fn device_memory_reserved() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    type Runtime = cubecl::cuda::CudaRuntime;
+    #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+    type Runtime = burn::backend::wgpu::WgpuRuntime;
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        use cubecl::Runtime as _;
+        return Runtime::client(&device()).memory_usage().ok().map(|u| u.bytes_reserved);
+    }
+    #[allow(unreachable_code)]
+    None
+}
+
 pub fn name() -> &'static str {
     if cfg!(feature = "cuda") {
         "cuda"

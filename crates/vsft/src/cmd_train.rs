@@ -50,6 +50,7 @@ pub fn resolve_data(path: &str, split: &str) -> Result<String> {
 pub fn train(a: TrainArgs) -> Result<ExitCode> {
     let (stages, generate_eval) = Recipe::stages_from_file(&a.config, &a.set)?;
     eprintln!("vsft: backend {}", crate::backend::name());
+    vsft_train::metrics::set_device_memory_probe(crate::backend::device_memory_reserved);
     let started = std::time::Instant::now();
     let mut previous: Option<PathBuf> = None;
     let mut last_model = None;
