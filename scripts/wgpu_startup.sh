@@ -6,7 +6,8 @@
 #   mesa        Mesa's shader cache warm, the autotune cache cold
 #   autotune    the autotune cache (under $VSFT_CACHE/cubecl) warm, Mesa's cold
 #   warm        both warm (a user's second run)
-# Prints each run's step-1 and step-6 elapsed_s from metrics.jsonl.
+# Prints each run's step-1 and step-6 elapsed_s from metrics.jsonl, and the process's CPU time
+# (user + sys: less sensitive than wall time to other work on the machine).
 #   cargo build --release --features wgpu && scripts/wgpu_startup.sh target/release/vsft
 set -euo pipefail
 VSFT=${1:-target/release/vsft}
@@ -31,14 +32,15 @@ TOML
 run() { # name, vsft cache dir, mesa cache dir
   rm -rf "$W/out"
   local t0=$(date +%s.%N)
-  (cd "$W" && VSFT_CACHE="$2" MESA_SHADER_CACHE_DIR="$3" "$VSFT" train --config "$W/recipe.toml" >/dev/null 2>"$W/$1.log")
+  (cd "$W" && VSFT_CACHE="$2" MESA_SHADER_CACHE_DIR="$3" /usr/bin/time -f "%U %S" -o "$W/$1.cpu" "$VSFT" train --config "$W/recipe.toml" >/dev/null 2>"$W/$1.log")
   local t1=$(date +%s.%N)
-  python3 - "$1" "$W/out/metrics.jsonl" "$t0" "$t1" <<'PY'
+  python3 - "$1" "$W/out/metrics.jsonl" "$t0" "$t1" "$W/$1.cpu" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[2]) if '"loss"' in l]
 first = next(r for r in rows if r.get("step") == 1)
 last = rows[-1]
-print(f"{sys.argv[1]:>9}: step 1 done at {first['elapsed_s']:.1f} s, step {last['step']} at {last['elapsed_s']:.1f} s, whole run {float(sys.argv[4]) - float(sys.argv[3]):.1f} s; losses {[round(r['loss'], 6) for r in rows]}")
+cpu = sum(map(float, open(sys.argv[5]).read().split()[-2:]))
+print(f"{sys.argv[1]:>9}: step 1 done at {first['elapsed_s']:.1f} s, step {last['step']} at {last['elapsed_s']:.1f} s, whole run {float(sys.argv[4]) - float(sys.argv[3]):.1f} s wall, {cpu:.1f} s CPU (user+sys); losses {[round(r['loss'], 6) for r in rows]}")
 PY
 }
 run cold "$W/vsft-cold" "$W/mesa-a"

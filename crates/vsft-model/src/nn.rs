@@ -75,11 +75,22 @@ impl Activation {
     pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
-            Self::Gelu => activation::gelu(x),
+            Self::Gelu => gelu(x),
             Self::GeluTanh => activation::gelu_approximate(x),
             Self::Silu => activation::silu(x),
         }
     }
+}
+
+/// Exact erf GELU with an exact gradient. Flex's `gelu` differentiates the erf form; Burn's
+/// other backends (cubecl: wgpu, CUDA) differentiate the tanh approximation, which put the
+/// projector's first-layer gradients 6.6e-4 (relative) from torch's on wgpu. There, GELU is
+/// composed from `erf`, whose backward is exact (2/√π·e^(−x²)).
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if vsft_kernels::supported(&[&x]) {
+        return activation::gelu(x);
+    }
+    x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0) * 0.5
 }
 
 /// A low-rank adapter on a [`Linear`]: `scale · B(A(dropout(x)))`, PEFT's LoRA.

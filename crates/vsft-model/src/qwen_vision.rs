@@ -806,7 +806,7 @@ impl<B: Backend> QwenVisionTower<B> {
         let [n, e] = x.dims();
         let mu = self.geometry.merge * self.geometry.merge;
         let h = self.merger.ln_q.forward(x).reshape([n / mu, e * mu]);
-        let h = self.merger.fc2().forward(activation::gelu(self.merger.fc1().forward(h)));
+        let h = self.merger.fc2().forward(crate::nn::gelu(self.merger.fc1().forward(h)));
         match &ctx.token_inverse {
             Some(inv) => h.select(0, inv.clone()),
             None => h,
