@@ -1,9 +1,10 @@
 //! vsft-train: LLaVA's two-stage recipe over Burn autodiff.
 //!
 //! Data path: recipe ([`recipe`]) → batches (vsft-data) → [`trainer`] (forward, token-weighted
-//! loss, backward, clipping, [`optim`] AdamW) → [`checkpoint`] (safetensors, atomic, exact resume).
+//! loss, backward, clipping, [`optim`] AdamW; across ranks through [`distributed`]) → [`checkpoint`] (safetensors, atomic, exact resume).
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod error;
 pub mod export;
 pub mod kernel_cache;

@@ -12,6 +12,7 @@ use vsft_model::loss::IGNORE_INDEX;
 use vsft_model::weights::ModulePath;
 use vsft_model::{ImageInfo, ImageInputs, PartNames, VisionLanguageModel, VlmModel};
 
+use crate::distributed::{all_reduce_bucketed, all_reduce_scalars, Communicator, SingleRank, BUCKET_BYTES};
 use crate::error::TrainError;
 use crate::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GroupSettings};
 use crate::recipe::Stage;
@@ -304,7 +305,19 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// tokens, as transformers does with `num_items_in_batch`. `global_step` seeds dropout so
     /// that a resumed run draws the same masks.
     pub fn step(&mut self, micro_batches: &[Batch], lr: f64, global_step: usize, skip_non_finite: bool) -> Result<Option<StepStats>, TrainError> {
-        let num_items: usize = micro_batches.iter().map(shifted_label_tokens).sum();
+        self.step_across(micro_batches, lr, global_step, skip_non_finite, &SingleRank)
+    }
+
+    /// [`Trainer::step`] as one rank of a data-parallel job (see [`crate::distributed`]): the
+    /// loss is divided by the label tokens of every rank's micro-batches, the gradients are
+    /// summed across ranks in buckets, and every rank clips and updates the same way. Every
+    /// rank must call it with the same number of micro-batches. The stats are the whole
+    /// job's (loss, tokens, samples, images, accuracy over all ranks' micro-batches).
+    pub fn step_across(&mut self, micro_batches: &[Batch], lr: f64, global_step: usize, skip_non_finite: bool, comm: &dyn Communicator<B::InnerBackend>) -> Result<Option<StepStats>, TrainError> {
+        let device = self.device();
+        let inner_device = self.inner_device();
+        let local_items: usize = micro_batches.iter().map(shifted_label_tokens).sum();
+        let num_items = all_reduce_scalars(comm, &[local_items as f64], &inner_device)?[0].round() as usize;
         if num_items == 0 {
             return Err(TrainError::Other(format!(
                 "step {}: every label of the step's {} batch(es) is -100: nothing to train on (check data.label_mask and max_length)",
@@ -312,7 +325,6 @@ impl<B: AutodiffBackend> Trainer<B> {
                 micro_batches.len()
             )));
         }
-        let device = self.device();
         let mut acc: BTreeMap<String, Tensor<B::InnerBackend, 1>> = BTreeMap::new();
         let mut loss_total = 0.0;
         let mut accuracy_sum = 0.0;
@@ -339,6 +351,50 @@ impl<B: AutodiffBackend> Trainer<B> {
                 }
             }
         }
+        let params = self.trainable_values();
+        let tokens: usize = micro_batches.iter().map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count()).sum();
+        let samples: usize = micro_batches.iter().map(|b| b.batch_size).sum();
+        let images: usize = micro_batches.iter().map(|b| b.images.meta.len()).sum();
+        let mut micro = micro_batches.len();
+        if comm.world_size() > 1 {
+            // Every trainable tensor travels, as zeros where this rank has no gradient, and a
+            // presence flag per tensor says whether any rank had one.
+            let names: Vec<&String> = self.trainable.keys().collect();
+            let mut scalars = vec![loss_total, accuracy_sum, micro as f64, tokens as f64, samples as f64, images as f64];
+            scalars.extend(names.iter().map(|n| acc.contains_key(*n) as u8 as f64));
+            let reduced = all_reduce_scalars(comm, &scalars, &inner_device)?;
+            (loss_total, accuracy_sum, micro) = (reduced[0], reduced[1], reduced[2].round() as usize);
+            let grads: Vec<Tensor<B::InnerBackend, 1>> = names
+                .iter()
+                .map(|n| acc.remove(*n).unwrap_or_else(|| Tensor::zeros([params[*n].dims()[0]], &inner_device)))
+                .collect();
+            let summed = all_reduce_bucketed(comm, grads, BUCKET_BYTES)?;
+            for ((name, g), present) in names.into_iter().zip(summed).zip(&reduced[6..]) {
+                if *present > 0.0 {
+                    acc.insert(name.clone(), g);
+                }
+            }
+            let stats = StepStats { loss: 0.0, grad_norm: 0.0, label_tokens: num_items, tokens: reduced[3].round() as usize, samples: reduced[4].round() as usize, images: reduced[5].round() as usize, mean_token_accuracy: 0.0 };
+            return self.finish_step(acc, params, stats, loss_total, accuracy_sum / micro as f64, lr, global_step, skip_non_finite);
+        }
+        let stats = StepStats { loss: 0.0, grad_norm: 0.0, label_tokens: num_items, tokens, samples, images, mean_token_accuracy: 0.0 };
+        self.finish_step(acc, params, stats, loss_total, accuracy_sum / micro as f64, lr, global_step, skip_non_finite)
+    }
+
+    /// Clipping and AdamW over the step's (reduced) gradients; `stats` gets the loss, the
+    /// gradient norm and the accuracy.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &mut self,
+        mut acc: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
+        params: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
+        mut stats: StepStats,
+        loss_total: f64,
+        mean_token_accuracy: f64,
+        lr: f64,
+        global_step: usize,
+        skip_non_finite: bool,
+    ) -> Result<Option<StepStats>, TrainError> {
         if !loss_total.is_finite() {
             if skip_non_finite {
                 return Ok(None);
@@ -347,7 +403,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let grad_norm = global_norm(&acc);
         let coef = clip_coefficient(grad_norm, self.settings.max_grad_norm);
-        let params = self.trainable_values();
         self.optimizer.begin_step();
         let mut updated = BTreeMap::new();
         for (name, settings) in &self.trainable {
@@ -357,11 +412,62 @@ impl<B: AutodiffBackend> Trainer<B> {
             updated.insert(name.clone(), new);
         }
         self.set_trainable_values(updated);
-        let tokens = micro_batches.iter().map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count()).sum();
-        let samples = micro_batches.iter().map(|b| b.batch_size).sum();
-        let mean_token_accuracy = accuracy_sum / micro_batches.len() as f64;
-        let images = micro_batches.iter().map(|b| b.images.meta.len()).sum();
-        Ok(Some(StepStats { loss: loss_total, grad_norm, label_tokens: num_items, tokens, samples, images, mean_token_accuracy }))
+        (stats.loss, stats.grad_norm, stats.mean_token_accuracy) = (loss_total, grad_norm, mean_token_accuracy);
+        Ok(Some(stats))
+    }
+
+    /// Makes every rank start from rank 0's trainable weights (adapters initialised from
+    /// another seed, a rank that loaded another checkpoint), in buckets.
+    pub fn broadcast_trainable(&mut self, comm: &dyn Communicator<B::InnerBackend>) -> Result<(), TrainError> {
+        if comm.world_size() == 1 {
+            return Ok(());
+        }
+        let values = self.trainable_values();
+        let (names, tensors): (Vec<String>, Vec<_>) = values.into_iter().unzip();
+        let sizes: Vec<usize> = tensors.iter().map(|t| t.dims()[0]).collect();
+        let packed = comm.broadcast_from_first(Tensor::cat(tensors, 0))?;
+        let mut at = 0;
+        let mut out = BTreeMap::new();
+        for (name, n) in names.into_iter().zip(sizes) {
+            out.insert(name, packed.clone().narrow(0, at, n));
+            at += n;
+        }
+        self.set_trainable_values(out);
+        Ok(())
+    }
+
+    /// A digest of the trainable weights' bits (names, shapes and values, in name order).
+    pub fn trainable_digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for (name, t) in self.trainable_values() {
+            h.update(name.as_bytes());
+            h.update((t.dims()[0] as u64).to_le_bytes());
+            for v in t.into_data().convert::<f32>().as_slice::<f32>().expect("f32 after convert") {
+                h.update(v.to_bits().to_le_bytes());
+            }
+        }
+        h.finalize().into()
+    }
+
+    /// Checks that every rank holds the same trainable weights (what a data-parallel run checks
+    /// at each checkpoint): the digest travels as sixteen 16-bit pieces, exact in f32.
+    pub fn check_ranks_agree(&self, comm: &dyn Communicator<B::InnerBackend>) -> Result<(), TrainError> {
+        if comm.world_size() == 1 {
+            return Ok(());
+        }
+        let digest = self.trainable_digest();
+        let pieces: Vec<f64> = digest.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as f64).collect();
+        let summed = all_reduce_scalars(comm, &pieces, &self.inner_device())?;
+        let world = comm.world_size() as f64;
+        if pieces.iter().zip(&summed).any(|(mine, all)| (mine * world - all).abs() > 0.5) {
+            return Err(TrainError::Other(format!("rank {}: the ranks' trainable weights differ (their digests disagree)", comm.rank())));
+        }
+        Ok(())
+    }
+
+    fn inner_device(&self) -> burn::tensor::Device<B::InnerBackend> {
+        Tensor::<B, 1>::zeros([1], &self.device()).inner().device()
     }
 
     /// Current values of the trainable parameters, flattened, by name.
