@@ -185,3 +185,56 @@ fn a_failing_rank_stops_the_others() {
     });
     assert_eq!(sums, vec![vec![3.0, 3.0]; 3]);
 }
+
+/// Counts the all-reduces that go through a communicator.
+struct Counting<'a, C> {
+    inner: &'a C,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl<C: Communicator<Inner>> Communicator<Inner> for Counting<'_, C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, t: burn::tensor::Tensor<Inner, 1>) -> Result<burn::tensor::Tensor<Inner, 1>, TrainError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.all_reduce_sum(t)
+    }
+    fn broadcast_from_first(&self, t: burn::tensor::Tensor<Inner, 1>) -> Result<burn::tensor::Tensor<Inner, 1>, TrainError> {
+        self.inner.broadcast_from_first(t)
+    }
+}
+
+/// Gradients travel in buckets: tensors are packed up to the bucket size (one all-reduce per
+/// bucket, a larger tensor alone), and come back whole and in order.
+#[test]
+fn gradients_travel_in_buckets() {
+    use vsft_train::distributed::all_reduce_bucketed;
+    let sizes = [3usize, 5, 2, 7, 1];
+    let got = within(60, move || {
+        run_local_ranks::<Inner, _, _>(2, &Default::default(), |comm| {
+            let counting = Counting { inner: comm, calls: Default::default() };
+            let tensors: Vec<_> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    let v: Vec<f32> = (0..n).map(|j| (100 * i + j) as f32 + 1000.0 * comm.rank() as f32).collect();
+                    burn::tensor::Tensor::<Inner, 1>::from_data(burn::tensor::TensorData::new(v, [n]), &Default::default())
+                })
+                .collect();
+            // 8 floats per bucket: [3, 5], then 2 + 7 > 8 so [2], then [7, 1].
+            let out = all_reduce_bucketed(&counting, tensors, 32)?;
+            let values: Vec<Vec<f32>> = out.into_iter().map(|t| t.into_data().to_vec::<f32>().unwrap()).collect();
+            Ok((counting.calls.load(std::sync::atomic::Ordering::SeqCst), values))
+        })
+        .unwrap()
+    });
+    for (calls, values) in got {
+        assert_eq!(calls, 3, "buckets [3, 5], [2], [7, 1]");
+        let want: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|j| 2.0 * (100 * i + j) as f32 + 1000.0).collect()).collect();
+        assert_eq!(values, want);
+    }
+}

@@ -24,6 +24,23 @@ pub struct TrainArgs {
     pub resume: Option<String>,
 }
 
+/// Several processes launched by torchrun or srun would each train the whole dataset and write
+/// the same `output_dir`: refused until ranks in separate processes (NCCL) exist. World size 1
+/// (`torchrun --nproc-per-node 1`) trains as usual.
+fn refuse_multi_process_launch(world: Option<vsft_train::distributed::WorldInfo>) -> Result<()> {
+    if let Some(w) = world.filter(|w| w.world_size > 1) {
+        anyhow::bail!(
+            "this process is rank {} of {} ({} environment), but vsft trains in one process for now: data-parallel ranks in separate \
+             processes (NCCL) are not built yet, and {} copies would each train the whole dataset into the same output_dir. Launch one process.",
+            w.rank,
+            w.world_size,
+            w.launcher,
+            w.world_size
+        );
+    }
+    Ok(())
+}
+
 /// A local path, or a Hub id downloaded into the Hugging Face cache.
 pub fn resolve_model(path: &str) -> Result<PathBuf> {
     if path.starts_with(crate::builtin::PREFIX) {
@@ -48,6 +65,7 @@ pub fn resolve_data(path: &str, split: &str) -> Result<String> {
 }
 
 pub fn train(a: TrainArgs) -> Result<ExitCode> {
+    refuse_multi_process_launch(vsft_train::distributed::WorldInfo::from_env()?)?;
     let (stages, generate_eval) = Recipe::stages_from_file(&a.config, &a.set)?;
     eprintln!("vsft: backend {}", crate::backend::name());
     vsft_train::metrics::set_device_memory_probe(crate::backend::device_memory_reserved);

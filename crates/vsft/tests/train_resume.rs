@@ -267,3 +267,27 @@ fn wait_for(path: &Path, never: &str) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// `torchrun --nproc-per-node 2 vsft train` or `srun -n 2 vsft train` would start two copies
+/// training the whole dataset into one output_dir: refused before anything is written, naming
+/// the rank and the launcher; world size 1 trains as usual.
+#[test]
+fn multi_process_launches_are_refused_until_ranks_exist() {
+    let dir = tmp("multi_process");
+    let model = tiny_model(&dir);
+    let out = dir.join("out");
+    let r = recipe(&dir, &model, &out);
+    for (vars, want) in [
+        (&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")][..], "rank 1 of 2 (torchrun environment)"),
+        (&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4"), ("SLURM_NODELIST", "gpu[1-2]")][..], "rank 0 of 4 (slurm environment)"),
+        (&[("RANK", "2"), ("WORLD_SIZE", "2")][..], "rank 2 is not below the world size 2"),
+    ] {
+        let o = vsft().arg("train").arg("--config").arg(&r).envs(vars.iter().copied()).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{vars:?}: {err}");
+        assert!(err.contains(want), "{vars:?}: {err}");
+        assert!(!out.exists(), "{vars:?}: nothing may be written");
+    }
+    let o = vsft().arg("train").arg("--config").arg(&r).args(["--set", "train.max_steps=1"]).envs([("RANK", "0"), ("WORLD_SIZE", "1")]).output().unwrap();
+    assert!(o.status.success(), "world size 1: {}", String::from_utf8_lossy(&o.stderr));
+}
