@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod optim;
 pub mod progress;
 pub mod recipe;
+pub mod rendezvous;
 pub mod run;
 pub mod trainer;
 
