@@ -52,6 +52,9 @@ pub struct StepStats {
     pub images: usize,
     /// The mean over micro-batches of the share of label tokens predicted right (TRL's).
     pub mean_token_accuracy: f64,
+    /// Seconds this rank spent in collectives during the step (waiting for the others
+    /// included); 0 on one rank.
+    pub communication_seconds: f64,
 }
 
 /// Model + optimizer + which parameters train.
@@ -317,7 +320,18 @@ impl<B: AutodiffBackend> Trainer<B> {
         let device = self.device();
         let inner_device = self.inner_device();
         let local_items: usize = micro_batches.iter().map(shifted_label_tokens).sum();
-        let num_items = all_reduce_scalars(comm, &[local_items as f64], &inner_device)?[0].round() as usize;
+        let mut communication = std::time::Duration::ZERO;
+        let mut timed = |f: &mut dyn FnMut() -> Result<(), TrainError>| -> Result<(), TrainError> {
+            let start = std::time::Instant::now();
+            let r = f();
+            communication += start.elapsed();
+            r
+        };
+        let mut num_items = local_items;
+        timed(&mut || {
+            num_items = all_reduce_scalars(comm, &[local_items as f64], &inner_device)?[0].round() as usize;
+            Ok(())
+        })?;
         if num_items == 0 {
             return Err(TrainError::Other(format!(
                 "step {}: every label of the step's {} batch(es) is -100: nothing to train on (check data.label_mask and max_length)",
@@ -362,22 +376,39 @@ impl<B: AutodiffBackend> Trainer<B> {
             let names: Vec<&String> = self.trainable.keys().collect();
             let mut scalars = vec![loss_total, accuracy_sum, micro as f64, tokens as f64, samples as f64, images as f64];
             scalars.extend(names.iter().map(|n| acc.contains_key(*n) as u8 as f64));
-            let reduced = all_reduce_scalars(comm, &scalars, &inner_device)?;
+            let mut reduced = Vec::new();
+            timed(&mut || {
+                reduced = all_reduce_scalars(comm, &scalars, &inner_device)?;
+                Ok(())
+            })?;
             (loss_total, accuracy_sum, micro) = (reduced[0], reduced[1], reduced[2].round() as usize);
-            let grads: Vec<Tensor<B::InnerBackend, 1>> = names
+            let mut grads: Vec<Tensor<B::InnerBackend, 1>> = names
                 .iter()
                 .map(|n| acc.remove(*n).unwrap_or_else(|| Tensor::zeros([params[*n].dims()[0]], &inner_device)))
                 .collect();
-            let summed = all_reduce_bucketed(comm, grads, BUCKET_BYTES)?;
+            let mut summed = Vec::new();
+            timed(&mut || {
+                summed = all_reduce_bucketed(comm, std::mem::take(&mut grads), BUCKET_BYTES)?;
+                Ok(())
+            })?;
             for ((name, g), present) in names.into_iter().zip(summed).zip(&reduced[6..]) {
                 if *present > 0.0 {
                     acc.insert(name.clone(), g);
                 }
             }
-            let stats = StepStats { loss: 0.0, grad_norm: 0.0, label_tokens: num_items, tokens: reduced[3].round() as usize, samples: reduced[4].round() as usize, images: reduced[5].round() as usize, mean_token_accuracy: 0.0 };
+            let stats = StepStats {
+                loss: 0.0,
+                grad_norm: 0.0,
+                label_tokens: num_items,
+                tokens: reduced[3].round() as usize,
+                samples: reduced[4].round() as usize,
+                images: reduced[5].round() as usize,
+                mean_token_accuracy: 0.0,
+                communication_seconds: communication.as_secs_f64(),
+            };
             return self.finish_step(acc, params, stats, loss_total, accuracy_sum / micro as f64, lr, global_step, skip_non_finite);
         }
-        let stats = StepStats { loss: 0.0, grad_norm: 0.0, label_tokens: num_items, tokens, samples, images, mean_token_accuracy: 0.0 };
+        let stats = StepStats { loss: 0.0, grad_norm: 0.0, label_tokens: num_items, tokens, samples, images, mean_token_accuracy: 0.0, communication_seconds: 0.0 };
         self.finish_step(acc, params, stats, loss_total, accuracy_sum / micro as f64, lr, global_step, skip_non_finite)
     }
 

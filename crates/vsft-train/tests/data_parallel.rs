@@ -109,6 +109,7 @@ fn two_ranks_equal_one_device_over_the_global_batch() {
     for (step, rows) in SCHEDULE.iter().enumerate() {
         let micro = [stack(&[&pool[rows[0]], &pool[rows[1]]]), stack(&[&pool[rows[2]], &pool[rows[3]]])];
         let stats = single.step(&micro, LR, step, false).unwrap().unwrap();
+        assert_eq!(stats.communication_seconds, 0.0, "one device does not communicate");
         single_losses.push((stats.loss, stats.grad_norm, stats.label_tokens, stats.samples, stats.images));
     }
     let single_weights = weights(&single);
@@ -125,6 +126,7 @@ fn two_ranks_equal_one_device_over_the_global_batch() {
                 let micro = [pool[rows[rank]].clone(), pool[rows[2 + rank]].clone()];
                 let stats = t.step_across(&micro, LR, step, false, comm)?.expect("finite");
                 losses.push((stats.loss, stats.grad_norm, stats.label_tokens, stats.samples, stats.images));
+                assert!(stats.communication_seconds > 0.0, "rank {rank} step {step}: the time in collectives is measured");
             }
             t.check_ranks_agree(comm)?;
             Ok((losses, weights(&t)))
