@@ -283,15 +283,8 @@ pub fn all_reduce_bucketed<B: Backend>(comm: &dyn Communicator<B>, tensors: Vec<
         if bucket.is_empty() {
             return Ok(());
         }
-        let sizes: Vec<usize> = bucket.iter().map(|t| t.dims()[0]).collect();
-        let packed = if bucket.len() == 1 { bucket.pop().expect("one") } else { Tensor::cat(std::mem::take(bucket), 0) };
-        let reduced = comm.all_reduce_sum(packed)?;
-        let mut at = 0;
-        for n in sizes {
-            out.push(reduced.clone().narrow(0, at, n));
-            at += n;
-        }
-        bucket.clear();
+        let (packed, sizes) = pack(std::mem::take(bucket));
+        out.extend(unpack(comm.all_reduce_sum(packed)?, &sizes));
         Ok(())
     };
     for t in tensors {
@@ -305,6 +298,25 @@ pub fn all_reduce_bucketed<B: Backend>(comm: &dyn Communicator<B>, tensors: Vec<
     }
     flush(&mut bucket, &mut out)?;
     Ok(out)
+}
+
+/// Flat tensors as one (what travels in one collective) and their lengths.
+pub fn pack<B: Backend>(mut tensors: Vec<Tensor<B, 1>>) -> (Tensor<B, 1>, Vec<usize>) {
+    let sizes = tensors.iter().map(|t| t.dims()[0]).collect();
+    let packed = if tensors.len() == 1 { tensors.pop().expect("one") } else { Tensor::cat(tensors, 0) };
+    (packed, sizes)
+}
+
+/// [`pack`] undone: the pieces of `packed`, `sizes` long each, in order.
+pub fn unpack<B: Backend>(packed: Tensor<B, 1>, sizes: &[usize]) -> Vec<Tensor<B, 1>> {
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            at += n;
+            packed.clone().narrow(0, at - n, n)
+        })
+        .collect()
 }
 
 /// Sums a few numbers across ranks in one all-reduce (f32 on the wire: counts stay exact

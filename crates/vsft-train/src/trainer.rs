@@ -3,6 +3,7 @@
 //! clipping, AdamW on the trainable parameters only.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -12,7 +13,7 @@ use vsft_model::loss::IGNORE_INDEX;
 use vsft_model::weights::ModulePath;
 use vsft_model::{ImageInfo, ImageInputs, PartNames, VisionLanguageModel, VlmModel};
 
-use crate::distributed::{all_reduce_bucketed, all_reduce_scalars, Communicator, SingleRank, BUCKET_BYTES};
+use crate::distributed::{all_reduce_bucketed, all_reduce_scalars, pack, unpack, Communicator, SingleRank, BUCKET_BYTES};
 use crate::error::TrainError;
 use crate::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GroupSettings};
 use crate::recipe::Stage;
@@ -320,18 +321,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         let device = self.device();
         let inner_device = self.inner_device();
         let local_items: usize = micro_batches.iter().map(shifted_label_tokens).sum();
-        let mut communication = std::time::Duration::ZERO;
-        let mut timed = |f: &mut dyn FnMut() -> Result<(), TrainError>| -> Result<(), TrainError> {
-            let start = std::time::Instant::now();
-            let r = f();
-            communication += start.elapsed();
-            r
-        };
-        let mut num_items = local_items;
-        timed(&mut || {
-            num_items = all_reduce_scalars(comm, &[local_items as f64], &inner_device)?[0].round() as usize;
-            Ok(())
-        })?;
+        let started = Instant::now();
+        let num_items = all_reduce_scalars(comm, &[local_items as f64], &inner_device)?[0].round() as usize;
+        let mut communication = started.elapsed();
         if num_items == 0 {
             return Err(TrainError::Other(format!(
                 "step {}: every label of the step's {} batch(es) is -100: nothing to train on (check data.label_mask and max_length)",
@@ -366,66 +358,24 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         }
         let params = self.trainable_values();
-        let tokens: usize = micro_batches.iter().map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count()).sum();
-        let samples: usize = micro_batches.iter().map(|b| b.batch_size).sum();
-        let images: usize = micro_batches.iter().map(|b| b.images.meta.len()).sum();
-        let mut micro = micro_batches.len();
+        let mut stats = StepStats {
+            loss: loss_total,
+            grad_norm: 0.0,
+            label_tokens: num_items,
+            tokens: micro_batches.iter().map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count()).sum(),
+            samples: micro_batches.iter().map(|b| b.batch_size).sum(),
+            images: micro_batches.iter().map(|b| b.images.meta.len()).sum(),
+            mean_token_accuracy: accuracy_sum / micro_batches.len() as f64,
+            communication_seconds: 0.0,
+        };
         if comm.world_size() > 1 {
-            // Every trainable tensor travels, as zeros where this rank has no gradient, and a
-            // presence flag per tensor says whether any rank had one.
-            let names: Vec<&String> = self.trainable.keys().collect();
-            let mut scalars = vec![loss_total, accuracy_sum, micro as f64, tokens as f64, samples as f64, images as f64];
-            scalars.extend(names.iter().map(|n| acc.contains_key(*n) as u8 as f64));
-            let mut reduced = Vec::new();
-            timed(&mut || {
-                reduced = all_reduce_scalars(comm, &scalars, &inner_device)?;
-                Ok(())
-            })?;
-            (loss_total, accuracy_sum, micro) = (reduced[0], reduced[1], reduced[2].round() as usize);
-            let mut grads: Vec<Tensor<B::InnerBackend, 1>> = names
-                .iter()
-                .map(|n| acc.remove(*n).unwrap_or_else(|| Tensor::zeros([params[*n].dims()[0]], &inner_device)))
-                .collect();
-            let mut summed = Vec::new();
-            timed(&mut || {
-                summed = all_reduce_bucketed(comm, std::mem::take(&mut grads), BUCKET_BYTES)?;
-                Ok(())
-            })?;
-            for ((name, g), present) in names.into_iter().zip(summed).zip(&reduced[6..]) {
-                if *present > 0.0 {
-                    acc.insert(name.clone(), g);
-                }
-            }
-            let stats = StepStats {
-                loss: 0.0,
-                grad_norm: 0.0,
-                label_tokens: num_items,
-                tokens: reduced[3].round() as usize,
-                samples: reduced[4].round() as usize,
-                images: reduced[5].round() as usize,
-                mean_token_accuracy: 0.0,
-                communication_seconds: communication.as_secs_f64(),
-            };
-            return self.finish_step(acc, params, stats, loss_total, accuracy_sum / micro as f64, lr, global_step, skip_non_finite);
+            let started = Instant::now();
+            self.reduce_across(comm, &mut acc, &params, &mut stats, accuracy_sum, micro_batches.len())?;
+            communication += started.elapsed();
+            stats.communication_seconds = communication.as_secs_f64();
         }
-        let stats = StepStats { loss: 0.0, grad_norm: 0.0, label_tokens: num_items, tokens, samples, images, mean_token_accuracy: 0.0, communication_seconds: 0.0 };
-        self.finish_step(acc, params, stats, loss_total, accuracy_sum / micro as f64, lr, global_step, skip_non_finite)
-    }
-
-    /// Clipping and AdamW over the step's (reduced) gradients; `stats` gets the loss, the
-    /// gradient norm and the accuracy.
-    #[allow(clippy::too_many_arguments)]
-    fn finish_step(
-        &mut self,
-        mut acc: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
-        params: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
-        mut stats: StepStats,
-        loss_total: f64,
-        mean_token_accuracy: f64,
-        lr: f64,
-        global_step: usize,
-        skip_non_finite: bool,
-    ) -> Result<Option<StepStats>, TrainError> {
+        // Clipping and AdamW over the (reduced) gradients, the same on every rank.
+        let loss_total = stats.loss;
         if !loss_total.is_finite() {
             if skip_non_finite {
                 return Ok(None);
@@ -443,26 +393,51 @@ impl<B: AutodiffBackend> Trainer<B> {
             updated.insert(name.clone(), new);
         }
         self.set_trainable_values(updated);
-        (stats.loss, stats.grad_norm, stats.mean_token_accuracy) = (loss_total, grad_norm, mean_token_accuracy);
+        stats.grad_norm = grad_norm;
         Ok(Some(stats))
     }
 
+    /// The cross-rank part of [`Trainer::step_across`]: the job's stats, then the gradients.
+    /// Every trainable tensor travels, as zeros where this rank has no gradient, and a presence
+    /// flag per tensor says whether any rank had one (a tensor no rank touched is then left out,
+    /// as on one device).
+    fn reduce_across(
+        &self,
+        comm: &dyn Communicator<B::InnerBackend>,
+        acc: &mut BTreeMap<String, Tensor<B::InnerBackend, 1>>,
+        params: &BTreeMap<String, Tensor<B::InnerBackend, 1>>,
+        stats: &mut StepStats,
+        accuracy_sum: f64,
+        micro_batches: usize,
+    ) -> Result<(), TrainError> {
+        let device = self.inner_device();
+        let names: Vec<&String> = self.trainable.keys().collect();
+        let mut scalars = vec![stats.loss, accuracy_sum, micro_batches as f64, stats.tokens as f64, stats.samples as f64, stats.images as f64];
+        scalars.extend(names.iter().map(|n| acc.contains_key(*n) as u8 as f64));
+        let r = all_reduce_scalars(comm, &scalars, &device)?;
+        stats.loss = r[0];
+        stats.mean_token_accuracy = r[1] / r[2];
+        (stats.tokens, stats.samples, stats.images) = (r[3].round() as usize, r[4].round() as usize, r[5].round() as usize);
+        let grads = names.iter().map(|n| acc.remove(*n).unwrap_or_else(|| Tensor::zeros([params[*n].dims()[0]], &device))).collect();
+        let summed = all_reduce_bucketed(comm, grads, BUCKET_BYTES)?;
+        for ((name, g), present) in names.into_iter().zip(summed).zip(&r[6..]) {
+            if *present > 0.0 {
+                acc.insert(name.clone(), g);
+            }
+        }
+        Ok(())
+    }
+
+
     /// Makes every rank start from rank 0's trainable weights (adapters initialised from
-    /// another seed, a rank that loaded another checkpoint), in buckets.
+    /// another seed, a rank that loaded another checkpoint), in one broadcast.
     pub fn broadcast_trainable(&mut self, comm: &dyn Communicator<B::InnerBackend>) -> Result<(), TrainError> {
         if comm.world_size() == 1 {
             return Ok(());
         }
-        let values = self.trainable_values();
-        let (names, tensors): (Vec<String>, Vec<_>) = values.into_iter().unzip();
-        let sizes: Vec<usize> = tensors.iter().map(|t| t.dims()[0]).collect();
-        let packed = comm.broadcast_from_first(Tensor::cat(tensors, 0))?;
-        let mut at = 0;
-        let mut out = BTreeMap::new();
-        for (name, n) in names.into_iter().zip(sizes) {
-            out.insert(name, packed.clone().narrow(0, at, n));
-            at += n;
-        }
+        let (names, tensors): (Vec<String>, Vec<_>) = self.trainable_values().into_iter().unzip();
+        let (packed, sizes) = pack(tensors);
+        let out = names.into_iter().zip(unpack(comm.broadcast_from_first(packed)?, &sizes)).collect();
         self.set_trainable_values(out);
         Ok(())
     }
