@@ -280,6 +280,7 @@ pub fn summarize(opts: &InspectOptions, workers: usize) -> Result<Summary> {
         prefetch: 8,
         on_bad_row: opts.on_bad_row,
         drop_last: false,
+        shard: Default::default(),
     };
     let loader = crate::loader::DataLoader::try_new(source, processor, cfg, crate::dataset::Cursor::default())?;
     let mut lens = Vec::new();

@@ -50,6 +50,6 @@ pub use inspect::{inspect, summarize, InspectOptions, InspectedExample, Summary}
 pub use error::{BadRowKind, DataError, Result};
 pub use family::{rope_index, AnyResProcessor, ClipImages, PreparedImage, ProcessorOverrides, Qwen2VlProcessor, VisionProcessor};
 pub use image_proc::{ImageProcessor, ImageProcessorConfig, PixelValues, RgbImage};
-pub use loader::{DataLoader, LoaderConfig};
+pub use loader::{DataLoader, LoaderConfig, Shard};
 pub use pipeline::{Prepared, Processor};
 pub use template::{ChatTemplate, Content, Message, TextProcessor};

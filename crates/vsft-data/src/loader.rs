@@ -36,11 +36,42 @@ pub struct LoaderConfig {
     pub on_bad_row: OnBadRow,
     /// Drop a last incomplete batch of the epoch.
     pub drop_last: bool,
+    /// This loader's part of a data-parallel job: see [`Shard`].
+    #[serde(default)]
+    pub shard: Shard,
+}
+
+/// One rank's part of every batch of a data-parallel job. The epoch order is walked in
+/// global batches of `batch_size × world` rows; rank `r` keeps rows `[r·batch_size,
+/// (r+1)·batch_size)` of each. So the ranks together cover the epoch exactly once, their
+/// rows are those one device would see at batch `batch_size × world` in the same order,
+/// and the cursor (a position in the epoch order) is the same on every rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { rank: 0, world: 1 }
+    }
+}
+
+impl Shard {
+    /// This rank's positions `[s, e)` of the global batch `[start, end)`.
+    fn part(&self, (start, end): (usize, usize), batch_size: usize) -> (usize, usize) {
+        let s = (start + self.rank * batch_size).min(end);
+        (s, (s + batch_size).min(end))
+    }
 }
 
 impl LoaderConfig {
     /// Refuses settings the loader cannot honour, naming the recipe key.
     pub fn validate(&self) -> Result<()> {
+        if self.shard.world == 0 || self.shard.rank >= self.shard.world {
+            return Err(DataError::Other(format!("loader shard: rank {} of a world of {}", self.shard.rank, self.shard.world)));
+        }
         if self.num_workers > MAX_NUM_WORKERS {
             return Err(DataError::Setting {
                 key: "data.num_workers",
@@ -62,6 +93,7 @@ impl Default for LoaderConfig {
             prefetch: 8,
             on_bad_row: OnBadRow::Error,
             drop_last: false,
+            shard: Shard::default(),
         }
     }
 }
@@ -130,9 +162,10 @@ fn read_rows(source: &mut dyn RowSource, positions: &[usize]) -> Vec<Result<Row>
     positions.iter().map(|&i| read_row(source, i)).collect()
 }
 
-/// Position ranges of the batches of an epoch from `start`.
-fn batch_ranges(start: usize, len: usize, bs: usize, drop_last: bool) -> impl Iterator<Item = (usize, usize)> {
-    let bs = bs.max(1);
+/// Position ranges of the (global) batches of an epoch from `start`: `bs` rows each, times
+/// the shard's world.
+fn batch_ranges(start: usize, len: usize, bs: usize, drop_last: bool, shard: Shard) -> impl Iterator<Item = (usize, usize)> {
+    let bs = bs.max(1) * shard.world.max(1);
     (start..len).step_by(bs).map(move |s| (s, (s + bs).min(len))).filter(move |&(s, e)| !drop_last || e - s == bs)
 }
 
@@ -196,11 +229,12 @@ impl DataLoader {
             inputs.push(tx_in);
             outputs.push(rx_out);
         }
-        let (bs, drop_last) = (cfg.batch_size, cfg.drop_last);
+        let (bs, drop_last, shard) = (cfg.batch_size, cfg.drop_last, cfg.shard);
         let reader = thread("vsft-data-reader".into())
             .spawn(move || {
-                for (b, (s, e)) in batch_ranges(start, order.len(), bs, drop_last).enumerate() {
-                    let rows = read_rows(source.as_mut(), &order[s..e]);
+                for (b, (s, e)) in batch_ranges(start, order.len(), bs, drop_last, shard).enumerate() {
+                    let (ps, pe) = shard.part((s, e), bs);
+                    let rows = read_rows(source.as_mut(), &order[ps..pe]);
                     if inputs[b % n].send((e, rows)).is_err() {
                         break;
                     }
@@ -230,8 +264,9 @@ impl DataLoader {
     fn next_item(&mut self) -> Option<Item> {
         match &mut self.mode {
             Mode::Inline { source, order } => {
-                let (s, e) = batch_ranges(self.next_pos, order.len(), self.cfg.batch_size, self.cfg.drop_last).next()?;
-                let rows = read_rows(source.as_mut(), &order[s..e]);
+                let (s, e) = batch_ranges(self.next_pos, order.len(), self.cfg.batch_size, self.cfg.drop_last, self.cfg.shard).next()?;
+                let (ps, pe) = self.cfg.shard.part((s, e), self.cfg.batch_size);
+                let rows = read_rows(source.as_mut(), &order[ps..pe]);
                 let (r, skipped) = process_batch(&self.processor, rows, &self.cfg);
                 Some((e, r, skipped))
             }
@@ -263,47 +298,59 @@ impl DataLoader {
     }
 }
 
+impl DataLoader {
+    /// The next global batch's part for this loader: `Some(Ok(None))` when it holds no row
+    /// (its rows were all skipped, or a sharded loader's part of a short last batch is
+    /// empty), `None` at the end of the epoch. Ranks of a data-parallel job call this in
+    /// step, one call per global batch on each; [`Iterator::next`] passes over the empty ones.
+    pub fn next_slot(&mut self) -> Option<Result<Option<Batch>>> {
+        if self.failed {
+            return None;
+        }
+        if let Mode::Failed(e) = &mut self.mode {
+            self.failed = true;
+            return e.take().map(Err);
+        }
+        if self.next_pos >= self.epoch_len {
+            return None;
+        }
+        let (end, r, skipped) = match self.next_item() {
+            Some(x) => x,
+            None => {
+                // end of the epoch (drop_last) or a thread gone
+                if matches!(self.mode, Mode::Threads { .. })
+                    && batch_ranges(self.next_pos, self.epoch_len, self.cfg.batch_size, self.cfg.drop_last, self.cfg.shard).next().is_some()
+                {
+                    self.failed = true;
+                    return Some(Err(self.stopped_threads_error()));
+                }
+                return None;
+            }
+        };
+        self.next_batch += 1;
+        self.skipped.merge(&skipped);
+        match r {
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+            Ok(b) => {
+                self.next_pos = end;
+                Some(Ok(b))
+            }
+        }
+    }
+}
+
 impl Iterator for DataLoader {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Result<Batch>> {
         loop {
-            if self.failed {
-                return None;
-            }
-            if let Mode::Failed(e) = &mut self.mode {
-                self.failed = true;
-                return e.take().map(Err);
-            }
-            if self.next_pos >= self.epoch_len {
-                return None;
-            }
-            let (end, r, skipped) = match self.next_item() {
-                Some(x) => x,
-                None => {
-                    // end of the epoch (drop_last) or a thread gone
-                    if matches!(self.mode, Mode::Threads { .. }) && batch_ranges(self.next_pos, self.epoch_len, self.cfg.batch_size, self.cfg.drop_last).next().is_some() {
-                        self.failed = true;
-                        return Some(Err(self.stopped_threads_error()));
-                    }
-                    return None;
-                }
-            };
-            self.next_batch += 1;
-            self.skipped.merge(&skipped);
-            match r {
-                Err(e) => {
-                    self.failed = true;
-                    return Some(Err(e));
-                }
-                Ok(None) => {
-                    self.next_pos = end;
-                    continue;
-                }
-                Ok(Some(b)) => {
-                    self.next_pos = end;
-                    return Some(Ok(b));
-                }
+            match self.next_slot()? {
+                Ok(None) => continue,
+                Ok(Some(b)) => return Some(Ok(b)),
+                Err(e) => return Some(Err(e)),
             }
         }
     }

@@ -272,7 +272,7 @@ fn loader_and_summary_work_for_llava_next() {
     let r = reference();
     let p = Arc::new(processor(None));
     let cfg = CollatorConfig { label_mask: LabelMask::Pad, add_special_tokens: false, ..Default::default() };
-    let lcfg = |workers| LoaderConfig { batch_size: 3, collator: cfg.clone(), shuffle: true, shuffle_window: 2, num_workers: workers, prefetch: 3, on_bad_row: OnBadRow::Error, drop_last: false };
+    let lcfg = |workers| LoaderConfig { batch_size: 3, collator: cfg.clone(), shuffle: true, shuffle_window: 2, num_workers: workers, prefetch: 3, on_bad_row: OnBadRow::Error, drop_last: false, shard: Default::default() };
     let src = || open_dataset(fx().join("llava_instruct_mix").to_str().unwrap(), Some("train"), None).unwrap();
     let c0 = Cursor { seed: 3, epoch: 0, position: 0 };
     let inline: Vec<_> = DataLoader::new(src(), p.clone(), lcfg(0), c0).map(|b| b.unwrap()).collect();

@@ -209,6 +209,7 @@ fn loader(workers: usize, cursor: Cursor, mask: LabelMask) -> DataLoader {
         prefetch: 2,
         on_bad_row: OnBadRow::Error,
         drop_last: false,
+        shard: Default::default(),
     };
     DataLoader::new(src, Arc::new(processor("llava_hf")), cfg, cursor)
 }

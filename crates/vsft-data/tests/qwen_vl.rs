@@ -337,7 +337,7 @@ fn loader_and_summary_work_for_qwen() {
     let r = reference();
     let p = Arc::new(processor());
     let cfg = CollatorConfig { label_mask: LabelMask::PadImage, add_special_tokens: false, ..Default::default() };
-    let lcfg = |workers| LoaderConfig { batch_size: 3, collator: cfg.clone(), shuffle: true, shuffle_window: 2, num_workers: workers, prefetch: 3, on_bad_row: OnBadRow::Error, drop_last: false };
+    let lcfg = |workers| LoaderConfig { batch_size: 3, collator: cfg.clone(), shuffle: true, shuffle_window: 2, num_workers: workers, prefetch: 3, on_bad_row: OnBadRow::Error, drop_last: false, shard: Default::default() };
     let c0 = Cursor { seed: 5, epoch: 0, position: 0 };
     let inline: Vec<_> = DataLoader::new(dataset(), p.clone(), lcfg(0), c0).map(|b| b.unwrap()).collect();
     let threaded: Vec<_> = DataLoader::new(dataset(), p.clone(), lcfg(2), c0).map(|b| b.unwrap()).collect();

@@ -30,7 +30,8 @@ pub struct AttentionSpec {
     /// Causal (a decoder) or every key visible (an encoder such as CLIP's).
     pub causal: bool,
     /// RoPE tables `(cos, sin)`, `[seq, head_dim]` each (transformers' `cat(freqs, freqs)`
-    /// layout); `None`: no rotary embedding.
+    /// layout), or `[batch·seq, head_dim]` when each row has its own positions (Qwen2-VL's
+    /// multimodal RoPE, images packed for the vision tower); `None`: no rotary embedding.
     pub rope: Option<(Arc<Vec<f32>>, Arc<Vec<f32>>)>,
     /// `[batch, seq]`, true where the key is padding (attention_mask 0); `None`: no padding.
     pub key_padding: Option<Arc<Vec<bool>>>,
@@ -79,7 +80,7 @@ pub fn attention<B: Backend>(
         dims.d
     );
     if let Some((cos, _)) = &spec.rope {
-        assert_eq!(cos.len(), t * dims.d, "attention: RoPE tables for another length");
+        assert!(cos.len() == t * dims.d || cos.len() == b * t * dims.d, "attention: RoPE tables for another shape");
     }
     if let Some(p) = &spec.key_padding {
         assert_eq!(p.len(), b * t, "attention: key padding for another shape");
@@ -119,24 +120,28 @@ fn first_visible(dims: Dims, spec: &AttentionSpec) -> Vec<usize> {
         .collect()
 }
 
-/// The rotary tables of position `ti` (`None` without RoPE).
-fn tables(spec: &AttentionSpec, ti: usize, d: usize) -> Option<(&[f32], &[f32])> {
-    spec.rope.as_ref().map(|(c, s)| (&c[ti * d..][..d], &s[ti * d..][..d]))
+/// The rotary tables of position `ti` of batch row `bi` in sequences of `t` (`None` without
+/// RoPE): row `ti` of shared tables, row `bi·t + ti` of per-row ones.
+fn tables(spec: &AttentionSpec, bi: usize, t: usize, ti: usize, d: usize) -> Option<(&[f32], &[f32])> {
+    spec.rope.as_ref().map(|(c, s)| {
+        let row = if c.len() == t * d { ti } else { bi * t + ti };
+        (&c[row * d..][..d], &s[row * d..][..d])
+    })
 }
 
-/// [`rotate`] at position `ti`, or a copy without RoPE.
+/// [`rotate`] at position `ti` of batch row `bi`, or a copy without RoPE.
 #[inline]
-fn rotate_at(x: &[f32], spec: &AttentionSpec, ti: usize, y: &mut [f32]) {
-    match tables(spec, ti, x.len()) {
+fn rotate_at(x: &[f32], spec: &AttentionSpec, (bi, t, ti): (usize, usize, usize), y: &mut [f32]) {
+    match tables(spec, bi, t, ti, x.len()) {
         Some((cos, sin)) => rotate(x, cos, sin, y),
         None => y.copy_from_slice(x),
     }
 }
 
-/// [`rotate_back`] at position `ti`, or a copy without RoPE.
+/// [`rotate_back`] at position `ti` of batch row `bi`, or a copy without RoPE.
 #[inline]
-fn rotate_back_at(dy: &[f32], spec: &AttentionSpec, ti: usize, dx: &mut [f32]) {
-    match tables(spec, ti, dy.len()) {
+fn rotate_back_at(dy: &[f32], spec: &AttentionSpec, (bi, t, ti): (usize, usize, usize), dx: &mut [f32]) {
+    match tables(spec, bi, t, ti, dy.len()) {
         Some((cos, sin)) => rotate_back(dy, cos, sin, dx),
         None => dx.copy_from_slice(dy),
     }
@@ -276,7 +281,7 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
         let kr_bg = unsafe { std::slice::from_raw_parts_mut({ kr_ptr }.0.add((bi * kv + g) * t * d), t * d) };
         for ti in 0..t {
             let src = &k[((bi * t + ti) * kv + g) * d..][..d];
-            rotate_at(src, spec, ti, &mut kr_bg[ti * d..][..d]);
+            rotate_at(src, spec, (bi, t, ti), &mut kr_bg[ti * d..][..d]);
         }
         let per_head = layout_ref.per_head[bi];
         let mut scratch = if keep { Vec::new() } else { vec![0f32; per_head] };
@@ -285,7 +290,7 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, spec: &AttentionSpec, ke
             let qr_bh = unsafe { std::slice::from_raw_parts_mut({ qr_ptr }.0.add((bi * h + head) * t * d), t * d) };
             for ti in 0..t {
                 let src = &q[((bi * t + ti) * h + head) * d..][..d];
-                rotate_at(src, spec, ti, &mut qr_bh[ti * d..][..d]);
+                rotate_at(src, spec, (bi, t, ti), &mut qr_bh[ti * d..][..d]);
             }
             let p_bh: *mut f32 = if keep { unsafe { { p_ptr }.0.add(layout_ref.head_base(bi, head)) } } else { scratch.as_mut_ptr() };
             for &(i0, i1, n, off) in &layout_ref.blocks[bi] {
@@ -416,14 +421,14 @@ fn backward(dout: &[f32], v: &[f32], saved: &Saved, dims: Dims, spec: &Attention
             for ti in 0..t {
                 // SAFETY: this (batch, head)'s rows of dq belong to this task alone.
                 let dst = unsafe { std::slice::from_raw_parts_mut({ dq_ptr }.0.add(((bi * t + ti) * h + head) * d), d) };
-                rotate_back_at(&dqr[ti * d..][..d], spec, ti, dst);
+                rotate_back_at(&dqr[ti * d..][..d], spec, (bi, t, ti), dst);
             }
         }
         for ti in 0..t {
             let at = ((bi * t + ti) * kv + g) * d;
             // SAFETY: this (batch, kv head)'s rows of dk and dv belong to this task alone.
             let (dk_dst, dv_dst) = unsafe { (std::slice::from_raw_parts_mut({ dk_ptr }.0.add(at), d), std::slice::from_raw_parts_mut({ dv_ptr }.0.add(at), d)) };
-            rotate_back_at(&dk_acc[ti * d..][..d], spec, ti, dk_dst);
+            rotate_back_at(&dk_acc[ti * d..][..d], spec, (bi, t, ti), dk_dst);
             dv_dst.copy_from_slice(&dv_acc[ti * d..][..d]);
         }
     });
@@ -517,6 +522,75 @@ mod unmasked {
         for (name, (f, c)) in ["out", "dq", "dk", "dv"].iter().zip(f.iter().zip(&c)) {
             let worst = f.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(worst < 1e-5, "{name}: max abs diff {worst}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod per_row_rope {
+    use std::sync::Arc;
+
+    use burn::tensor::{activation, Bool, Distribution, Tensor, TensorData};
+
+    use super::*;
+    use crate::dispatch::values;
+
+    type Ad = crate::dispatch::FlexAd;
+
+    /// Tables with one row per (batch row, position), as Qwen2-VL's multimodal RoPE and the
+    /// packed images of its vision tower give them, causal and not: the kernel against Burn's
+    /// ops rotating each row by its own table first, forward and backward.
+    #[test]
+    fn per_row_tables_match_composed_ops() {
+        let (b, t, h, d) = (3, 9, 2, 8);
+        let dev = Default::default();
+        let angles: Vec<f32> = (0..b * t * d).map(|i| ((i * 7919) % 1000) as f32 * 0.013).collect();
+        let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos(), a.sin())).unzip();
+        for causal in [true, false] {
+            let spec = AttentionSpec {
+                num_heads: h,
+                num_kv_heads: h,
+                head_dim: d,
+                causal,
+                rope: Some((Arc::new(cos.clone()), Arc::new(sin.clone()))),
+                key_padding: None,
+            };
+            let x = || Tensor::<Ad, 3>::random([b, t, h * d], Distribution::Normal(0.0, 1.0), &dev);
+            let (q0, k0, v0, up) = (x(), x(), x(), x());
+            let table = |v: &Vec<f32>| Tensor::<Ad, 4>::from_data(TensorData::new(v.clone(), [b, t, 1, d]), &dev);
+            let (c, s) = (table(&cos), table(&sin));
+            let run = |fused: bool| {
+                let (q, k, v) = (q0.clone().require_grad(), k0.clone().require_grad(), v0.clone().require_grad());
+                let out = if fused {
+                    attention(q.clone(), k.clone(), v.clone(), &spec).ok().unwrap()
+                } else {
+                    let turn = |y: Tensor<Ad, 3>| {
+                        let y = y.reshape([b, t, h, d]);
+                        let halves = y.clone().chunk(2, 3);
+                        let rotated = Tensor::cat(vec![halves[1].clone().neg(), halves[0].clone()], 3);
+                        (y * c.clone() + rotated * s.clone()).swap_dims(1, 2)
+                    };
+                    let scores = turn(q.clone()).matmul(turn(k.clone()).swap_dims(2, 3)) * (d as f64).powf(-0.5);
+                    let scores = if causal {
+                        let mask = Tensor::<Ad, 2, Bool>::from_data(
+                            TensorData::new((0..t * t).map(|i| i % t > i / t).collect::<Vec<_>>(), [t, t]),
+                            &dev,
+                        );
+                        scores.mask_fill(mask.unsqueeze::<4>().expand([b, h, t, t]), f32::MIN)
+                    } else {
+                        scores
+                    };
+                    let p = activation::softmax(scores, 3);
+                    p.matmul(v.clone().reshape([b, t, h, d]).swap_dims(1, 2)).swap_dims(1, 2).reshape([b, t, h * d])
+                };
+                let g = (out.clone() * up.clone()).sum().backward();
+                [values(out), values(q.grad(&g).unwrap()), values(k.grad(&g).unwrap()), values(v.grad(&g).unwrap())]
+            };
+            let (f, c) = (run(true), run(false));
+            for (name, (f, c)) in ["out", "dq", "dk", "dv"].iter().zip(f.iter().zip(&c)) {
+                let worst = f.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(worst < 1e-5, "causal {causal}, {name}: max abs diff {worst}");
+            }
         }
     }
 }

@@ -93,6 +93,12 @@ pub(crate) fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Host {
 /// Wraps a kernel's result back into the caller's backend type.
 pub(crate) fn from_host<B: Backend, const D: usize>(out: Host) -> Tensor<B, D> {
     CALLS.fetch_add(1, Ordering::Relaxed);
+    give_back(out)
+}
+
+/// Wraps a tensor back into the caller's backend type without counting a kernel call (an
+/// input handed back to a caller's composed path).
+pub(crate) fn give_back<B: Backend, const D: usize>(out: Host) -> Tensor<B, D> {
     let boxed: Box<dyn Any> = match out {
         Host::Plain(t) => Box::new(t),
         Host::Tracked(t) => Box::new(t),

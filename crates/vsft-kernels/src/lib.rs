@@ -10,6 +10,8 @@
 //! | [`cross_entropy_sum`] | log_softmax, gather, mask, sum over a 32k vocabulary | `softmax − onehot`, written over the logits in place |
 //! | [`rms_norm`] | square, mean, sqrt, recip, two muls | the input and one 1/rms per row |
 //! | [`swiglu`] | sigmoid, two muls | gate and up |
+//! | [`quick_gelu`] | a scalar mul, sigmoid, a mul | the input |
+//! | [`layer_norm`] | mean, subtract, square, mean, sqrt, divide, mul, add | nothing: frozen layers only |
 //! | [`attention`] | RoPE (slices, cat), swap_dims, repeat_kv, QKᵀ, mask, softmax, PV | the rotated Q, K and the probabilities |
 //!
 //! Attention computes only the causal lower triangle in row blocks of 64 and reads Q, K, V
@@ -34,5 +36,5 @@ mod linear;
 pub use attention::{attention, AttentionSpec};
 pub use cross_entropy::cross_entropy_sum;
 pub use dispatch::{enabled, fused_calls, set_enabled, supported};
-pub use elementwise::{rms_norm, swiglu};
+pub use elementwise::{layer_norm, quick_gelu, rms_norm, swiglu};
 pub use linear::{linear, LoraBranch};

@@ -76,9 +76,9 @@ pub struct Rope<B: Backend> {
     /// `[1 or batch, 1, seq, head_dim]`.
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
-    /// The same tables on the host, `[seq, head_dim]`, for the fused attention kernel; `None`
-    /// when each row has its own (multimodal RoPE), which the kernel does not take.
-    pub host: Option<(Arc<Vec<f32>>, Arc<Vec<f32>>)>,
+    /// The same tables on the host for the fused attention kernel: `[seq, head_dim]`, or
+    /// `[batch·seq, head_dim]` when each row has its own (multimodal RoPE).
+    pub host: (Arc<Vec<f32>>, Arc<Vec<f32>>),
 }
 
 /// `inv_freq = 1/θ^(2i/d)` computed as torch computes it: f32 power, f32 division.
@@ -105,7 +105,7 @@ impl<B: Backend> Rope<B> {
         Self {
             cos: Tensor::from_data(TensorData::new(cos.clone(), shape), device),
             sin: Tensor::from_data(TensorData::new(sin.clone(), shape), device),
-            host: Some((Arc::new(cos), Arc::new(sin))),
+            host: (Arc::new(cos), Arc::new(sin)),
         }
     }
 
@@ -125,22 +125,11 @@ impl<B: Backend> Rope<B> {
             }
         }
         let shape = [batch, 1, positions.len() / batch.max(1), head_dim];
-        Self { cos: Tensor::from_data(TensorData::new(cos, shape), device), sin: Tensor::from_data(TensorData::new(sin, shape), device), host: None }
-    }
-
-    /// [`Self::apply`] on projected `x: [batch, seq, heads·head_dim]`, in that layout (what the
-    /// fused attention kernel reads when the tables differ per row and it cannot apply them).
-    pub fn apply_rows(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
-        let [b, t, width] = x.dims();
-        let d = width / heads;
-        let [cb, _, _, _] = self.cos.dims();
-        // [cb, 1, t, d] and [cb, t, 1, d] share their memory order.
-        let (cos, sin) = (self.cos.clone().reshape([cb, t, 1, d]), self.sin.clone().reshape([cb, t, 1, d]));
-        let x = x.reshape([b, t, heads, d]);
-        let x1 = x.clone().slice([0..b, 0..t, 0..heads, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..t, 0..heads, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        (x * cos + rotated * sin).reshape([b, t, width])
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos.clone(), shape), device),
+            sin: Tensor::from_data(TensorData::new(sin.clone(), shape), device),
+            host: (Arc::new(cos), Arc::new(sin)),
+        }
     }
 
     /// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = cat(-x[d/2:], x[:d/2])`.
@@ -412,27 +401,18 @@ impl<B: Backend> LlamaAttention<B> {
         if !mask.fused_ok() || !vsft_kernels::supported(&[&q]) {
             return self.attend(q, k, v, rope, Some(mask.dense()), None);
         }
-        // Per-row tables (multimodal RoPE): rotate q and k here, the kernel does the rest.
-        let (q, k, host_rope) = match rope.host.clone() {
-            Some(tables) => (q, k, Some(tables)),
-            None => (rope.apply_rows(q, self.num_heads), rope.apply_rows(k, self.num_kv_heads), None),
-        };
         let spec = vsft_kernels::AttentionSpec {
             num_heads: self.num_heads,
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
             causal: true,
-            rope: host_rope.clone(),
+            rope: Some(rope.host.clone()),
             key_padding: mask.key_padding.clone(),
         };
         match vsft_kernels::attention(q, k, v, &spec) {
             Ok(ctx) => self.o_proj.forward(ctx),
-            // Not reached on the CPU backend (`supported` above); q and k are rotated already
-            // when the tables are per row.
-            Err((q, k, v)) => match host_rope {
-                Some(_) => self.attend(q, k, v, rope, Some(mask.dense()), None),
-                None => self.attend_rotated(q, k, v, Some(mask.dense())),
-            },
+            // Not reached on the CPU backend (`supported` above).
+            Err((q, k, v)) => self.attend(q, k, v, rope, Some(mask.dense()), None),
         }
     }
 
@@ -465,16 +445,6 @@ impl<B: Backend> LlamaAttention<B> {
         let k = k.reshape([b, t, nkv, hd]).swap_dims(1, 2);
         let v = v.reshape([b, t, nkv, hd]).swap_dims(1, 2);
         self.attend_heads(rope.apply(q), rope.apply(k), v, mask, cache)
-    }
-
-    /// [`Self::attend`] over q and k already rotated, `[b, t, heads·head_dim]`.
-    fn attend_rotated(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
-        let [b, t, _] = q.dims();
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = q.reshape([b, t, nh, hd]).swap_dims(1, 2);
-        let k = k.reshape([b, t, nkv, hd]).swap_dims(1, 2);
-        let v = v.reshape([b, t, nkv, hd]).swap_dims(1, 2);
-        self.attend_heads(q, k, v, mask, None)
     }
 
     /// Attention over rotated `q: [b, heads, t, d]`, `k, v: [b, kv_heads, t, d]`, extending

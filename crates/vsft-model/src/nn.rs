@@ -74,7 +74,7 @@ impl Activation {
 
     pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            Self::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
+            Self::QuickGelu => vsft_kernels::quick_gelu(x).unwrap_or_else(|x| x.clone() * activation::sigmoid(x * 1.702)),
             Self::Gelu => gelu(x),
             Self::GeluTanh => activation::gelu_approximate(x),
             Self::Silu => activation::silu(x),
@@ -205,6 +205,10 @@ impl<B: Backend> LayerNorm<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = match vsft_kernels::layer_norm(x, self.weight.val(), self.bias.val(), self.eps) {
+            Ok(y) => return y,
+            Err((x, ..)) => x,
+        };
         let mean = x.clone().mean_dim(D - 1);
         let centered = x - mean;
         let var = centered.clone().powi_scalar(2).mean_dim(D - 1);

@@ -84,7 +84,13 @@ fn a_trained_tower_learns_and_checkpointing_gives_the_plain_steps() {
         let s: Vec<f32> = before[name].clone().into_data().convert::<f32>().into_vec().unwrap();
         let moved = a.iter().zip(&s).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
         let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        worst = worst.max(d / moved.max(1e-12));
+        // A key bias adds a constant to each query's scores, which softmax ignores: its gradient
+        // is zero in exact arithmetic, so the two runs' updates there are rounding noise that
+        // Adam scales up to a step (it differed by 1.7× its tiny size once the vision kernels
+        // changed the rounding).
+        if !name.ends_with("k_proj.bias") {
+            worst = worst.max(d / moved.max(1e-12));
+        }
         if name.starts_with("vision_tower.") && moved > 0.0 {
             tower_moved += 1;
         }
