@@ -14,6 +14,8 @@ pub struct Progress {
     total: usize,
     started: Instant,
     first_step: usize,
+    /// Prints nothing at all.
+    quiet: bool,
 }
 
 /// What the bar and the plain line show about a step.
@@ -30,6 +32,11 @@ impl Progress {
         Self::with_terminal(total, step, std::io::stderr().is_terminal())
     }
 
+    /// Shows nothing (the ranks other than rank 0 of a data-parallel run).
+    pub fn silent(total: usize, step: usize) -> Self {
+        Progress { bar: None, total, started: Instant::now(), first_step: step, quiet: true }
+    }
+
     fn with_terminal(total: usize, step: usize, terminal: bool) -> Self {
         let bar = terminal.then(|| {
             let bar = ProgressBar::new(total as u64);
@@ -39,7 +46,7 @@ impl Progress {
             bar.set_position(step as u64);
             bar
         });
-        Progress { bar, total, started: Instant::now(), first_step: step }
+        Progress { bar, total, started: Instant::now(), first_step: step, quiet: false }
     }
 
     /// Before the first step: on a GPU backend it compiles and autotunes kernels, which can take
@@ -47,7 +54,8 @@ impl Progress {
     pub fn starting(&self, what: &str) {
         match &self.bar {
             Some(bar) => bar.set_message(what.to_string()),
-            None => eprintln!("vsft: {what}"),
+            None if !self.quiet => eprintln!("vsft: {what}"),
+            None => {}
         }
     }
 
@@ -61,7 +69,7 @@ impl Progress {
 
     /// At a log step: without a terminal, one line with what the bar would show.
     pub fn logged(&self, v: &StepView) {
-        if self.bar.is_none() {
+        if self.bar.is_none() && !self.quiet {
             eprintln!("{}", self.line(v, self.started.elapsed()));
         }
     }
@@ -85,7 +93,8 @@ impl Progress {
     pub fn println(&self, msg: impl AsRef<str>) {
         match &self.bar {
             Some(bar) => bar.println(msg.as_ref()),
-            None => eprintln!("{}", msg.as_ref()),
+            None if !self.quiet => eprintln!("{}", msg.as_ref()),
+            None => {}
         }
     }
 

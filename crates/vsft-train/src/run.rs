@@ -9,11 +9,12 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
-use vsft_data::{open_dataset, Batch, CollatorConfig, Cursor, DataLoader, LoaderConfig, Processor};
+use vsft_data::{open_dataset, Batch, CollatorConfig, Cursor, DataLoader, LoaderConfig, Processor, Shard};
 use vsft_model::lora::LoraConfig;
 use vsft_model::VlmModel;
 
 use crate::checkpoint::{self, CheckpointContent, TrainerState};
+use crate::distributed::{all_reduce_scalars, Communicator, SingleRank};
 use crate::error::TrainError;
 use crate::metrics::{eval_record, write_run_info, LogWindow};
 use vsft_track::Tracker;
@@ -64,7 +65,7 @@ fn install_ctrlc() {
     });
 }
 
-fn loader_config(recipe: &Recipe, batch_size: usize, shuffle: bool) -> Result<LoaderConfig, TrainError> {
+fn loader_config(recipe: &Recipe, batch_size: usize, shuffle: bool, shard: Shard) -> Result<LoaderConfig, TrainError> {
     let d = &recipe.data;
     Ok(LoaderConfig {
         batch_size,
@@ -77,6 +78,7 @@ fn loader_config(recipe: &Recipe, batch_size: usize, shuffle: bool) -> Result<Lo
         shuffle,
         num_workers: d.num_workers,
         on_bad_row: d.on_bad_row.parse().map_err(TrainError::Recipe)?,
+        shard,
         ..LoaderConfig::default()
     })
 }
@@ -89,6 +91,20 @@ pub struct EvalResult {
     pub examples: usize,
     /// Mean over batches of the share of label tokens predicted right (TRL's `eval_mean_token_accuracy`).
     pub mean_token_accuracy: f64,
+    pub batches: usize,
+}
+
+impl EvalResult {
+    /// The whole evaluation set's result from each rank's part of it.
+    fn reduce<B: Backend>(self, comm: &dyn Communicator<B>, device: &B::Device) -> Result<Self, TrainError> {
+        if comm.world_size() == 1 {
+            return Ok(self);
+        }
+        let mine = [self.loss * self.label_tokens as f64, self.label_tokens as f64, self.examples as f64, self.mean_token_accuracy * self.batches as f64, self.batches as f64];
+        let r = all_reduce_scalars(comm, &mine, device)?;
+        let (tokens, batches) = (r[1].round() as usize, r[4].round() as usize);
+        Ok(EvalResult { loss: r[0] / tokens.max(1) as f64, label_tokens: tokens, examples: r[2].round() as usize, mean_token_accuracy: r[3] / batches.max(1) as f64, batches })
+    }
 }
 
 pub fn evaluate<B: Backend>(model: &VlmModel<B>, batches: impl Iterator<Item = Result<Batch, vsft_data::DataError>>) -> Result<EvalResult, TrainError> {
@@ -108,7 +124,7 @@ pub fn evaluate<B: Backend>(model: &VlmModel<B>, batches: impl Iterator<Item = R
         accuracy += loss.correct_tokens as f64 / loss.label_tokens.max(1) as f64;
         batches_seen += 1;
     }
-    Ok(EvalResult { loss: sum / tokens.max(1) as f64, label_tokens: tokens, examples, mean_token_accuracy: accuracy / batches_seen.max(1) as f64 })
+    Ok(EvalResult { loss: sum / tokens.max(1) as f64, label_tokens: tokens, examples, mean_token_accuracy: accuracy / batches_seen.max(1) as f64, batches: batches_seen })
 }
 
 /// The model's image-token id (`config.json`) must be the id the tokenizer gives the image
@@ -163,27 +179,53 @@ pub fn train_with<B: AutodiffBackend>(
     device: &B::Device,
     on_checkpoint: &mut dyn FnMut(&Path) -> Result<(), TrainError>,
 ) -> Result<RunSummary, TrainError> {
+    train_rank::<B>(recipe, inputs, resume, device, on_checkpoint, &SingleRank)
+}
+
+/// One rank of a data-parallel run: every rank of `comm` calls this with the same recipe.
+/// Each micro-batch of the recipe's `batch_size` rows is this rank's part of a global batch
+/// of `batch_size × world` rows (the loader's [`Shard`]), so the job trains on what one
+/// device would at batch `batch_size × world`. A global batch without a label token is
+/// skipped by every rank alike, a Ctrl-C stops every rank at the same step, evaluation is
+/// sharded and reduced, and rank 0 alone logs and writes (checkpoints, after checking that
+/// the ranks' weights agree). With [`SingleRank`] this is the one-device run.
+pub fn train_rank<B: AutodiffBackend>(
+    recipe: &Recipe,
+    inputs: &Inputs,
+    resume: Resume,
+    device: &B::Device,
+    on_checkpoint: &mut dyn FnMut(&Path) -> Result<(), TrainError>,
+    comm: &dyn Communicator<B::InnerBackend>,
+) -> Result<RunSummary, TrainError> {
     install_ctrlc();
+    let (lead, world) = (comm.rank() == 0, comm.world_size());
     INTERRUPTED.store(false, Ordering::SeqCst);
+    let say = |msg: String| {
+        if lead {
+            eprintln!("{msg}");
+        }
+    };
     let t = &recipe.train;
     let out = recipe.output_dir();
-    create_output_dir(&out)?;
     let recipe_toml = recipe.to_toml();
-    let resolved = out.join("recipe.toml");
-    std::fs::write(&resolved, &recipe_toml).map_err(|e| TrainError::io(&resolved, e))?;
+    if lead {
+        create_output_dir(&out)?;
+        let resolved = out.join("recipe.toml");
+        std::fs::write(&resolved, &recipe_toml).map_err(|e| TrainError::io(&resolved, e))?;
+    }
 
     // Model and stage.
-    eprintln!("vsft: loading {}", inputs.model_dir.display());
+    say(format!("vsft: loading {}", inputs.model_dir.display()));
     // Validated when the recipe was read.
     let frozen_dtype = vsft_model::StoredDtype::from_torch_name(&recipe.model.dtype).unwrap_or(vsft_model::StoredDtype::F32);
     let mut model = VlmModel::<B>::load_with(&inputs.model_dir, device, frozen_dtype)?;
-    eprintln!("vsft: model family {} ({})", model.family().model_type(), model.family().architecture());
+    say(format!("vsft: model family {} ({})", model.family().model_type(), model.family().architecture()));
     if frozen_dtype != vsft_model::StoredDtype::F32 {
-        eprintln!("vsft: frozen weights in {} (projector, LoRA and optimizer state in f32)", recipe.model.dtype);
+        say(format!("vsft: frozen weights in {} (projector, LoRA and optimizer state in f32)", recipe.model.dtype));
     }
     if let Some(p) = &recipe.model.projector {
         model = load_projector(model, Path::new(p)).map_err(|e| TrainError::Recipe(format!("model.projector: {e}")))?;
-        eprintln!("vsft: projector from {p}");
+        say(format!("vsft: projector from {p}"));
     }
     let lora_cfg = LoraConfig {
         r: recipe.lora.r,
@@ -203,15 +245,16 @@ pub fn train_with<B: AutodiffBackend>(
         seed: t.seed,
     };
     let mut trainer = Trainer::new(model, TrainParts { stage: t.stage, vision_tower: !t.freeze_vision_tower }, settings)?;
+    let inner_device = trainer.inner_device();
     trainer.gradient_checkpointing = recipe.train.gradient_checkpointing;
     if trainer.gradient_checkpointing {
-        eprintln!("vsft: gradient checkpointing: decoder layers re-run one at a time in backward");
+        say("vsft: gradient checkpointing: decoder layers re-run one at a time in backward".into());
     }
-    eprintln!("vsft: stage {:?}", t.stage);
+    say(format!("vsft: stage {:?}", t.stage));
     for g in trainer.group_report() {
         match g.lr {
-            Some(lr) if g.trains => eprintln!("  {:<24} trains  {:>12} params  lr {lr:e}", g.name, g.params),
-            _ => eprintln!("  {:<24} frozen  {:>12} params", g.name, g.params),
+            Some(lr) if g.trains => say(format!("  {:<24} trains  {:>12} params  lr {lr:e}", g.name, g.params)),
+            _ => say(format!("  {:<24} frozen  {:>12} params", g.name, g.params)),
         }
     }
 
@@ -228,17 +271,19 @@ pub fn train_with<B: AutodiffBackend>(
     let open_train = || open_dataset(&inputs.train, Some("train"), image_root);
     let first_source = open_train()?;
     let rows = first_source.len();
-    let lcfg = loader_config(recipe, t.batch_size, t.shuffle)?;
-    let batches_per_epoch = rows.div_ceil(t.batch_size).max(1);
+    let lcfg = loader_config(recipe, t.batch_size, t.shuffle, Shard { rank: comm.rank(), world })?;
+    let global_batch = t.batch_size * world;
+    let batches_per_epoch = rows.div_ceil(global_batch).max(1);
     let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum).max(1);
     let total_steps = if t.max_steps > 0 { t.max_steps } else { t.epochs.saturating_mul(steps_per_epoch) };
     let warmup = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio);
-    eprintln!(
-        "vsft: {rows} rows, {steps_per_epoch} steps per epoch, {total_steps} steps, batch {}×{} (global {}), warmup {warmup}",
+    let ranks = if world > 1 { format!("{world} ranks × ") } else { String::new() };
+    say(format!(
+        "vsft: {rows} rows, {steps_per_epoch} steps per epoch, {total_steps} steps, batch {ranks}{}×{} (global {}), warmup {warmup}",
         t.batch_size,
         t.grad_accum,
-        t.batch_size * t.grad_accum
-    );
+        global_batch * t.grad_accum
+    ));
 
     // Resume.
     let mut state = TrainerState {
@@ -280,17 +325,21 @@ pub fn train_with<B: AutodiffBackend>(
                 true => TrainError::Checkpoint(format!("{e} (--resume auto took the newest checkpoint; pass --resume <dir> to resume from an earlier one)")),
                 false => e,
             })?;
-        eprintln!("vsft: resumed from {} (step {})", dir.display(), saved.global_step);
+        say(format!("vsft: resumed from {} (step {})", dir.display(), saved.global_step));
         state = TrainerState { total_steps, ..saved };
     }
+    // Every rank starts from rank 0's weights (they agree already: same seed, same checkpoint).
+    trainer.broadcast_trainable(comm)?;
 
     let report_to = recipe.train.report_to.parsed().map_err(TrainError::Recipe)?;
-    let mut tracker = Tracker::open(&out, &report_to)?;
-    if let Some(f) = tracker.event_file() {
+    let mut tracker = if lead { Some(Tracker::open(&out, &report_to)?) } else { None };
+    if let Some(f) = tracker.as_ref().and_then(|t| t.event_file()) {
         eprintln!("vsft: TensorBoard events in {} (tensorboard --logdir {})", f.display(), out.join("runs").display());
     }
-    write_run_info(&out, &trainer, t, None)?;
-    let bar = Progress::new(total_steps, state.global_step);
+    if lead {
+        write_run_info(&out, &trainer, t, None)?;
+    }
+    let bar = if lead { Progress::new(total_steps, state.global_step) } else { Progress::silent(total_steps, state.global_step) };
     if B::name(device).contains("cubecl") && state.global_step < total_steps {
         bar.starting("the first step compiles and autotunes this backend's kernels (a minute or more; cached for later runs)");
     }
@@ -304,22 +353,33 @@ pub fn train_with<B: AutodiffBackend>(
     let rows_skipped_before = state.rows_skipped;
     let mut interrupted = false;
     'steps: while state.global_step < total_steps {
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        // A Ctrl-C (seen by one process, or one rank first) stops every rank at this step.
+        let stop = INTERRUPTED.load(Ordering::SeqCst);
+        let stop = if world > 1 { all_reduce_scalars(comm, &[stop as u8 as f64], &inner_device)?[0] > 0.0 } else { stop };
+        if stop {
             interrupted = true;
             break;
         }
         let mut micro = Vec::with_capacity(t.grad_accum);
+        let mut slots = 0;
         let waiting = Instant::now();
-        while micro.len() < t.grad_accum {
-            match loader.next() {
-                Some(batch) => {
-                    let batch = batch?;
-                    if batch.all_labels_masked {
-                        state.batches_all_masked += 1;
-                        bar.println(format!("vsft: warning: a batch of rows {:?} has no label tokens; not trained on", batch.rows));
+        while slots < t.grad_accum {
+            match loader.next_slot() {
+                Some(slot) => {
+                    let slot = slot?;
+                    // Whether the global batch has a label token: every rank takes the same decision.
+                    let labelled = slot.as_ref().is_some_and(|b| !b.all_labels_masked);
+                    let labelled = if world > 1 { all_reduce_scalars(comm, &[labelled as u8 as f64], &inner_device)?[0] > 0.0 } else { labelled };
+                    if !labelled {
+                        if slot.is_some() {
+                            state.batches_all_masked += 1;
+                            let rows = slot.as_ref().map(|b| format!("{:?}", b.rows)).unwrap_or_default();
+                            bar.println(format!("vsft: warning: a batch of rows {rows} has no label tokens; not trained on"));
+                        }
                         continue;
                     }
-                    micro.push(batch);
+                    slots += 1;
+                    micro.extend(slot.filter(|b| !b.all_labels_masked));
                 }
                 None => {
                     let next = Cursor { seed: t.seed, epoch: state.cursor.epoch + 1, position: 0 };
@@ -330,7 +390,7 @@ pub fn train_with<B: AutodiffBackend>(
                         state.cursor = next;
                     }
                     // The epoch's last step may be short, as in transformers.
-                    if !micro.is_empty() {
+                    if slots > 0 {
                         break;
                     }
                     if done || rows == 0 {
@@ -339,12 +399,12 @@ pub fn train_with<B: AutodiffBackend>(
                 }
             }
         }
-        if micro.is_empty() {
+        if slots == 0 {
             break;
         }
         window.data_wait += waiting.elapsed();
         let lr = t.lr * lr_lambda(t.scheduler, state.global_step, warmup, total_steps);
-        let stats = trainer.step(&micro, lr, state.global_step, t.on_nan == "skip")?;
+        let stats = trainer.step_across(&micro, lr, state.global_step, t.on_nan == "skip", comm)?;
         state.global_step += 1;
         state.optimizer_step = trainer.optimizer.step;
         state.cursor = loader.cursor();
@@ -368,45 +428,66 @@ pub fn train_with<B: AutodiffBackend>(
                 }
             }
             record["elapsed_s"] = serde_json::json!(started.elapsed().as_secs_f64());
-            tracker.log(&record)?;
+            if world > 1 {
+                // The job's tokens/s is `tokens_per_s`; each rank's share, and the time in collectives.
+                record["world_size"] = serde_json::json!(world);
+                record["tokens_per_s_per_rank"] = serde_json::json!(record["tokens_per_s"].as_f64().unwrap_or(0.0) / world as f64);
+                record["communication_seconds"] = serde_json::json!(stats.communication_seconds);
+            }
+            if let Some(tracker) = tracker.as_mut() {
+                tracker.log(&record)?;
+            }
             window = LogWindow::new();
         }
         if t.eval_steps > 0 && state.global_step % t.eval_steps == 0 {
             if let Some(eval) = &inputs.eval {
                 evaluated_at = Some(state.global_step);
-                let r = run_eval(&trainer, recipe, eval, &processor)?;
+                let r = run_eval(&trainer, recipe, eval, &processor, comm)?;
                 state.last_eval_loss = Some(r.loss);
-                tracker.log(&eval_record(&state, &r))?;
-                vsft_track::report::write_report(&out)?;
+                if let Some(tracker) = tracker.as_mut() {
+                    tracker.log(&eval_record(&state, &r))?;
+                    vsft_track::report::write_report(&out)?;
+                }
                 bar.println(format!("vsft: step {}: eval loss {:.4}", state.global_step, r.loss));
             }
         }
         if t.save_steps > 0 && state.global_step % t.save_steps == 0 && state.global_step < total_steps {
-            let dir = save(&out, &trainer, &state, &lora_cfg, &targeted, &recipe_toml, t.save_total_limit)?;
-            on_checkpoint(&dir)?;
+            let dir = save(&out, &trainer, &state, &lora_cfg, &targeted, &recipe_toml, t.save_total_limit, comm)?;
+            if lead {
+                on_checkpoint(&dir)?;
+            }
         }
     }
     bar.finish();
     skips.merge(loader.skipped());
-    state.rows_skipped = rows_skipped_before.saturating_add(skips.total());
-    write_run_info(&out, &trainer, t, (skips.total() > 0).then(|| skips.report()))?;
+    // Each rank skipped bad rows of its own part: the job's count is their sum.
+    let skipped_here = skips.total();
+    let skipped_all = if world > 1 { all_reduce_scalars(comm, &[skipped_here as f64], &inner_device)?[0].round() as usize } else { skipped_here };
+    state.rows_skipped = rows_skipped_before.saturating_add(skipped_all);
+    if lead {
+        write_run_info(&out, &trainer, t, (skipped_here > 0).then(|| skips.report()))?;
+    }
     if !interrupted && evaluated_at != Some(state.global_step) {
         if let Some(eval) = &inputs.eval {
-            let r = run_eval(&trainer, recipe, eval, &processor)?;
+            let r = run_eval(&trainer, recipe, eval, &processor, comm)?;
             state.last_eval_loss = Some(r.loss);
-            tracker.log(&eval_record(&state, &r))?;
+            if let Some(tracker) = tracker.as_mut() {
+                tracker.log(&eval_record(&state, &r))?;
+            }
         }
     }
-    vsft_track::report::write_report(&out)?;
-    let last_checkpoint = save(&out, &trainer, &state, &lora_cfg, &targeted, &recipe_toml, t.save_total_limit)?;
+    if lead {
+        vsft_track::report::write_report(&out)?;
+    }
+    let last_checkpoint = save(&out, &trainer, &state, &lora_cfg, &targeted, &recipe_toml, t.save_total_limit, comm)?;
     if interrupted {
-        eprintln!("vsft: interrupted: saved {} (resume with --resume auto)", last_checkpoint.display());
+        say(format!("vsft: interrupted: saved {} (resume with --resume auto)", last_checkpoint.display()));
     }
     if state.rows_skipped > 0 {
-        eprintln!("vsft: {} rows skipped:\n{}", state.rows_skipped, skips.report());
+        say(format!("vsft: {} rows skipped{}:\n{}", state.rows_skipped, if world > 1 { " (rank 0's listed)" } else { "" }, skips.report()));
     }
     if state.batches_all_masked > 0 {
-        eprintln!("vsft: {} batches had no label tokens and were not trained on", state.batches_all_masked);
+        say(format!("vsft: {} batches had no label tokens and were not trained on", state.batches_all_masked));
     }
     Ok(RunSummary {
         steps: state.global_step,
@@ -428,6 +509,9 @@ fn create_output_dir(out: &Path) -> Result<(), TrainError> {
     std::fs::create_dir_all(out).map_err(|e| TrainError::Recipe(format!("train.output_dir: cannot create {}: {e}", out.display())))
 }
 
+/// Writes a checkpoint (rank 0) once every rank's weights are checked to agree; every rank
+/// returns its path.
+#[allow(clippy::too_many_arguments)]
 fn save<B: AutodiffBackend>(
     out: &Path,
     trainer: &Trainer<B>,
@@ -436,14 +520,32 @@ fn save<B: AutodiffBackend>(
     targeted: &[String],
     recipe_toml: &str,
     limit: usize,
+    comm: &dyn Communicator<B::InnerBackend>,
 ) -> Result<PathBuf, TrainError> {
-    let lora = (!targeted.is_empty()).then_some((lora, targeted));
-    checkpoint::save(out, CheckpointContent { trainer, state, lora, recipe_toml }, limit)
+    trainer.check_ranks_agree(comm)?;
+    let dir = if comm.rank() == 0 {
+        let lora = (!targeted.is_empty()).then_some((lora, targeted));
+        checkpoint::save(out, CheckpointContent { trainer, state, lora, recipe_toml }, limit)?
+    } else {
+        checkpoint::checkpoint_dir(out, state.global_step)
+    };
+    if comm.world_size() > 1 {
+        // The others wait until it is complete (a rank that reads it next, to resume, finds it).
+        all_reduce_scalars(comm, &[0.0], &trainer.inner_device())?;
+    }
+    Ok(dir)
 }
 
-fn run_eval<B: AutodiffBackend>(trainer: &Trainer<B>, recipe: &Recipe, eval: &str, processor: &Arc<Processor>) -> Result<EvalResult, TrainError> {
+/// The evaluation set's loss: each rank evaluates its shard, and the results are reduced.
+fn run_eval<B: AutodiffBackend>(
+    trainer: &Trainer<B>,
+    recipe: &Recipe,
+    eval: &str,
+    processor: &Arc<Processor>,
+    comm: &dyn Communicator<B::InnerBackend>,
+) -> Result<EvalResult, TrainError> {
     let source = open_dataset(eval, Some("test"), recipe.data.image_folder.as_deref().map(Path::new))?;
-    let cfg = loader_config(recipe, recipe.train.batch_size, false)?;
+    let cfg = loader_config(recipe, recipe.train.batch_size, false, Shard { rank: comm.rank(), world: comm.world_size() })?;
     let loader = DataLoader::new(source, processor.clone(), cfg, Cursor::default());
-    evaluate(&trainer.model.valid(), loader)
+    evaluate(&trainer.model.valid(), loader)?.reduce(comm, &trainer.inner_device())
 }

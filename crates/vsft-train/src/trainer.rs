@@ -472,7 +472,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(())
     }
 
-    fn inner_device(&self) -> burn::tensor::Device<B::InnerBackend> {
+    pub fn inner_device(&self) -> burn::tensor::Device<B::InnerBackend> {
         Tensor::<B, 1>::zeros([1], &self.device()).inner().device()
     }
 

@@ -66,6 +66,59 @@ pub fn resolve_data(path: &str, split: &str) -> Result<String> {
 
 pub fn train(a: TrainArgs) -> Result<ExitCode> {
     refuse_multi_process_launch(vsft_train::distributed::WorldInfo::from_env()?)?;
+    train_on_ranks(a, 1)
+}
+
+/// `vsft launch … -- train …`: the recipe's stages on `ranks` data-parallel ranks (threads of
+/// this process on the CPU, joined by burn-collective's in-process engine).
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// Ranks on this machine (torchrun's `--nproc-per-node`).
+    #[arg(long = "nproc-per-node", default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// Machines in the job (torchrun's `--nnodes`).
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This machine's index in the job.
+    #[arg(long = "node-rank", default_value_t = 0)]
+    pub node_rank: usize,
+    /// Where rank 0 listens for the others (torchrun's `--master-addr`).
+    #[arg(long = "master-addr", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    #[arg(long = "master-port", default_value_t = 29500)]
+    pub master_port: u16,
+    /// `train --config R [--set …] [--resume …]`, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(clap::Parser)]
+#[command(name = "vsft launch … --", no_binary_name = true)]
+enum Launched {
+    Train(TrainArgs),
+}
+
+pub fn launch(a: LaunchArgs) -> Result<ExitCode> {
+    let Launched::Train(train_args) = <Launched as clap::Parser>::try_parse_from(&a.command).map_err(|e| anyhow::anyhow!("vsft launch: the command after `--`: {e}"))?;
+    anyhow::ensure!(a.nproc_per_node >= 1, "vsft launch: --nproc-per-node must be at least 1");
+    anyhow::ensure!(
+        a.nnodes == 1 && a.node_rank == 0,
+        "vsft launch: --nnodes {} --node-rank {}: ranks on several machines need the NCCL engine, which is not built yet; launch on one machine",
+        a.nnodes,
+        a.node_rank
+    );
+    anyhow::ensure!(
+        a.nproc_per_node == 1 || crate::backend::name().contains("cpu") || crate::backend::name().contains("flex"),
+        "vsft launch: {} ranks on the {} backend: GPU ranks need the NCCL engine, which is not built yet; this build runs CPU ranks only",
+        a.nproc_per_node,
+        crate::backend::name()
+    );
+    refuse_multi_process_launch(vsft_train::distributed::WorldInfo::from_env()?)?;
+    let _ = (&a.master_addr, a.master_port); // read by the multi-process engine, when it exists
+    train_on_ranks(train_args, a.nproc_per_node)
+}
+
+fn train_on_ranks(a: TrainArgs, ranks: usize) -> Result<ExitCode> {
     let (stages, generate_eval) = Recipe::stages_from_file(&a.config, &a.set)?;
     eprintln!("vsft: backend {}", crate::backend::name());
     vsft_train::metrics::set_device_memory_probe(crate::backend::device_memory_reserved);
@@ -80,7 +133,7 @@ pub fn train(a: TrainArgs) -> Result<ExitCode> {
         if i > 0 {
             eprintln!("vsft: stage {} ({:?}) from {}", i + 1, recipe.train.stage, previous.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
         }
-        let summary = train_stage(&recipe, &a.resume)?;
+        let summary = train_stage(&recipe, &a.resume, ranks)?;
         if summary.interrupted {
             return Ok(ExitCode::from(130));
         }
@@ -94,7 +147,7 @@ pub fn train(a: TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn train_stage(recipe: &Recipe, resume: &Option<String>) -> Result<vsft_train::run::RunSummary> {
+fn train_stage(recipe: &Recipe, resume: &Option<String>, ranks: usize) -> Result<vsft_train::run::RunSummary> {
     let inputs = Inputs {
         model_dir: resolve_model(&recipe.model.path)?,
         train: resolve_data(&recipe.data.train, "train")?,
@@ -106,14 +159,24 @@ fn train_stage(recipe: &Recipe, resume: &Option<String>) -> Result<vsft_train::r
         Some(dir) => Resume::Dir(PathBuf::from(dir)),
     };
     let hub = recipe.hub.clone();
-    let mut push_each = |dir: &Path| -> Result<(), vsft_train::TrainError> {
+    let push_each = |dir: &Path| -> Result<(), vsft_train::TrainError> {
         if let (Some(repo), true) = (&hub.repo, hub.push_checkpoints) {
             let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
             push_export(dir, repo, hub.private, Some(name)).map_err(|e| vsft_train::TrainError::Other(crate::describe(&e)))?;
         }
         Ok(())
     };
-    let summary = vsft_train::run::train_with::<Train>(recipe, &inputs, resume, &device(), &mut push_each)?;
+    let summary = if ranks == 1 {
+        vsft_train::run::train_with::<Train>(recipe, &inputs, resume, &device(), &mut { push_each })?
+    } else {
+        eprintln!("vsft: {ranks} data-parallel ranks (threads of this process), global batch {} × {ranks} per micro-batch", recipe.train.batch_size);
+        let mut summaries = vsft_train::distributed::run_local_ranks::<Compute, _, _>(ranks, &device(), |comm| {
+            // Only rank 0 calls it (train_rank checks).
+            let mut push = push_each;
+            vsft_train::run::train_rank::<Train>(recipe, &inputs, resume.clone(), &device(), &mut push, comm)
+        })?;
+        summaries.swap_remove(0)
+    };
     eprintln!(
         "vsft: {} steps, final loss {}, checkpoint {}",
         summary.steps,

@@ -28,6 +28,9 @@ enum Command {
     /// Train from a TOML recipe (stage 1 projector pretraining or stage 2 LoRA instruction tuning).
     #[command(after_help = "Example:\n  vsft train --config recipes/llava15_instruct.toml --set train.lr=1e-4 --resume auto")]
     Train(cmd_train::TrainArgs),
+    /// Train on several data-parallel ranks: `vsft launch --nproc-per-node N -- train --config R`.
+    #[command(after_help = "Example:\n  vsft launch --nproc-per-node 2 -- train --config recipes/demo.toml\n(CPU ranks, threads of one process; the global batch is train.batch_size × N per micro-batch)")]
+    Launch(cmd_train::LaunchArgs),
     /// Mean loss over every label token of a dataset.
     #[command(after_help = "Example:\n  vsft eval --model llava-hf/llava-1.5-7b-hf --adapter out/checkpoint-500 --data data/test-00000-of-00001.parquet --json")]
     Eval(cmd_train::EvalArgs),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
     vsft_train::kernel_cache::use_cache_dir(&builtin::cache_root().join("cubecl"));
     let result = match cli.command {
         Command::Train(a) => cmd_train::train(a),
+        Command::Launch(a) => cmd_train::launch(a),
         Command::Eval(a) => cmd_train::eval(a),
         Command::Init(a) => cmd_init::init(a),
         Command::Data(c) => cmd_data::run(c),

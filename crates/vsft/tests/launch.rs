@@ -1,0 +1,189 @@
+//! `vsft launch --nproc-per-node 2 -- train` (two CPU ranks) against `vsft train` at the same
+//! global batch: the same losses, gradient norms, token counts and eval loss step for step, the
+//! same final weights; and resuming across world sizes (a 2-rank checkpoint continued on one
+//! rank, a 1-rank checkpoint continued on two) gives the uninterrupted run's steps.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+mod common;
+use common::{root, run, vsft};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Six stage-2 steps of LoRA + projector at a global batch of 2 × accumulation 2 over the
+/// 10-row fixture (an epoch is 4 + 4 + 2 rows: its last step is short), evaluated every 3.
+fn recipe(dir: &Path, model: &Path) -> PathBuf {
+    let data = root().join("tests/fixtures/data/llava_instruct_mix");
+    let text = format!(
+        r#"[model]
+path = "{}"
+[data]
+train = "{}"
+eval = "{}"
+max_length = 512
+label_mask = "assistant"
+num_workers = 1
+[train]
+stage = "instruct"
+output_dir = "{}"
+max_steps = 6
+batch_size = 2
+grad_accum = 2
+lr = 1e-3
+projector_lr = 5e-4
+weight_decay = 0.01
+scheduler = "cosine"
+warmup_ratio = 0.1
+max_grad_norm = 1.0
+log_steps = 1
+eval_steps = 3
+save_steps = 2
+[lora]
+r = 4
+alpha = 8
+dropout = 0.0
+"#,
+        model.display(),
+        data.display(),
+        data.display(),
+        dir.join("out").display()
+    );
+    let p = dir.join("recipe.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// step → (loss, grad_norm, num_tokens), and step → eval_loss.
+type Curve = (BTreeMap<u64, (f64, f64, u64)>, BTreeMap<u64, f64>);
+
+fn curve(out: &Path) -> Curve {
+    let (mut train, mut eval) = (BTreeMap::new(), BTreeMap::new());
+    for line in std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let step = v["step"].as_u64().unwrap();
+        if let Some(l) = v["loss"].as_f64() {
+            train.insert(step, (l, v["grad_norm"].as_f64().unwrap(), v["num_tokens"].as_u64().unwrap()));
+        }
+        if let Some(e) = v["eval_loss"].as_f64() {
+            eval.insert(step, e);
+        }
+    }
+    (train, eval)
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+/// The worst relative difference of two curves over the steps of `b`.
+fn compare(a: &Curve, b: &Curve, what: &str) -> f64 {
+    let mut worst = 0f64;
+    for (step, (l, g, n)) in &b.0 {
+        let (la, ga, na) = a.0.get(step).unwrap_or_else(|| panic!("{what}: step {step} missing"));
+        assert_eq!(na, n, "{what}: step {step}: num_tokens");
+        worst = worst.max(rel(*la, *l)).max(rel(*ga, *g));
+    }
+    for (step, e) in &b.1 {
+        worst = worst.max(rel(a.1[step], *e));
+    }
+    worst
+}
+
+/// The trainable tensors of a checkpoint, by name.
+fn weights(checkpoint: &Path) -> BTreeMap<String, Vec<f32>> {
+    let mut all = BTreeMap::new();
+    for entry in std::fs::read_dir(checkpoint).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "safetensors") && !p.file_name().unwrap().to_string_lossy().starts_with("optimizer") {
+            for (k, v) in vsft_model::weights::read_tensor_file(&p).unwrap() {
+                all.insert(format!("{}:{k}", p.file_name().unwrap().to_string_lossy()), v.to_f32().unwrap());
+            }
+        }
+    }
+    assert!(!all.is_empty(), "{}: no tensors", checkpoint.display());
+    all
+}
+
+fn train_cmd(recipe: &Path, ranks: usize, extra: &[String]) -> std::process::Output {
+    let mut c = vsft();
+    if ranks > 1 {
+        c.args(["launch", "--nproc-per-node", &ranks.to_string(), "--"]);
+    }
+    c.arg("train").arg("--config").arg(recipe).args(extra);
+    run(&mut c)
+}
+
+fn set(key_values: &[(&str, String)]) -> Vec<String> {
+    key_values.iter().flat_map(|(k, v)| ["--set".to_string(), format!("{k}={v}")]).collect()
+}
+
+#[test]
+fn two_ranks_train_what_one_device_trains_at_the_global_batch() {
+    let dir = tmp("launch");
+    let model = dir.join("model");
+    run(vsft()
+        .args(["init", "--config"])
+        .arg(root().join("configs/tiny-llava-e2e.json"))
+        .arg("--tokenizer-from")
+        .arg(root().join("tests/fixtures/data/model"))
+        .arg("--out")
+        .arg(&model));
+    let r = recipe(&dir, &model);
+    let out = |name: &str| dir.join(name);
+    let at = |name: &str, batch: usize| set(&[("train.output_dir", out(name).display().to_string()), ("train.batch_size", batch.to_string())]);
+
+    // One device at batch 2; two ranks at batch 1 each.
+    train_cmd(&r, 1, &at("one", 2));
+    let launched = train_cmd(&r, 2, &at("two", 1));
+    let log = String::from_utf8_lossy(&launched.stderr);
+    assert!(log.contains("2 data-parallel ranks") && log.contains("batch 2 ranks × 1×2 (global 4)"), "{log}");
+    let (one, two) = (curve(&out("one")), curve(&out("two")));
+    assert_eq!(one.0.len(), 6, "six logged steps");
+    assert_eq!(one.1.len(), 2, "two evaluations");
+    let worst = compare(&two, &one, "2 ranks vs 1");
+    println!("2 ranks × batch 1 vs 1 × batch 2, 6 steps: losses, gradient norms and eval losses within {worst:.2e} (relative)");
+    assert!(worst <= 1e-6, "{worst}");
+    let metrics = std::fs::read_to_string(out("two").join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"world_size\":2") && metrics.contains("tokens_per_s_per_rank") && metrics.contains("communication_seconds"), "{metrics}");
+
+    let (w1, w2) = (weights(&out("one").join("checkpoint-6")), weights(&out("two").join("checkpoint-6")));
+    assert_eq!(w1.keys().collect::<Vec<_>>(), w2.keys().collect::<Vec<_>>());
+    let mut max_abs = 0f32;
+    for (k, a) in &w1 {
+        max_abs = a.iter().zip(&w2[k]).fold(max_abs, |m, (x, y)| m.max((x - y).abs()));
+    }
+    println!("final trainable weights within {max_abs:.2e} (absolute)");
+    assert!(max_abs <= 1e-6, "{max_abs}");
+
+    // A 2-rank checkpoint continued on one device, and a one-device checkpoint on two ranks.
+    for (name, from, ranks, batch) in [("two_then_one", "two", 1, 2), ("one_then_two", "one", 2, 1)] {
+        let mut extra = at(name, batch);
+        extra.extend(["--resume".to_string(), out(from).join("checkpoint-2").display().to_string()]);
+        let resumed = train_cmd(&r, ranks, &extra);
+        let c = curve(&out(name));
+        assert_eq!(c.0.keys().copied().collect::<Vec<_>>(), vec![3, 4, 5, 6], "{name}: {}", String::from_utf8_lossy(&resumed.stderr));
+        let worst = compare(&one, &c, name);
+        println!("{name}: steps 3-6 within {worst:.2e} of the uninterrupted run");
+        assert!(worst <= 1e-6, "{name}: {worst}");
+    }
+}
+
+#[test]
+fn launch_refuses_what_it_cannot_run() {
+    for (args, want) in [
+        (&["launch", "--nproc-per-node", "2", "--nnodes", "2", "--", "train", "--config", "x.toml"][..], "several machines need the NCCL engine"),
+        (&["launch", "--nproc-per-node", "0", "--", "train", "--config", "x.toml"][..], "at least 1"),
+        (&["launch", "--nproc-per-node", "2", "--", "eval", "--config", "x.toml"][..], "the command after `--`"),
+    ] {
+        let o = vsft().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
