@@ -187,3 +187,75 @@ fn launch_refuses_what_it_cannot_run() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// A rank that fails mid-run (its part of step 3 holds a row whose image is missing) stops the
+/// other rank too, without a hang: the run exits with the failing rank's error naming the file,
+/// the last checkpoint (step 2) is intact, and once the data is fixed the run resumes from it.
+#[test]
+fn a_failing_rank_stops_the_job_and_the_run_resumes() {
+    let dir = tmp("launch_fail");
+    let model = dir.join("model");
+    run(vsft()
+        .args(["init", "--config"])
+        .arg(root().join("configs/tiny-llava-e2e.json"))
+        .arg("--tokenizer-from")
+        .arg(root().join("tests/fixtures/data/model"))
+        .arg("--out")
+        .arg(&model));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/data/llava.json")).unwrap()).unwrap();
+    let with_images: Vec<_> = rows.into_iter().filter(|r| r.get("image").is_some()).collect();
+    let mut data: Vec<serde_json::Value> = (0..12).map(|i| with_images[i % with_images.len()].clone()).collect();
+    let good = data[9]["image"].clone();
+    // Unshuffled, 2 ranks × 1 row × accumulation 2: step 3 is rows 8-11, and rank 1 holds row 9.
+    data[9]["image"] = "missing.jpg".into();
+    let json = dir.join("rows.json");
+    std::fs::write(&json, serde_json::to_string(&data).unwrap()).unwrap();
+    let text = format!(
+        r#"[model]
+path = "{}"
+[data]
+train = "{}"
+image_folder = "{}"
+max_length = 512
+label_mask = "assistant"
+num_workers = 0
+[train]
+stage = "instruct"
+output_dir = "{}"
+shuffle = false
+max_steps = 6
+batch_size = 1
+grad_accum = 2
+lr = 1e-3
+log_steps = 1
+save_steps = 2
+[lora]
+r = 4
+alpha = 8
+dropout = 0.0
+"#,
+        model.display(),
+        json.display(),
+        root().join("tests/fixtures/data/images").display(),
+        dir.join("out").display()
+    );
+    let r = dir.join("recipe.toml");
+    std::fs::write(&r, text).unwrap();
+    let launch = || vsft().args(["launch", "--nproc-per-node", "2", "--", "train", "--config"]).arg(&r).args(["--resume", "auto"]).output().unwrap();
+    let started = std::time::Instant::now();
+    let o = launch();
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("the failed run stopped after {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("missing.jpg"), "the error names the file: {err}");
+    assert!(dir.join("out/checkpoint-2/trainer_state.json").exists(), "the step-2 checkpoint is intact");
+    assert!(!dir.join("out/checkpoint-4").exists(), "nothing was saved after the failure");
+
+    data[9]["image"] = good;
+    std::fs::write(&json, serde_json::to_string(&data).unwrap()).unwrap();
+    let o = launch();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("resumed from") && log.contains("checkpoint-2"), "{log}");
+    assert!(dir.join("out/checkpoint-6/trainer_state.json").exists(), "{log}");
+}
