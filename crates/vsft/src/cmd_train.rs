@@ -31,7 +31,8 @@ fn refuse_multi_process_launch(world: Option<vsft_train::distributed::WorldInfo>
     if let Some(w) = world.filter(|w| w.world_size > 1) {
         anyhow::bail!(
             "this process is rank {} of {} ({} environment), but vsft trains in one process for now: data-parallel ranks in separate \
-             processes (NCCL) are not built yet, and {} copies would each train the whole dataset into the same output_dir. Launch one process.",
+             processes (NCCL) are not built yet, and {} copies would each train the whole dataset into the same output_dir. Launch one process \
+             (`vsft launch --nproc-per-node N -- train …` runs N ranks on CPU cores).",
             w.rank,
             w.world_size,
             w.launcher,

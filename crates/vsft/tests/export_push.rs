@@ -9,21 +9,14 @@ use vsft_hub::testserver::{TestServer, TestServerConfig};
 use vsft_model::weights::read_tensor_file;
 
 mod common;
-use common::{vsft, root, run};
+use common::{vsft, root, run, tiny_model};
 
 #[test]
 fn export_merge_push_pull() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-export");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let model = dir.join("model");
-    run(vsft()
-        .args(["init", "--config"])
-        .arg(root().join("configs/tiny-llava-e2e.json"))
-        .arg("--tokenizer-from")
-        .arg(root().join("tests/fixtures/data/model"))
-        .arg("--out")
-        .arg(&model));
+    let model = tiny_model(&dir);
     let server = TestServer::start(TestServerConfig { lfs_threshold: 1024, multipart_threshold: 64 * 1024, chunk_size: 16 * 1024, ..Default::default() });
     let out = dir.join("run");
     let recipe = dir.join("recipe.toml");

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{root, run, vsft};
+use common::{root, run, tiny_model, vsft};
 
 fn tmp(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
@@ -126,14 +126,7 @@ fn set(key_values: &[(&str, String)]) -> Vec<String> {
 #[test]
 fn two_ranks_train_what_one_device_trains_at_the_global_batch() {
     let dir = tmp("launch");
-    let model = dir.join("model");
-    run(vsft()
-        .args(["init", "--config"])
-        .arg(root().join("configs/tiny-llava-e2e.json"))
-        .arg("--tokenizer-from")
-        .arg(root().join("tests/fixtures/data/model"))
-        .arg("--out")
-        .arg(&model));
+    let model = tiny_model(&dir);
     let r = recipe(&dir, &model);
     let out = |name: &str| dir.join(name);
     let at = |name: &str, batch: usize| set(&[("train.output_dir", out(name).display().to_string()), ("train.batch_size", batch.to_string())]);
@@ -194,14 +187,7 @@ fn launch_refuses_what_it_cannot_run() {
 #[test]
 fn a_failing_rank_stops_the_job_and_the_run_resumes() {
     let dir = tmp("launch_fail");
-    let model = dir.join("model");
-    run(vsft()
-        .args(["init", "--config"])
-        .arg(root().join("configs/tiny-llava-e2e.json"))
-        .arg("--tokenizer-from")
-        .arg(root().join("tests/fixtures/data/model"))
-        .arg("--out")
-        .arg(&model));
+    let model = tiny_model(&dir);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/data/llava.json")).unwrap()).unwrap();
     let with_images: Vec<_> = rows.into_iter().filter(|r| r.get("image").is_some()).collect();
     let mut data: Vec<serde_json::Value> = (0..12).map(|i| with_images[i % with_images.len()].clone()).collect();

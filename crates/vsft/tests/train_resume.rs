@@ -8,28 +8,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{vsft, root};
+use common::{vsft, root, tiny_model};
 
 fn tmp(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let model = dir.join("model");
-    let st = vsft()
-        .args(["init", "--config"])
-        .arg(root().join("configs/tiny-llava-e2e.json"))
-        .arg("--tokenizer-from")
-        .arg(root().join("tests/fixtures/data/model"))
-        .arg("--out")
-        .arg(&model)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    model
 }
 
 fn recipe(dir: &Path, model: &Path, out: &Path) -> PathBuf {

@@ -13,6 +13,20 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// `vsft init` of the end-to-end tests' tiny random LLaVA (`configs/tiny-llava-e2e.json`, the
+/// fixture tokenizer) into `dir/model`.
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    run(vsft()
+        .args(["init", "--config"])
+        .arg(root().join("configs/tiny-llava-e2e.json"))
+        .arg("--tokenizer-from")
+        .arg(root().join("tests/fixtures/data/model"))
+        .arg("--out")
+        .arg(&model));
+    model
+}
+
 /// Runs `cmd`, failing the test with its stderr if it does not succeed.
 pub fn run(cmd: &mut Command) -> std::process::Output {
     let out = cmd.output().unwrap();
