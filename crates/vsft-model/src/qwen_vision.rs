@@ -22,6 +22,7 @@
 //! API ([`QwenVisionTower::stem`] → [`QwenVisionTower::layer`] → [`QwenVisionTower::merge`]) shares
 //! so that a caller can checkpoint each layer.
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -480,9 +481,11 @@ pub struct VisionContext<B: Backend> {
     /// (Qwen2.5-VL: window order).
     pub cos: Tensor<B, 2>,
     pub sin: Tensor<B, 2>,
-    /// How the blocks rotate q and k: inside the fused attention kernel (the CPU backend) or
-    /// with Burn's ops.
-    rotary: Rotary<B>,
+    /// The same tables on the host, for the fused attention kernel, which rotates each row
+    /// as it packs q and k.
+    host_rope: (Arc<Vec<f32>>, Arc<Vec<f32>>),
+    /// Built on first use, where the kernel does not run (other backends, other dtypes).
+    rope_tensors: OnceCell<RopeTensors<B>>,
     /// Attention segment lengths of full-attention blocks (each frame of each image).
     pub full_segments: Vec<usize>,
     /// Attention segment lengths of windowed blocks (Qwen2.5-VL; = `full_segments` for Qwen2-VL).
@@ -497,22 +500,38 @@ pub struct VisionContext<B: Backend> {
     token_inverse: Option<Tensor<B, 1, Int>>,
 }
 
-/// The rotary tables in the form the attention path reads them.
+/// The rotary tables for Burn's ops: repeated for every head, `[n_patches·heads, head_dim]`,
+/// and the signed half-swap `rotate_half` as a `[head_dim, head_dim]` matrix. Rotating q and k
+/// is then two products over contiguous rows and one small GEMM (slicing and concatenating
+/// halves of strided rows cost more than the attention's own GEMMs).
 #[derive(Debug, Clone)]
-enum Rotary<B: Backend> {
-    /// `[n_patches, head_dim]` cos and sin on the host, for the fused kernel, which rotates
-    /// each row as it packs q and k.
-    Host(Arc<Vec<f32>>, Arc<Vec<f32>>),
-    /// The tables repeated for every head, `[n_patches·heads, head_dim]`, and the signed
-    /// half-swap `rotate_half` as a `[head_dim, head_dim]` matrix: rotating q and k is then two
-    /// products over contiguous rows and one small GEMM (slicing and concatenating halves of
-    /// strided rows cost more than the attention's own GEMMs).
-    Tensors { cos: Tensor<B, 2>, sin: Tensor<B, 2>, rotate_half: Tensor<B, 2> },
+struct RopeTensors<B: Backend> {
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    rotate_half: Tensor<B, 2>,
 }
 
 impl<B: Backend> VisionContext<B> {
     pub fn n_tokens(&self) -> usize {
         self.tokens_per_image.iter().sum()
+    }
+
+    /// [`RopeTensors`] for `heads` heads, from the host tables.
+    fn rope_tensors(&self, heads: usize, device: &B::Device) -> &RopeTensors<B> {
+        self.rope_tensors.get_or_init(|| {
+            let hd = self.host_rope.0.len() / self.n_patches.max(1);
+            let per_head = |v: &[f32]| {
+                let rows: Vec<f32> = v.chunks(hd).flat_map(|row| std::iter::repeat_n(row, heads).flatten().copied()).collect();
+                Tensor::<B, 2>::from_data(TensorData::new(rows, [self.n_patches * heads, hd]), (device, DType::F32))
+            };
+            let half = hd / 2;
+            let mut swap = vec![0f32; hd * hd];
+            for i in 0..half {
+                swap[(i + half) * hd + i] = -1.0; // out[i] = -x[i + half]
+                swap[i * hd + i + half] = 1.0; // out[i + half] = x[i]
+            }
+            RopeTensors { cos: per_head(&self.host_rope.0), sin: per_head(&self.host_rope.1), rotate_half: Tensor::from_data(TensorData::new(swap, [hd, hd]), (device, DType::F32)) }
+        })
     }
 }
 
@@ -739,30 +758,14 @@ impl<B: Backend> QwenVisionTower<B> {
             v.iter().enumerate().for_each(|(i, &p)| inv[p] = i);
             inv
         };
-        let (cos_t, sin_t) = (table(cos.clone()), table(sin.clone()));
-        let rotary = if vsft_kernels::supported(&[&cos_t]) {
-            Rotary::Host(Arc::new(cos), Arc::new(sin))
-        } else {
-            let heads = self.blocks.first().map_or(1, |b| b.attn.num_heads);
-            let per_head = |v: &[f32]| {
-                let rows: Vec<f32> = v.chunks(hd).flat_map(|row| std::iter::repeat_n(row, heads).flatten().copied()).collect();
-                Tensor::<B, 2>::from_data(TensorData::new(rows, [n_patches * heads, hd]), (device, DType::F32))
-            };
-            let half = hd / 2;
-            let mut swap = vec![0f32; hd * hd];
-            for i in 0..half {
-                swap[(i + half) * hd + i] = -1.0; // out[i] = -x[i + half]
-                swap[i * hd + i + half] = 1.0; // out[i + half] = x[i]
-            }
-            Rotary::Tensors { cos: per_head(&cos), sin: per_head(&sin), rotate_half: Tensor::from_data(TensorData::new(swap, [hd, hd]), (device, DType::F32)) }
-        };
         Ok(VisionContext {
             grids: grids.to_vec(),
             n_patches,
             tokens_per_image,
-            rotary,
-            cos: cos_t,
-            sin: sin_t,
+            cos: table(cos.clone()),
+            sin: table(sin.clone()),
+            host_rope: (Arc::new(cos), Arc::new(sin)),
+            rope_tensors: OnceCell::new(),
             full_segments,
             window_segments,
             patch_perm: patch_order.as_deref().map(index_tensor),
@@ -856,11 +859,11 @@ impl<B: Backend> VisionBlock<B> {
 
 /// `q·cos + rotate_half(q)·sin` over `[n, heads·hd]`, in f32 (`apply_rotary_pos_emb_vision`),
 /// with the tables repeated per head.
-fn rotate<B: Backend>(x: Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, rotate_half: &Tensor<B, 2>, heads: usize) -> Tensor<B, 2> {
+fn rotate<B: Backend>(x: Tensor<B, 2>, r: &RopeTensors<B>, heads: usize) -> Tensor<B, 2> {
     let act = x.dtype();
     let [n, e] = x.dims();
     let x = in_dtype(x, DType::F32).reshape([n * heads, e / heads]);
-    let y = x.clone() * cos.clone() + x.matmul(rotate_half.clone()) * sin.clone();
+    let y = x.clone() * r.cos.clone() + x.matmul(r.rotate_half.clone()) * r.sin.clone();
     in_dtype(y.reshape([n, e]), act)
 }
 
@@ -873,10 +876,14 @@ impl<B: Backend> VisionAttention<B> {
         let hd = e / heads;
         let qkv = self.qkv.forward(x);
         let (q, k) = (qkv.clone().narrow(1, 0, e), qkv.clone().narrow(1, e, e));
-        let (q, k) = match &ctx.rotary {
-            // The kernel rotates q and k with these tables (`attend` gets each run's rows).
-            Rotary::Host(..) => (q, k),
-            Rotary::Tensors { cos, sin, rotate_half } => (rotate(q, cos, sin, rotate_half, heads), rotate(k, cos, sin, rotate_half, heads)),
+        // The fused kernel rotates q and k itself (`attend` hands it each run's table rows);
+        // elsewhere Burn's ops rotate them here.
+        let kernel = vsft_kernels::supported(&[&qkv]);
+        let (q, k) = if kernel {
+            (q, k)
+        } else {
+            let r = ctx.rope_tensors(heads, &qkv.device());
+            (rotate(q, r, heads), rotate(k, r, heads))
         };
         let v = qkv.narrow(1, 2 * e, e);
         // Runs of equal-length consecutive segments: (first row, length, count).
@@ -898,13 +905,14 @@ impl<B: Backend> VisionAttention<B> {
                     let t = if whole { t.clone() } else { t.clone().narrow(0, s, len * count) };
                     t.reshape([count, len, e])
                 };
-                let rope = match &ctx.rotary {
-                    Rotary::Host(cos, sin) if whole => Some((cos.clone(), sin.clone())),
-                    Rotary::Host(cos, sin) => {
+                let (cos, sin) = &ctx.host_rope;
+                let rope = match (kernel, whole) {
+                    (false, _) => None,
+                    (true, true) => Some((cos.clone(), sin.clone())),
+                    (true, false) => {
                         let rows = |v: &[f32]| Arc::new(v[s * hd..(s + len * count) * hd].to_vec());
                         Some((rows(cos), rows(sin)))
                     }
-                    Rotary::Tensors { .. } => None,
                 };
                 attend(part(&q), part(&k), part(&v), heads, hd, rope).reshape([count * len, e])
             })
@@ -915,8 +923,8 @@ impl<B: Backend> VisionAttention<B> {
 }
 
 /// `softmax(q·kᵀ/√hd)·v` per head over `[batch, seq, heads·hd]`, no mask: the fused CPU kernel
-/// (rotating q and k by `rope`, `[batch·seq, hd]` tables, when given), Burn's attention op
-/// elsewhere (q and k rotated already).
+/// (rotating q and k by `rope`, `[batch·seq, hd]` tables), Burn's attention op elsewhere (q and
+/// k rotated already: `rope` is given only where the kernel runs, the same `supported` check).
 fn attend<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize, hd: usize, rope: Option<(Arc<Vec<f32>>, Arc<Vec<f32>>)>) -> Tensor<B, 3> {
     let spec = vsft_kernels::AttentionSpec { num_heads: heads, num_kv_heads: heads, head_dim: hd, causal: false, rope, key_padding: None };
     match vsft_kernels::attention(q, k, v, &spec) {
@@ -924,24 +932,6 @@ fn attend<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: 
         Err((q, k, v)) => {
             let [b, t, e] = q.dims();
             let split = |y: Tensor<B, 3>| y.reshape([b, t, heads, hd]).swap_dims(1, 2);
-            let (q, k) = match &spec.rope {
-                // The tables were meant for the kernel, which refused these tensors (a dtype it
-                // does not take): rotate here.
-                Some((cos, sin)) => {
-                    let device = q.device();
-                    let table = |v: &Arc<Vec<f32>>| Tensor::<B, 3>::from_data(TensorData::new(v.to_vec(), [b * t, 1, hd]), (&device, DType::F32));
-                    let (cos, sin) = (table(cos), table(sin));
-                    let turn = |x: Tensor<B, 3>| {
-                        let act = x.dtype();
-                        let x = in_dtype(x, DType::F32).reshape([b * t, heads, hd]);
-                        let halves = x.clone().chunk(2, 2);
-                        let rotated = Tensor::cat(vec![halves[1].clone().neg(), halves[0].clone()], 2);
-                        in_dtype((x * cos.clone() + rotated * sin.clone()).reshape([b, t, e]), act)
-                    };
-                    (turn(q), turn(k))
-                }
-                None => (q, k),
-            };
             burn::tensor::module::attention(split(q), split(k), split(v), None, None, Default::default())
                 .swap_dims(1, 2)
                 .reshape([b, t, e])

@@ -115,7 +115,8 @@ pub fn launch(a: LaunchArgs) -> Result<ExitCode> {
         crate::backend::name()
     );
     refuse_multi_process_launch(vsft_train::distributed::WorldInfo::from_env()?)?;
-    let _ = (&a.master_addr, a.master_port); // read by the multi-process engine, when it exists
+    // --master-addr / --master-port are for the multi-process engine; one machine's thread
+    // ranks need no rendezvous.
     train_on_ranks(train_args, a.nproc_per_node)
 }
 

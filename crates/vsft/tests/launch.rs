@@ -16,47 +16,31 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// Six stage-2 steps of LoRA + projector at a global batch of 2 × accumulation 2 over the
-/// 10-row fixture (an epoch is 4 + 4 + 2 rows: its last step is short), evaluated every 3.
-fn recipe(dir: &Path, model: &Path) -> PathBuf {
-    let data = root().join("tests/fixtures/data/llava_instruct_mix");
+/// Writes `dir/recipe.toml`: LoRA r 4 (no dropout) on `model`, six steps at accumulation 2
+/// into `dir/out`, with the `[data]` and `[train]` keys given.
+fn write_recipe(dir: &Path, model: &Path, data: &str, train: &str) -> PathBuf {
     let text = format!(
-        r#"[model]
-path = "{}"
-[data]
-train = "{}"
-eval = "{}"
-max_length = 512
-label_mask = "assistant"
-num_workers = 1
-[train]
-stage = "instruct"
-output_dir = "{}"
-max_steps = 6
-batch_size = 2
-grad_accum = 2
-lr = 1e-3
-projector_lr = 5e-4
-weight_decay = 0.01
-scheduler = "cosine"
-warmup_ratio = 0.1
-max_grad_norm = 1.0
-log_steps = 1
-eval_steps = 3
-save_steps = 2
-[lora]
-r = 4
-alpha = 8
-dropout = 0.0
-"#,
+        "[model]\npath = \"{}\"\n[data]\n{data}max_length = 512\nlabel_mask = \"assistant\"\n\
+         [train]\nstage = \"instruct\"\noutput_dir = \"{}\"\nmax_steps = 6\ngrad_accum = 2\nlr = 1e-3\nlog_steps = 1\nsave_steps = 2\n{train}\
+         [lora]\nr = 4\nalpha = 8\ndropout = 0.0\n",
         model.display(),
-        data.display(),
-        data.display(),
         dir.join("out").display()
     );
     let p = dir.join("recipe.toml");
     std::fs::write(&p, text).unwrap();
     p
+}
+
+/// Six stage-2 steps of LoRA + projector at a global batch of 2 × accumulation 2 over the
+/// 10-row fixture (an epoch is 4 + 4 + 2 rows: its last step is short), evaluated every 3.
+fn recipe(dir: &Path, model: &Path) -> PathBuf {
+    let data = root().join("tests/fixtures/data/llava_instruct_mix");
+    write_recipe(
+        dir,
+        model,
+        &format!("train = \"{0}\"\neval = \"{0}\"\nnum_workers = 1\n", data.display()),
+        "batch_size = 2\nprojector_lr = 5e-4\nweight_decay = 0.01\nscheduler = \"cosine\"\nwarmup_ratio = 0.1\nmax_grad_norm = 1.0\neval_steps = 3\n",
+    )
 }
 
 /// step → (loss, grad_norm, num_tokens), and step → eval_loss.
@@ -196,37 +180,9 @@ fn a_failing_rank_stops_the_job_and_the_run_resumes() {
     data[9]["image"] = "missing.jpg".into();
     let json = dir.join("rows.json");
     std::fs::write(&json, serde_json::to_string(&data).unwrap()).unwrap();
-    let text = format!(
-        r#"[model]
-path = "{}"
-[data]
-train = "{}"
-image_folder = "{}"
-max_length = 512
-label_mask = "assistant"
-num_workers = 0
-[train]
-stage = "instruct"
-output_dir = "{}"
-shuffle = false
-max_steps = 6
-batch_size = 1
-grad_accum = 2
-lr = 1e-3
-log_steps = 1
-save_steps = 2
-[lora]
-r = 4
-alpha = 8
-dropout = 0.0
-"#,
-        model.display(),
-        json.display(),
-        root().join("tests/fixtures/data/images").display(),
-        dir.join("out").display()
-    );
-    let r = dir.join("recipe.toml");
-    std::fs::write(&r, text).unwrap();
+    let images = root().join("tests/fixtures/data/images");
+    let data_keys = format!("train = \"{}\"\nimage_folder = \"{}\"\nnum_workers = 0\n", json.display(), images.display());
+    let r = write_recipe(&dir, &model, &data_keys, "shuffle = false\nbatch_size = 1\n");
     let launch = || vsft().args(["launch", "--nproc-per-node", "2", "--", "train", "--config"]).arg(&r).args(["--resume", "auto"]).output().unwrap();
     let started = std::time::Instant::now();
     let o = launch();
