@@ -9,9 +9,10 @@
 //! rows) is reduced as zeros, with a presence flag so that a parameter no rank touched is left
 //! alone as on one device.
 //!
-//! Engines: [`SingleRank`] (no communication) and [`LocalRanks`], ranks as threads of one
-//! process through burn-collective's local level (any Burn backend, Flex included). NCCL for
-//! ranks in separate processes is the next engine (shared/reference/distributed-notes.md).
+//! Engines: [`SingleRank`] (no communication); [`LocalRanks`], ranks as threads of one
+//! process through burn-collective's local level (any Burn backend, Flex included); and, with
+//! `--features cuda`, `nccl::NcclRanks` for ranks in separate processes, one per GPU, joined by
+//! [`crate::rendezvous`] and watched by its [`crate::rendezvous::Watchdog`].
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -9,6 +9,8 @@ pub mod error;
 pub mod export;
 pub mod kernel_cache;
 pub mod metrics;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod optim;
 pub mod progress;
 pub mod recipe;

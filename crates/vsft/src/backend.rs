@@ -16,6 +16,12 @@ pub fn device() -> burn::tensor::Device<Compute> {
     Default::default()
 }
 
+/// GPU `index` of this machine (a rank's `LOCAL_RANK`).
+#[cfg(feature = "cuda")]
+pub fn device_at(index: usize) -> burn::tensor::Device<Compute> {
+    burn::backend::cuda::CudaDevice::new(index)
+}
+
 /// Bytes held by the device's memory pool (as `torch.cuda.memory_reserved`), on the cubecl
 /// backends; `None` on the CPU, where the log has the process's peak RSS instead.
 pub fn device_memory_reserved() -> Option<u64> {

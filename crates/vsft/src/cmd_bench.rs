@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Result;
+use burn::tensor::ElementConversion;
 use clap::{Args, Subcommand};
 use vsft_data::{Batch, ImageBatch, ImageMeta};
 use vsft_model::lora::LoraConfig;
@@ -12,13 +13,89 @@ use vsft_train::optim::AdamWConfig;
 use vsft_train::trainer::OptimSettings;
 use vsft_train::{Stage, Trainer};
 
-use crate::backend::{device, Train};
+use crate::backend::{device, Compute, Train};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Time the real training step (forward, backward, AdamW) on synthetic batches.
     #[command(after_help = "Example:\n  vsft bench train --model /tmp/bench --batch-size 4 --seq-len 512 --lora-r 16 --steps 5 --json")]
     Train(BenchTrainArgs),
+    /// Time the gradient all-reduce: on GPU builds across the job's ranks (run under torchrun,
+    /// srun or `vsft launch`-style variables, NCCL); on the CPU across `--nproc` thread ranks.
+    #[command(after_help = "Examples:\n  vsft bench allreduce --nproc 2 --elements 4000000\n  torchrun --nproc-per-node 8 --no-python vsft bench allreduce --elements 340000000")]
+    Allreduce(BenchAllreduceArgs),
+}
+
+#[derive(Args)]
+pub struct BenchAllreduceArgs {
+    /// f32 values summed per all-reduce (the stage-2 gradient: LLaVA-1.5-7B's LoRA r 128 and
+    /// projector are about 340 million).
+    #[arg(long, default_value_t = 1 << 22)]
+    pub elements: usize,
+    /// Timed all-reduces (one untimed warm-up runs first).
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Thread ranks (CPU builds; GPU ranks come from the launcher's environment).
+    #[arg(long, default_value_t = 2)]
+    pub nproc: usize,
+}
+
+/// Median milliseconds of `iters` all-reduces of `elements` ones, each result checked.
+fn time_all_reduce(comm: &dyn vsft_train::distributed::Communicator<Compute>, elements: usize, iters: usize, dev: &burn::tensor::Device<Compute>) -> Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..=iters {
+        let t = burn::tensor::Tensor::<Compute, 1>::ones([elements], dev);
+        let started = Instant::now();
+        let sum = comm.all_reduce_sum(t)?;
+        // Reading one value back waits for the collective.
+        let first = sum.slice([0..1]).into_scalar().elem::<f64>();
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        anyhow::ensure!(first == comm.world_size() as f64, "all-reduce check: got {first}, expected {}", comm.world_size());
+        if i > 0 {
+            times.push(ms);
+        }
+    }
+    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    Ok(times[times.len() / 2])
+}
+
+fn allreduce(a: BenchAllreduceArgs) -> Result<ExitCode> {
+    anyhow::ensure!(a.elements >= 1 && a.iters >= 1, "--elements and --iters must be at least 1");
+    let report = |world: usize, ms: f64, engine: &str| {
+        let bytes = (a.elements * 4) as f64;
+        let algbw = bytes / (ms / 1e3) / 1e9;
+        // nccl-tests' bus bandwidth: what each link carries in a ring all-reduce.
+        let busbw = algbw * 2.0 * (world as f64 - 1.0) / world as f64;
+        println!(
+            "{}",
+            serde_json::json!({"engine": engine, "world_size": world, "elements": a.elements, "bytes": bytes, "ms_median": ms,
+                "algbw_gb_s": algbw, "busbw_gb_s": busbw, "backend": crate::backend::name()})
+        );
+    };
+    match vsft_train::distributed::WorldInfo::from_env()? {
+        #[cfg(feature = "cuda")]
+        Some(world) => {
+            let (comm, dev) = crate::cmd_train::join_nccl(&world)?;
+            let ms = time_all_reduce(&comm, a.elements, a.iters, &dev);
+            match &ms {
+                Ok(ms) if world.rank == 0 => report(world.world_size, *ms, "nccl (host-staged)"),
+                Ok(_) => {}
+                Err(e) => comm.watchdog().report_failure(&crate::describe(e)),
+            }
+            comm.watchdog().finish();
+            ms.map(|_| ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Some(world) => anyhow::bail!("rank {} of {}: processes need the NCCL engine of a `--features cuda` build; on the CPU use --nproc", world.rank, world.world_size),
+        None => {
+            let dev = device();
+            let times = vsft_train::distributed::run_local_ranks::<Compute, _, _>(a.nproc, &dev, |comm| {
+                time_all_reduce(comm, a.elements, a.iters, &dev).map_err(|e| vsft_train::TrainError::Other(e.to_string()))
+            })?;
+            report(a.nproc, times[0], "burn-collective (threads)");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -161,7 +238,10 @@ pub fn synthetic_batch(image: &SyntheticImage, batch: usize, seq: usize, seed: u
 }
 
 pub fn run(c: BenchCommand) -> Result<ExitCode> {
-    let BenchCommand::Train(a) = c;
+    let a = match c {
+        BenchCommand::Train(a) => a,
+        BenchCommand::Allreduce(a) => return allreduce(a),
+    };
     let stage = match a.stage.as_str() {
         "pretrain" => Stage::Pretrain,
         "instruct" => Stage::Instruct,

@@ -1,11 +1,13 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
 use vsft_data::{open_dataset, CollatorConfig, Cursor, DataLoader, LoaderConfig, Processor};
 use vsft_model::VlmModel;
+use vsft_train::distributed::{Communicator, WorldInfo};
 use vsft_train::run::{evaluate, Inputs, Resume};
 use vsft_train::Recipe;
 
@@ -22,24 +24,6 @@ pub struct TrainArgs {
     /// `auto` (newest complete checkpoint in output_dir) or a checkpoint directory.
     #[arg(long)]
     pub resume: Option<String>,
-}
-
-/// Several processes launched by torchrun or srun would each train the whole dataset and write
-/// the same `output_dir`: refused until ranks in separate processes (NCCL) exist. World size 1
-/// (`torchrun --nproc-per-node 1`) trains as usual.
-fn refuse_multi_process_launch(world: Option<vsft_train::distributed::WorldInfo>) -> Result<()> {
-    if let Some(w) = world.filter(|w| w.world_size > 1) {
-        anyhow::bail!(
-            "this process is rank {} of {} ({} environment), but vsft trains in one process for now: data-parallel ranks in separate \
-             processes (NCCL) are not built yet, and {} copies would each train the whole dataset into the same output_dir. Launch one process \
-             (`vsft launch --nproc-per-node N -- train …` runs N ranks on CPU cores).",
-            w.rank,
-            w.world_size,
-            w.launcher,
-            w.world_size
-        );
-    }
-    Ok(())
 }
 
 /// A local path, or a Hub id downloaded into the Hugging Face cache.
@@ -66,12 +50,79 @@ pub fn resolve_data(path: &str, split: &str) -> Result<String> {
 }
 
 pub fn train(a: TrainArgs) -> Result<ExitCode> {
-    refuse_multi_process_launch(vsft_train::distributed::WorldInfo::from_env()?)?;
-    train_on_ranks(a, 1)
+    match WorldInfo::from_env()? {
+        // On GPU builds a launched world of 1 goes through NCCL too, as torch DDP's would.
+        Some(world) if world.world_size > 1 || cfg!(feature = "cuda") => train_in_job(a, &world),
+        _ => train_on_ranks(a, Ranks::One, &device()),
+    }
 }
 
-/// `vsft launch … -- train …`: the recipe's stages on `ranks` data-parallel ranks (threads of
-/// this process on the CPU, joined by burn-collective's in-process engine).
+/// How a run's ranks are laid out.
+#[derive(Clone, Copy)]
+enum Ranks<'a> {
+    /// One device, no communication.
+    One,
+    /// N ranks as threads of this process (CPU builds), joined by burn-collective's in-process engine.
+    Threads(usize),
+    /// This process is one rank of a job launched by torchrun, srun or `vsft launch` (NCCL).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Process(&'a dyn Communicator<Compute>),
+}
+
+impl Ranks<'_> {
+    fn lead(&self) -> bool {
+        match self {
+            Ranks::Process(comm) => comm.rank() == 0,
+            _ => true,
+        }
+    }
+}
+
+/// Seconds every rank may take to reach the rendezvous (`VSFT_RENDEZVOUS_TIMEOUT`, 300 s by
+/// default: processes of a large job start over a minute or two).
+fn rendezvous_timeout() -> Duration {
+    Duration::from_secs(std::env::var("VSFT_RENDEZVOUS_TIMEOUT").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(300))
+}
+
+/// Joins the job `world` describes over NCCL, on GPU `LOCAL_RANK`.
+#[cfg(feature = "cuda")]
+pub(crate) fn join_nccl(world: &WorldInfo) -> Result<(vsft_train::nccl::NcclRanks<Compute>, burn::tensor::Device<Compute>)> {
+    let device = crate::backend::device_at(world.local_rank);
+    let comm = vsft_train::nccl::NcclRanks::<Compute>::join(world, device.clone(), rendezvous_timeout(), Default::default())?;
+    Ok((comm, device))
+}
+
+/// This process is one rank of a job (torchrun's or SLURM's environment, or `vsft launch` on
+/// GPUs): join the others over NCCL on GPU `LOCAL_RANK`, train, and tell the others through the
+/// watchdog if this rank fails, so that they stop instead of waiting.
+fn train_in_job(a: TrainArgs, world: &WorldInfo) -> Result<ExitCode> {
+    #[cfg(feature = "cuda")]
+    {
+        let (comm, device) = join_nccl(world)?;
+        let result = train_on_ranks(a, Ranks::Process(&comm), &device);
+        match &result {
+            Err(e) => comm.watchdog().report_failure(&crate::describe(e)),
+            Ok(_) => comm.watchdog().finish(),
+        }
+        result
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (a, rendezvous_timeout());
+        anyhow::bail!(
+            "this process is rank {} of {} ({} environment): ranks in separate processes train over NCCL, in a build with `--features cuda`, \
+             and this is the {} build. On CPU cores, launch one process: `vsft launch --nproc-per-node N -- train …` runs N ranks as threads.",
+            world.rank,
+            world.world_size,
+            world.launcher,
+            crate::backend::name()
+        )
+    }
+}
+
+/// `vsft launch … -- train …`: the recipe's stages on data-parallel ranks: on GPU builds one
+/// process per GPU, as torchrun starts them; on the CPU, threads of this process joined by
+/// burn-collective's in-process engine.
 #[derive(Args)]
 pub struct LaunchArgs {
     /// Ranks on this machine (torchrun's `--nproc-per-node`).
@@ -86,7 +137,7 @@ pub struct LaunchArgs {
     /// Where rank 0 listens for the others (torchrun's `--master-addr`).
     #[arg(long = "master-addr", default_value = "127.0.0.1")]
     pub master_addr: String,
-    #[arg(long = "master-port", default_value_t = 29500)]
+    #[arg(long = "master-port", default_value_t = vsft_train::distributed::DEFAULT_MASTER_PORT)]
     pub master_port: u16,
     /// `train --config R [--set …] [--resume …]`, after `--`.
     #[arg(last = true, required = true)]
@@ -101,28 +152,98 @@ enum Launched {
 
 pub fn launch(a: LaunchArgs) -> Result<ExitCode> {
     let Launched::Train(train_args) = <Launched as clap::Parser>::try_parse_from(&a.command).map_err(|e| anyhow::anyhow!("vsft launch: the command after `--`: {e}"))?;
-    anyhow::ensure!(a.nproc_per_node >= 1, "vsft launch: --nproc-per-node must be at least 1");
+    anyhow::ensure!(a.nproc_per_node >= 1 && a.nnodes >= 1, "vsft launch: --nproc-per-node and --nnodes must be at least 1");
+    anyhow::ensure!(a.node_rank < a.nnodes, "vsft launch: --node-rank {} is not below --nnodes {}", a.node_rank, a.nnodes);
+    if let Some(w) = WorldInfo::from_env()?.filter(|w| w.world_size > 1) {
+        anyhow::bail!("vsft launch: this process is already rank {} of {} ({} environment); run `vsft train` under torchrun or srun, or `vsft launch` alone", w.rank, w.world_size, w.launcher);
+    }
+    if crate::backend::name() == "cuda" {
+        if a.nproc_per_node * a.nnodes == 1 {
+            return train_on_ranks(train_args, Ranks::One, &device());
+        }
+        return launch_processes(&a);
+    }
     anyhow::ensure!(
-        a.nnodes == 1 && a.node_rank == 0,
-        "vsft launch: --nnodes {} --node-rank {}: ranks on several machines need the NCCL engine, which is not built yet; launch on one machine",
+        a.nnodes == 1,
+        "vsft launch: --nnodes {}: ranks on several machines train over NCCL, in a build with `--features cuda`; this {} build runs ranks as threads of one machine",
         a.nnodes,
-        a.node_rank
+        crate::backend::name()
     );
     anyhow::ensure!(
-        a.nproc_per_node == 1 || crate::backend::name().contains("cpu") || crate::backend::name().contains("flex"),
-        "vsft launch: {} ranks on the {} backend: GPU ranks need the NCCL engine, which is not built yet; this build runs CPU ranks only",
+        a.nproc_per_node == 1 || crate::backend::name().contains("cpu"),
+        "vsft launch: {} ranks on the {} backend: GPU ranks train over NCCL, in a build with `--features cuda`; this build runs CPU ranks as threads",
         a.nproc_per_node,
         crate::backend::name()
     );
-    refuse_multi_process_launch(vsft_train::distributed::WorldInfo::from_env()?)?;
-    // --master-addr / --master-port are for the multi-process engine; one machine's thread
-    // ranks need no rendezvous.
-    train_on_ranks(train_args, a.nproc_per_node)
+    match a.nproc_per_node {
+        1 => train_on_ranks(train_args, Ranks::One, &device()),
+        n => train_on_ranks(train_args, Ranks::Threads(n), &device()),
+    }
 }
 
-fn train_on_ranks(a: TrainArgs, ranks: usize) -> Result<ExitCode> {
+/// How long the other ranks get to stop on their own (their watchdog sees the failure within
+/// seconds) after one failed, before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// One process per GPU of this machine, with torchrun's variables, supervised as torchrun
+/// does: when one rank fails the others stop through the watchdog (or are killed after
+/// [`STOP_GRACE`]), and the exit code is the first failure's.
+fn launch_processes(a: &LaunchArgs) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("vsft launch: locating this executable")?;
+    let world = a.nnodes * a.nproc_per_node;
+    eprintln!("vsft launch: ranks {}..{} of {world} on this machine, rendezvous at {}:{}", a.node_rank * a.nproc_per_node, (a.node_rank + 1) * a.nproc_per_node, a.master_addr, a.master_port);
+    let mut children = Vec::new();
+    for local in 0..a.nproc_per_node {
+        let rank = a.node_rank * a.nproc_per_node + local;
+        let child = std::process::Command::new(&exe)
+            .args(&a.command)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_WORLD_SIZE", a.nproc_per_node.to_string())
+            .env("MASTER_ADDR", &a.master_addr)
+            .env("MASTER_PORT", a.master_port.to_string())
+            .spawn()
+            .with_context(|| format!("vsft launch: starting rank {rank}"))?;
+        children.push((rank, child));
+    }
+    let mut first_failure: Option<(usize, i32, Instant)> = None;
+    loop {
+        let mut running = 0;
+        for (rank, child) in children.iter_mut() {
+            match child.try_wait().with_context(|| format!("vsft launch: waiting for rank {rank}"))? {
+                Some(status) if !status.success() && first_failure.is_none() => {
+                    first_failure = Some((*rank, status.code().unwrap_or(1), Instant::now()));
+                }
+                Some(_) => {}
+                None => running += 1,
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        if first_failure.is_some_and(|(_, _, at)| at.elapsed() > STOP_GRACE) {
+            for (_, child) in children.iter_mut() {
+                let _ = child.kill();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    match first_failure {
+        None => Ok(ExitCode::SUCCESS),
+        Some((rank, code, _)) => {
+            eprintln!("vsft launch: rank {rank} failed (exit code {code}); the job stopped");
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1).max(1)))
+        }
+    }
+}
+
+fn train_on_ranks(a: TrainArgs, ranks: Ranks<'_>, device: &burn::tensor::Device<Compute>) -> Result<ExitCode> {
     let (stages, generate_eval) = Recipe::stages_from_file(&a.config, &a.set)?;
-    eprintln!("vsft: backend {}", crate::backend::name());
+    let lead = ranks.lead();
+    if lead {
+        eprintln!("vsft: backend {}", crate::backend::name());
+    }
     vsft_train::metrics::set_device_memory_probe(crate::backend::device_memory_reserved);
     let started = std::time::Instant::now();
     let mut previous: Option<PathBuf> = None;
@@ -132,15 +253,18 @@ fn train_on_ranks(a: TrainArgs, ranks: usize) -> Result<ExitCode> {
         if let (Some(prev), None) = (&previous, &recipe.model.projector) {
             recipe.model.projector = Some(prev.display().to_string());
         }
-        if i > 0 {
+        if i > 0 && lead {
             eprintln!("vsft: stage {} ({:?}) from {}", i + 1, recipe.train.stage, previous.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
         }
-        let summary = train_stage(&recipe, &a.resume, ranks)?;
+        let summary = train_stage(&recipe, &a.resume, ranks, device)?;
         if summary.interrupted {
             return Ok(ExitCode::from(130));
         }
         previous = Some(summary.last_checkpoint.clone());
         last_model = Some((resolve_model(&recipe.model.path)?, summary.last_checkpoint));
+    }
+    if !lead {
+        return Ok(ExitCode::SUCCESS);
     }
     eprintln!("vsft: training took {:.0} s", started.elapsed().as_secs_f64());
     if let (Some(ge), Some((model_dir, checkpoint))) = (generate_eval, last_model) {
@@ -149,7 +273,7 @@ fn train_on_ranks(a: TrainArgs, ranks: usize) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn train_stage(recipe: &Recipe, resume: &Option<String>, ranks: usize) -> Result<vsft_train::run::RunSummary> {
+fn train_stage(recipe: &Recipe, resume: &Option<String>, ranks: Ranks<'_>, device: &burn::tensor::Device<Compute>) -> Result<vsft_train::run::RunSummary> {
     let inputs = Inputs {
         model_dir: resolve_model(&recipe.model.path)?,
         train: resolve_data(&recipe.data.train, "train")?,
@@ -168,17 +292,27 @@ fn train_stage(recipe: &Recipe, resume: &Option<String>, ranks: usize) -> Result
         }
         Ok(())
     };
-    let summary = if ranks == 1 {
-        vsft_train::run::train_with::<Train>(recipe, &inputs, resume, &device(), &mut { push_each })?
-    } else {
-        eprintln!("vsft: {ranks} data-parallel ranks (threads of this process), global batch {} × {ranks} per micro-batch", recipe.train.batch_size);
-        let mut summaries = vsft_train::distributed::run_local_ranks::<Compute, _, _>(ranks, &device(), |comm| {
-            // Only rank 0 calls it (train_rank checks).
-            let mut push = push_each;
-            vsft_train::run::train_rank::<Train>(recipe, &inputs, resume.clone(), &device(), &mut push, comm)
-        })?;
-        summaries.swap_remove(0)
+    let summary = match ranks {
+        Ranks::One => vsft_train::run::train_with::<Train>(recipe, &inputs, resume, device, &mut { push_each })?,
+        Ranks::Threads(n) => {
+            eprintln!("vsft: {n} data-parallel ranks (threads of this process), global batch {} × {n} per micro-batch", recipe.train.batch_size);
+            let mut summaries = vsft_train::distributed::run_local_ranks::<Compute, _, _>(n, device, |comm| {
+                // Only rank 0 calls it (train_rank checks).
+                let mut push = push_each;
+                vsft_train::run::train_rank::<Train>(recipe, &inputs, resume.clone(), device, &mut push, comm)
+            })?;
+            summaries.swap_remove(0)
+        }
+        Ranks::Process(comm) => {
+            if comm.rank() == 0 {
+                eprintln!("vsft: {} data-parallel ranks (processes), global batch {} × {} per micro-batch", comm.world_size(), recipe.train.batch_size, comm.world_size());
+            }
+            vsft_train::run::train_rank::<Train>(recipe, &inputs, resume, device, &mut { push_each }, comm)?
+        }
     };
+    if !ranks.lead() {
+        return Ok(summary);
+    }
     eprintln!(
         "vsft: {} steps, final loss {}, checkpoint {}",
         summary.steps,

@@ -154,7 +154,7 @@ fn two_ranks_train_what_one_device_trains_at_the_global_batch() {
 #[test]
 fn launch_refuses_what_it_cannot_run() {
     for (args, want) in [
-        (&["launch", "--nproc-per-node", "2", "--nnodes", "2", "--", "train", "--config", "x.toml"][..], "several machines need the NCCL engine"),
+        (&["launch", "--nproc-per-node", "2", "--nnodes", "2", "--", "train", "--config", "x.toml"][..], "ranks on several machines train over NCCL"),
         (&["launch", "--nproc-per-node", "0", "--", "train", "--config", "x.toml"][..], "at least 1"),
         (&["launch", "--nproc-per-node", "2", "--", "eval", "--config", "x.toml"][..], "the command after `--`"),
     ] {
@@ -163,6 +163,11 @@ fn launch_refuses_what_it_cannot_run() {
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
+    // Under torchrun with a world above 1, a CPU build says where such ranks run.
+    let o = vsft().args(["train", "--config", "x.toml"]).env("RANK", "1").env("WORLD_SIZE", "2").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("rank 1 of 2 (torchrun environment): ranks in separate processes train over NCCL, in a build with `--features cuda`"), "{err}");
 }
 
 /// A rank that fails mid-run (its part of step 3 holds a row whose image is missing) stops the
@@ -200,4 +205,15 @@ fn a_failing_rank_stops_the_job_and_the_run_resumes() {
     assert!(o.status.success(), "{log}");
     assert!(log.contains("resumed from") && log.contains("checkpoint-2"), "{log}");
     assert!(dir.join("out/checkpoint-6/trainer_state.json").exists(), "{log}");
+}
+
+/// `vsft bench allreduce` on thread ranks: the sum is checked inside (each rank adds ones), and
+/// the report names the engine and the sizes.
+#[test]
+fn bench_allreduce_on_thread_ranks() {
+    let o = vsft().args(["bench", "allreduce", "--nproc", "2", "--elements", "1000", "--iters", "2"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(o.stdout.trim_ascii()).unwrap();
+    assert_eq!((v["world_size"].as_u64(), v["elements"].as_u64(), v["engine"].as_str()), (Some(2), Some(1000), Some("burn-collective (threads)")));
+    assert!(v["ms_median"].as_f64().unwrap() > 0.0);
 }

@@ -1,0 +1,422 @@
+//! NCCL for ranks in separate processes, one per GPU (`--features cuda`).
+//!
+//! libnccl is opened at run time, so the build needs neither CUDA nor NCCL: under the name that
+//! pip's `nvidia-nccl-cu12/13` and the distributions' `libnccl2` ship (`libnccl.so.2`), then
+//! `libnccl.so`, or the file `VSFT_NCCL_LIBRARY` names. (cudarc's own loader does not try
+//! `libnccl.so.2`; the eight functions used here are NCCL's stable C API.)
+//!
+//! Rank 0 makes NCCL's unique id and hands it to the others through the TCP rendezvous
+//! ([`crate::rendezvous`]), whose connections then stay open as the job's watchdog. Every
+//! collective is launched on a stream of this rank's GPU and waited for by polling: the stream,
+//! NCCL's asynchronous error, the watchdog (a peer that exited, was killed or failed) and a
+//! timeout (`VSFT_NCCL_TIMEOUT`, 600 s as torch's). On any of those the communicator is
+//! aborted (`ncclCommAbort`) and the step returns an error naming why: no rank hangs.
+//!
+//! The reduced tensors (a bucket of LoRA and projector gradients, tens of MB at 7B) are staged
+//! through host memory; the device-to-device path through cubecl's buffers is the next step.
+
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use cudarc::driver::{sys, CudaContext, CudaStream, DevicePtrMut};
+
+use crate::distributed::{Communicator, WorldInfo};
+use crate::error::TrainError;
+use crate::rendezvous::{join_group, WatchSettings, Watchdog};
+
+type NcclResult = i32;
+type NcclComm = *mut c_void;
+const NCCL_SUCCESS: NcclResult = 0;
+/// `ncclInProgress`: a non-blocking call still running (not an error).
+const NCCL_IN_PROGRESS: NcclResult = 7;
+const NCCL_FLOAT32: i32 = 7;
+const NCCL_SUM: i32 = 0;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UniqueId {
+    internal: [u8; 128],
+}
+
+/// The NCCL functions vsft calls, resolved once from the library.
+struct Api {
+    _lib: libloading::Library,
+    path: String,
+    get_version: unsafe extern "C" fn(*mut i32) -> NcclResult,
+    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult,
+    comm_init_rank: unsafe extern "C" fn(*mut NcclComm, i32, UniqueId, i32) -> NcclResult,
+    all_reduce: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        i32,
+        i32,
+        NcclComm,
+        sys::CUstream,
+    ) -> NcclResult,
+    broadcast: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        i32,
+        i32,
+        NcclComm,
+        sys::CUstream,
+    ) -> NcclResult,
+    comm_abort: unsafe extern "C" fn(NcclComm) -> NcclResult,
+    comm_destroy: unsafe extern "C" fn(NcclComm) -> NcclResult,
+    comm_get_async_error: unsafe extern "C" fn(NcclComm, *mut NcclResult) -> NcclResult,
+    get_error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
+}
+
+/// The names tried, in order, after `VSFT_NCCL_LIBRARY`.
+pub const LIBRARY_NAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
+
+fn err(msg: String) -> TrainError {
+    TrainError::Other(msg)
+}
+
+impl Api {
+    fn load() -> Result<&'static Api, TrainError> {
+        static API: std::sync::OnceLock<Result<Api, String>> = std::sync::OnceLock::new();
+        API.get_or_init(Api::open)
+            .as_ref()
+            .map_err(|m| err(m.clone()))
+    }
+
+    fn open() -> Result<Api, String> {
+        let names: Vec<String> = std::env::var("VSFT_NCCL_LIBRARY")
+            .into_iter()
+            .chain(LIBRARY_NAMES.iter().map(|s| s.to_string()))
+            .collect();
+        let mut tried = Vec::new();
+        for name in &names {
+            // SAFETY: loading NCCL runs its initialisers, which have no preconditions.
+            match unsafe { libloading::Library::new(name) } {
+                Ok(lib) => {
+                    return Api::resolve(lib, name)
+                        .map_err(|e| format!("{name}: {e}: not a usable NCCL library"))
+                }
+                Err(e) => tried.push(format!("{name} ({e})")),
+            }
+        }
+        Err(format!(
+            "NCCL not found; tried {}. Install it (`pip install nvidia-nccl-cu12`, or the distribution's libnccl2) and put its directory on \
+             LD_LIBRARY_PATH, or set VSFT_NCCL_LIBRARY to the file",
+            tried.join(", ")
+        ))
+    }
+
+    fn resolve(lib: libloading::Library, path: &str) -> Result<Api, libloading::Error> {
+        // SAFETY: the signatures are those of nccl.h (NCCL 2.x), whose C ABI is stable.
+        unsafe {
+            Ok(Api {
+                get_version: *lib.get(b"ncclGetVersion\0")?,
+                get_unique_id: *lib.get(b"ncclGetUniqueId\0")?,
+                comm_init_rank: *lib.get(b"ncclCommInitRank\0")?,
+                all_reduce: *lib.get(b"ncclAllReduce\0")?,
+                broadcast: *lib.get(b"ncclBroadcast\0")?,
+                comm_abort: *lib.get(b"ncclCommAbort\0")?,
+                comm_destroy: *lib.get(b"ncclCommDestroy\0")?,
+                comm_get_async_error: *lib.get(b"ncclCommGetAsyncError\0")?,
+                get_error_string: *lib.get(b"ncclGetErrorString\0")?,
+                path: path.to_string(),
+                _lib: lib,
+            })
+        }
+    }
+
+    fn describe(&self, code: NcclResult) -> String {
+        // SAFETY: NCCL returns a static string for every code.
+        let text = unsafe { (self.get_error_string)(code) };
+        if text.is_null() {
+            return format!("NCCL error {code}");
+        }
+        format!(
+            "NCCL error {code}: {}",
+            unsafe { CStr::from_ptr(text) }.to_string_lossy()
+        )
+    }
+
+    fn check(&self, code: NcclResult, what: &str) -> Result<(), TrainError> {
+        match code {
+            NCCL_SUCCESS | NCCL_IN_PROGRESS => Ok(()),
+            c => Err(err(format!("{what}: {}", self.describe(c)))),
+        }
+    }
+
+    /// `2.21.5` from NCCL's 22105.
+    fn version(&self) -> String {
+        let mut v = 0;
+        // SAFETY: writes one int.
+        unsafe { (self.get_version)(&mut v) };
+        format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100)
+    }
+}
+
+/// The communicator handle; NCCL allows calls from any thread, one at a time.
+struct Handle(NcclComm);
+// SAFETY: an ncclComm_t may move between threads; `NcclRanks` serialises its use.
+unsafe impl Send for Handle {}
+
+/// How long a collective may take before the job is declared hung (`VSFT_NCCL_TIMEOUT`
+/// seconds; torch's default is the same 10 minutes).
+pub fn collective_timeout() -> Duration {
+    let secs = std::env::var("VSFT_NCCL_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(600);
+    Duration::from_secs(secs.max(1))
+}
+
+/// This process's rank of a job over NCCL, on GPU `local_rank`.
+pub struct NcclRanks<B: Backend> {
+    rank: usize,
+    world_size: usize,
+    api: &'static Api,
+    comm: Mutex<Option<Handle>>,
+    stream: Arc<CudaStream>,
+    device: B::Device,
+    watchdog: Watchdog,
+    timeout: Duration,
+}
+
+impl<B: Backend> NcclRanks<B> {
+    /// Joins the job `world` describes: the rendezvous (within `rendezvous_timeout`), then
+    /// NCCL's own set-up, waited for under the watchdog.
+    pub fn join(
+        world: &WorldInfo,
+        device: B::Device,
+        rendezvous_timeout: Duration,
+        watch: WatchSettings,
+    ) -> Result<Self, TrainError> {
+        let api = Api::load()?;
+        let rank = world.rank;
+        let id = if rank == 0 {
+            let mut id = UniqueId { internal: [0; 128] };
+            // SAFETY: writes the 128-byte id.
+            api.check(
+                unsafe { (api.get_unique_id)(&mut id) },
+                "rank 0: ncclGetUniqueId",
+            )?;
+            Some(id.internal.to_vec())
+        } else {
+            None
+        };
+        let (bytes, watchdog) = join_group(world, id.as_deref(), rendezvous_timeout, watch)?;
+        let internal: [u8; 128] = bytes.as_slice().try_into().map_err(|_| {
+            err(format!(
+                "rank {rank}: the NCCL id from rank 0 has {} bytes, not 128",
+                bytes.len()
+            ))
+        })?;
+        let cuda = |what: &str, e: cudarc::driver::DriverError| {
+            err(format!(
+                "rank {rank}: GPU {} (LOCAL_RANK): {what}: {e:?}",
+                world.local_rank
+            ))
+        };
+        let ctx = CudaContext::new(world.local_rank).map_err(|e| cuda("opening the device", e))?;
+        let stream = ctx.new_stream().map_err(|e| cuda("creating a stream", e))?;
+        // ncclCommInitRank blocks until every rank has called it: run it aside and wait under
+        // the watchdog, so that a rank dying now stops the others too.
+        let (size, r) = (world.world_size as i32, rank as i32);
+        let init_ctx = ctx.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = init_ctx.bind_to_thread();
+            let mut comm: NcclComm = std::ptr::null_mut();
+            // SAFETY: `comm` receives the new communicator.
+            let code = unsafe { (api.comm_init_rank)(&mut comm, size, UniqueId { internal }, r) };
+            let _ = tx.send((code, Handle(comm)));
+        });
+        let timeout = collective_timeout();
+        let started = Instant::now();
+        let comm = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok((code, comm)) => {
+                    api.check(code, &format!("rank {rank}: ncclCommInitRank"))?;
+                    break comm;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    watchdog.check()?;
+                    if started.elapsed() > timeout {
+                        return Err(err(format!("rank {rank}: NCCL's set-up did not finish within {} s (VSFT_NCCL_TIMEOUT)", timeout.as_secs())));
+                    }
+                }
+                Err(e) => return Err(err(format!("rank {rank}: NCCL's set-up thread ended: {e}"))),
+            }
+        };
+        if rank == 0 {
+            eprintln!(
+                "vsft: NCCL {} ({}), {} ranks",
+                api.version(),
+                api.path,
+                world.world_size
+            );
+        }
+        Ok(NcclRanks {
+            rank,
+            world_size: world.world_size,
+            api,
+            comm: Mutex::new(Some(comm)),
+            stream,
+            device,
+            watchdog,
+            timeout,
+        })
+    }
+
+    /// The job's liveness channel: report this rank's failure through it before exiting.
+    pub fn watchdog(&self) -> &Watchdog {
+        &self.watchdog
+    }
+
+    /// Runs one collective on `host` (staged on the GPU) and returns the result.
+    fn collective(
+        &self,
+        what: &str,
+        host: Vec<f32>,
+        launch: impl FnOnce(&Api, *mut c_void, usize, NcclComm, sys::CUstream) -> NcclResult,
+    ) -> Result<Vec<f32>, TrainError> {
+        self.watchdog.check()?;
+        let rank = self.rank;
+        let cuda = |e: cudarc::driver::DriverError| err(format!("rank {rank}: {what}: {e:?}"));
+        let guard = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        let comm = guard
+            .as_ref()
+            .ok_or_else(|| {
+                err(format!(
+                    "rank {rank}: {what} after the communicator was aborted"
+                ))
+            })?
+            .0;
+        let n = host.len();
+        let mut buf = self.stream.clone_htod(&host).map_err(cuda)?;
+        {
+            let (ptr, _written) = buf.device_ptr_mut(&self.stream);
+            let code = launch(
+                self.api,
+                ptr as *mut c_void,
+                n,
+                comm,
+                self.stream.cu_stream(),
+            );
+            if let Err(e) = self.api.check(code, &format!("rank {rank}: {what}")) {
+                drop(guard);
+                self.abort();
+                return Err(e);
+            }
+        }
+        drop(guard);
+        self.wait(what)?;
+        self.stream.clone_dtoh(&buf).map_err(cuda)
+    }
+
+    /// Waits for the stream, watching NCCL's asynchronous error, the watchdog and the timeout;
+    /// aborts the communicator on any of them.
+    fn wait(&self, what: &str) -> Result<(), TrainError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_micros(20);
+        loop {
+            // SAFETY: queries a live stream of this context.
+            match unsafe { sys::cuStreamQuery(self.stream.cu_stream()) } {
+                sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                e => return Err(self.fail(format!("{what}: the GPU stream failed: {e:?}"))),
+            }
+            if let Some(code) = self.async_error() {
+                return Err(self.fail(format!("{what}: {}", self.api.describe(code))));
+            }
+            if let Err(e) = self.watchdog.check() {
+                self.abort();
+                return Err(e);
+            }
+            if started.elapsed() > self.timeout {
+                return Err(self.fail(format!(
+                    "{what} did not finish within {} s (VSFT_NCCL_TIMEOUT): a rank is hung or took another code path",
+                    self.timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    fn async_error(&self) -> Option<NcclResult> {
+        let guard = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        let comm = guard.as_ref()?.0;
+        let mut code = NCCL_SUCCESS;
+        // SAFETY: reads the communicator's state.
+        unsafe { (self.api.comm_get_async_error)(comm, &mut code) };
+        (code != NCCL_SUCCESS && code != NCCL_IN_PROGRESS).then_some(code)
+    }
+
+    /// Aborts the communicator, tells the other ranks why, and returns the error.
+    fn fail(&self, why: String) -> TrainError {
+        self.abort();
+        self.watchdog.report_failure(&why);
+        err(format!("rank {}: {why}", self.rank))
+    }
+
+    /// `ncclCommAbort`: every pending collective of this rank returns.
+    fn abort(&self) {
+        if let Some(Handle(comm)) = self.comm.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // SAFETY: the handle is live and taken, so it is aborted once.
+            unsafe { (self.api.comm_abort)(comm) };
+        }
+    }
+}
+
+impl<B: Backend> Drop for NcclRanks<B> {
+    fn drop(&mut self) {
+        if let Some(Handle(comm)) = self.comm.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // SAFETY: the handle is live; after a failure it was already taken by `abort`.
+            unsafe { (self.api.comm_destroy)(comm) };
+        }
+    }
+}
+
+fn host_vector<B: Backend>(tensor: Tensor<B, 1>) -> Result<Vec<f32>, TrainError> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| err(format!("reading a tensor for a collective: {e:?}")))
+}
+
+impl<B: Backend> Communicator<B> for NcclRanks<B> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+    fn all_reduce_sum(&self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>, TrainError> {
+        let out = self.collective(
+            "all-reduce",
+            host_vector(tensor)?,
+            |api, ptr, n, comm, stream| {
+                // SAFETY: in place on a live device buffer of `n` f32 on this rank's stream.
+                unsafe { (api.all_reduce)(ptr, ptr, n, NCCL_FLOAT32, NCCL_SUM, comm, stream) }
+            },
+        )?;
+        let n = out.len();
+        Ok(Tensor::from_data(TensorData::new(out, [n]), &self.device))
+    }
+    fn broadcast_from_first(&self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>, TrainError> {
+        let out = self.collective(
+            "broadcast",
+            host_vector(tensor)?,
+            |api, ptr, n, comm, stream| {
+                // SAFETY: in place on a live device buffer of `n` f32 on this rank's stream.
+                unsafe { (api.broadcast)(ptr, ptr, n, NCCL_FLOAT32, 0, comm, stream) }
+            },
+        )?;
+        let n = out.len();
+        Ok(Tensor::from_data(TensorData::new(out, [n]), &self.device))
+    }
+}
