@@ -9,7 +9,6 @@ pub mod error;
 pub mod export;
 pub mod kernel_cache;
 pub mod metrics;
-#[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod optim;
 pub mod progress;

@@ -1,21 +1,6 @@
-//! NCCL for ranks in separate processes, one per GPU (`--features cuda`).
-//!
-//! libnccl is opened at run time, so the build needs neither CUDA nor NCCL: under the name that
-//! pip's `nvidia-nccl-cu12/13` and the distributions' `libnccl2` ship (`libnccl.so.2`), then
-//! `libnccl.so`, or the file `VSFT_NCCL_LIBRARY` names. (cudarc's own loader does not try
-//! `libnccl.so.2`; the eight functions used here are NCCL's stable C API.)
-//!
-//! Rank 0 makes NCCL's unique id and hands it to the others through the TCP rendezvous
-//! ([`crate::rendezvous`]), whose connections then stay open as the job's watchdog. Every
-//! collective is launched on a stream of this rank's GPU and waited for by polling: the stream,
-//! NCCL's asynchronous error, the watchdog (a peer that exited, was killed or failed) and a
-//! timeout (`VSFT_NCCL_TIMEOUT`, 600 s as torch's). On any of those the communicator is
-//! aborted (`ncclCommAbort`) and the step returns an error naming why: no rank hangs.
-//!
-//! The reduced tensors (a bucket of LoRA and projector gradients, tens of MB at 7B) are staged
-//! through host memory; the device-to-device path through cubecl's buffers is the next step.
+//! The NCCL communicator of one rank (one process, one GPU): see the parent module.
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,139 +8,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use cudarc::driver::{sys, CudaContext, CudaStream, DevicePtrMut};
 
+use super::{err, Api, NcclComm, NcclResult, RawStream, UniqueId, NCCL_FLOAT32, NCCL_IN_PROGRESS, NCCL_SUCCESS, NCCL_SUM};
 use crate::distributed::{Communicator, WorldInfo};
 use crate::error::TrainError;
 use crate::rendezvous::{join_group, WatchSettings, Watchdog};
-
-type NcclResult = i32;
-type NcclComm = *mut c_void;
-const NCCL_SUCCESS: NcclResult = 0;
-/// `ncclInProgress`: a non-blocking call still running (not an error).
-const NCCL_IN_PROGRESS: NcclResult = 7;
-const NCCL_FLOAT32: i32 = 7;
-const NCCL_SUM: i32 = 0;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UniqueId {
-    internal: [u8; 128],
-}
-
-/// The NCCL functions vsft calls, resolved once from the library.
-struct Api {
-    _lib: libloading::Library,
-    path: String,
-    get_version: unsafe extern "C" fn(*mut i32) -> NcclResult,
-    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult,
-    comm_init_rank: unsafe extern "C" fn(*mut NcclComm, i32, UniqueId, i32) -> NcclResult,
-    all_reduce: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        i32,
-        i32,
-        NcclComm,
-        sys::CUstream,
-    ) -> NcclResult,
-    broadcast: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        i32,
-        i32,
-        NcclComm,
-        sys::CUstream,
-    ) -> NcclResult,
-    comm_abort: unsafe extern "C" fn(NcclComm) -> NcclResult,
-    comm_destroy: unsafe extern "C" fn(NcclComm) -> NcclResult,
-    comm_get_async_error: unsafe extern "C" fn(NcclComm, *mut NcclResult) -> NcclResult,
-    get_error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
-}
-
-/// The names tried, in order, after `VSFT_NCCL_LIBRARY`.
-pub const LIBRARY_NAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
-
-fn err(msg: String) -> TrainError {
-    TrainError::Other(msg)
-}
-
-impl Api {
-    fn load() -> Result<&'static Api, TrainError> {
-        static API: std::sync::OnceLock<Result<Api, String>> = std::sync::OnceLock::new();
-        API.get_or_init(Api::open)
-            .as_ref()
-            .map_err(|m| err(m.clone()))
-    }
-
-    fn open() -> Result<Api, String> {
-        let names: Vec<String> = std::env::var("VSFT_NCCL_LIBRARY")
-            .into_iter()
-            .chain(LIBRARY_NAMES.iter().map(|s| s.to_string()))
-            .collect();
-        let mut tried = Vec::new();
-        for name in &names {
-            // SAFETY: loading NCCL runs its initialisers, which have no preconditions.
-            match unsafe { libloading::Library::new(name) } {
-                Ok(lib) => {
-                    return Api::resolve(lib, name)
-                        .map_err(|e| format!("{name}: {e}: not a usable NCCL library"))
-                }
-                Err(e) => tried.push(format!("{name} ({e})")),
-            }
-        }
-        Err(format!(
-            "NCCL not found; tried {}. Install it (`pip install nvidia-nccl-cu12`, or the distribution's libnccl2) and put its directory on \
-             LD_LIBRARY_PATH, or set VSFT_NCCL_LIBRARY to the file",
-            tried.join(", ")
-        ))
-    }
-
-    fn resolve(lib: libloading::Library, path: &str) -> Result<Api, libloading::Error> {
-        // SAFETY: the signatures are those of nccl.h (NCCL 2.x), whose C ABI is stable.
-        unsafe {
-            Ok(Api {
-                get_version: *lib.get(b"ncclGetVersion\0")?,
-                get_unique_id: *lib.get(b"ncclGetUniqueId\0")?,
-                comm_init_rank: *lib.get(b"ncclCommInitRank\0")?,
-                all_reduce: *lib.get(b"ncclAllReduce\0")?,
-                broadcast: *lib.get(b"ncclBroadcast\0")?,
-                comm_abort: *lib.get(b"ncclCommAbort\0")?,
-                comm_destroy: *lib.get(b"ncclCommDestroy\0")?,
-                comm_get_async_error: *lib.get(b"ncclCommGetAsyncError\0")?,
-                get_error_string: *lib.get(b"ncclGetErrorString\0")?,
-                path: path.to_string(),
-                _lib: lib,
-            })
-        }
-    }
-
-    fn describe(&self, code: NcclResult) -> String {
-        // SAFETY: NCCL returns a static string for every code.
-        let text = unsafe { (self.get_error_string)(code) };
-        if text.is_null() {
-            return format!("NCCL error {code}");
-        }
-        format!(
-            "NCCL error {code}: {}",
-            unsafe { CStr::from_ptr(text) }.to_string_lossy()
-        )
-    }
-
-    fn check(&self, code: NcclResult, what: &str) -> Result<(), TrainError> {
-        match code {
-            NCCL_SUCCESS | NCCL_IN_PROGRESS => Ok(()),
-            c => Err(err(format!("{what}: {}", self.describe(c)))),
-        }
-    }
-
-    /// `2.21.5` from NCCL's 22105.
-    fn version(&self) -> String {
-        let mut v = 0;
-        // SAFETY: writes one int.
-        unsafe { (self.get_version)(&mut v) };
-        format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100)
-    }
-}
 
 /// The communicator handle; NCCL allows calls from any thread, one at a time.
 struct Handle(NcclComm);
@@ -280,7 +136,7 @@ impl<B: Backend> NcclRanks<B> {
         &self,
         what: &str,
         host: Vec<f32>,
-        launch: impl FnOnce(&Api, *mut c_void, usize, NcclComm, sys::CUstream) -> NcclResult,
+        launch: impl FnOnce(&Api, *mut c_void, usize, NcclComm, RawStream) -> NcclResult,
     ) -> Result<Vec<f32>, TrainError> {
         self.watchdog.check()?;
         let rank = self.rank;
@@ -303,7 +159,7 @@ impl<B: Backend> NcclRanks<B> {
                 ptr as *mut c_void,
                 n,
                 comm,
-                self.stream.cu_stream(),
+                self.stream.cu_stream() as RawStream,
             );
             if let Err(e) = self.api.check(code, &format!("rank {rank}: {what}")) {
                 drop(guard);
