@@ -45,6 +45,9 @@ pub(crate) struct UniqueId {
     pub(crate) internal: [u8; 128],
 }
 
+/// `ncclAllReduce(send, recv, count, datatype, op, comm, stream)`.
+type Collective = unsafe extern "C" fn(*const c_void, *mut c_void, usize, i32, i32, NcclComm, RawStream) -> NcclResult;
+
 /// The NCCL functions vsft calls, resolved once from the library.
 struct Api {
     _lib: libloading::Library,
@@ -52,24 +55,9 @@ struct Api {
     get_version: unsafe extern "C" fn(*mut i32) -> NcclResult,
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult,
     comm_init_rank: unsafe extern "C" fn(*mut NcclComm, i32, UniqueId, i32) -> NcclResult,
-    all_reduce: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        i32,
-        i32,
-        NcclComm,
-        RawStream,
-    ) -> NcclResult,
-    broadcast: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        i32,
-        i32,
-        NcclComm,
-        RawStream,
-    ) -> NcclResult,
+    all_reduce: Collective,
+    /// `ncclBroadcast`: the same arguments, with the root's rank where all-reduce has the op.
+    broadcast: Collective,
     comm_abort: unsafe extern "C" fn(NcclComm) -> NcclResult,
     comm_destroy: unsafe extern "C" fn(NcclComm) -> NcclResult,
     comm_get_async_error: unsafe extern "C" fn(NcclComm, *mut NcclResult) -> NcclResult,
