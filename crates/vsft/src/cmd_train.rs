@@ -51,8 +51,16 @@ pub fn resolve_data(path: &str, split: &str) -> Result<String> {
 
 pub fn train(a: TrainArgs) -> Result<ExitCode> {
     match WorldInfo::from_env()? {
-        // On GPU builds a launched world of 1 goes through NCCL too, as torch DDP's would.
-        Some(world) if world.world_size > 1 || cfg!(feature = "cuda") => train_in_job(a, &world),
+        Some(world) if world.world_size > 1 => train_in_job(a, &world),
+        // A launched world of 1 on a GPU build goes through NCCL too, as torch DDP's would
+        // (what gpu_check.sh compares with the plain step); without libnccl it needs none.
+        Some(world) if cfg!(feature = "cuda") => match vsft_train::nccl::probe_library(&vsft_train::nccl::library_candidates()) {
+            Ok(_) => train_in_job(a, &world),
+            Err(e) => {
+                eprintln!("vsft: a world of 1 ({} environment) trains without NCCL: {e}", world.launcher);
+                train_on_ranks(a, Ranks::One, &device())
+            }
+        },
         _ => train_on_ranks(a, Ranks::One, &device()),
     }
 }
