@@ -97,6 +97,16 @@ impl WorldInfo {
         Ok(Some(info))
     }
 
+    /// The GPU this rank trains on: `LOCAL_RANK`, unless the launcher left this process a single
+    /// visible GPU (`CUDA_VISIBLE_DEVICES` with one entry, as SLURM's `--gpus-per-task 1` sets
+    /// it), which is then device 0.
+    pub fn gpu_index(&self, cuda_visible_devices: Option<&str>) -> usize {
+        match cuda_visible_devices {
+            Some(v) if v.split(',').filter(|d| !d.trim().is_empty()).count() == 1 => 0,
+            _ => self.local_rank,
+        }
+    }
+
     fn validate(&self) -> Result<(), TrainError> {
         let bad = |m: String| Err(TrainError::Other(format!("{} environment: {m}", self.launcher)));
         if self.world_size == 0 {
@@ -357,6 +367,16 @@ mod tests {
         assert!(err(&[("RANK", "x"), ("WORLD_SIZE", "4")]).contains("RANK=\"x\""));
         assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "99999")]).contains("MASTER_PORT"));
         assert!(err(&[("SLURM_PROCID", "0")]).contains("SLURM_NTASKS is not set"));
+    }
+
+    #[test]
+    fn the_gpu_of_a_rank() {
+        let w = WorldInfo::from_vars(env(&[("RANK", "5"), ("LOCAL_RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_WORLD_SIZE", "4")])).unwrap().unwrap();
+        assert_eq!(w.gpu_index(None), 3);
+        assert_eq!(w.gpu_index(Some("0,1,2,3")), 3);
+        // srun --gpus-per-task 1: each task sees its own GPU as device 0.
+        assert_eq!(w.gpu_index(Some("6")), 0);
+        assert_eq!(w.gpu_index(Some("")), 3);
     }
 
     #[test]

@@ -92,11 +92,12 @@ fn rendezvous_timeout() -> Duration {
     Duration::from_secs(std::env::var("VSFT_RENDEZVOUS_TIMEOUT").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(300))
 }
 
-/// Joins the job `world` describes over NCCL, on GPU `LOCAL_RANK`.
+/// Joins the job `world` describes over NCCL, on this rank's GPU ([`WorldInfo::gpu_index`]).
 #[cfg(feature = "cuda")]
 pub(crate) fn join_nccl(world: &WorldInfo) -> Result<(vsft_train::nccl::NcclRanks<Compute>, burn::tensor::Device<Compute>)> {
-    let device = crate::backend::device_at(world.local_rank);
-    let comm = vsft_train::nccl::NcclRanks::<Compute>::join(world, device.clone(), rendezvous_timeout(), Default::default())?;
+    let gpu = world.gpu_index(std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref());
+    let device = crate::backend::device_at(gpu);
+    let comm = vsft_train::nccl::NcclRanks::<Compute>::join(world, gpu, device.clone(), rendezvous_timeout(), Default::default())?;
     Ok((comm, device))
 }
 

@@ -28,7 +28,7 @@ pub fn collective_timeout() -> Duration {
     Duration::from_secs(secs.max(1))
 }
 
-/// This process's rank of a job over NCCL, on GPU `local_rank`.
+/// This process's rank of a job over NCCL, on one GPU.
 pub struct NcclRanks<B: Backend> {
     rank: usize,
     world_size: usize,
@@ -41,10 +41,12 @@ pub struct NcclRanks<B: Backend> {
 }
 
 impl<B: Backend> NcclRanks<B> {
-    /// Joins the job `world` describes: the rendezvous (within `rendezvous_timeout`), then
-    /// NCCL's own set-up, waited for under the watchdog.
+    /// Joins the job `world` describes on GPU `gpu` (whose Burn device is `device`): the
+    /// rendezvous (within `rendezvous_timeout`), then NCCL's own set-up, waited for under the
+    /// watchdog.
     pub fn join(
         world: &WorldInfo,
+        gpu: usize,
         device: B::Device,
         rendezvous_timeout: Duration,
         watch: WatchSettings,
@@ -70,12 +72,9 @@ impl<B: Backend> NcclRanks<B> {
             ))
         })?;
         let cuda = |what: &str, e: cudarc::driver::DriverError| {
-            err(format!(
-                "rank {rank}: GPU {} (LOCAL_RANK): {what}: {e:?}",
-                world.local_rank
-            ))
+            err(format!("rank {rank}: GPU {gpu}: {what}: {e:?}"))
         };
-        let ctx = CudaContext::new(world.local_rank).map_err(|e| cuda("opening the device", e))?;
+        let ctx = CudaContext::new(gpu).map_err(|e| cuda("opening the device", e))?;
         let stream = ctx.new_stream().map_err(|e| cuda("creating a stream", e))?;
         // ncclCommInitRank blocks until every rank has called it: run it aside and wait under
         // the watchdog, so that a rank dying now stops the others too.
