@@ -35,9 +35,7 @@ fn address(world: &WorldInfo) -> String {
 /// and gets it back; the others pass `None` and receive rank 0's. The connections close
 /// afterwards; [`join_group`] keeps them as the job's watchdog.
 pub fn exchange(world: &WorldInfo, payload: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>, TrainError> {
-    let (payload, links) = connect(world, payload, timeout)?;
-    drop(links);
-    Ok(payload)
+    connect(world, payload, timeout).map(|(payload, _links)| payload)
 }
 
 /// [`exchange`], then the same connections watch the job: see [`Watchdog`].

@@ -88,6 +88,7 @@ impl Ranks<'_> {
 
 /// Seconds every rank may take to reach the rendezvous (`VSFT_RENDEZVOUS_TIMEOUT`, 300 s by
 /// default: processes of a large job start over a minute or two).
+#[cfg(feature = "cuda")]
 fn rendezvous_timeout() -> Duration {
     Duration::from_secs(std::env::var("VSFT_RENDEZVOUS_TIMEOUT").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(300))
 }
@@ -117,7 +118,7 @@ fn train_in_job(a: TrainArgs, world: &WorldInfo) -> Result<ExitCode> {
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (a, rendezvous_timeout());
+        let _ = a;
         anyhow::bail!(
             "this process is rank {} of {} ({} environment): ranks in separate processes train over NCCL, in a build with `--features cuda`, \
              and this is the {} build. On CPU cores, launch one process: `vsft launch --nproc-per-node N -- train …` runs N ranks as threads.",
@@ -166,7 +167,7 @@ pub fn launch(a: LaunchArgs) -> Result<ExitCode> {
     if let Some(w) = WorldInfo::from_env()?.filter(|w| w.world_size > 1) {
         anyhow::bail!("vsft launch: this process is already rank {} of {} ({} environment); run `vsft train` under torchrun or srun, or `vsft launch` alone", w.rank, w.world_size, w.launcher);
     }
-    if crate::backend::name() == "cuda" {
+    if cfg!(feature = "cuda") {
         if a.nproc_per_node * a.nnodes == 1 {
             return train_on_ranks(train_args, Ranks::One, &device());
         }

@@ -27,7 +27,7 @@ use crate::error::TrainError;
 #[cfg(feature = "cuda")]
 mod ranks;
 #[cfg(feature = "cuda")]
-pub use ranks::{collective_timeout, NcclRanks};
+pub use ranks::NcclRanks;
 
 type NcclResult = i32;
 type NcclComm = *mut c_void;

@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use cudarc::driver::{sys, CudaContext, CudaStream, DevicePtrMut};
 
-use super::{err, Api, NcclComm, NcclResult, RawStream, UniqueId, NCCL_FLOAT32, NCCL_IN_PROGRESS, NCCL_SUCCESS, NCCL_SUM};
+use super::{err, Api, Collective, NcclComm, NcclResult, RawStream, UniqueId, NCCL_FLOAT32, NCCL_IN_PROGRESS, NCCL_SUCCESS, NCCL_SUM};
 use crate::distributed::{Communicator, WorldInfo};
 use crate::error::TrainError;
 use crate::rendezvous::{join_group, WatchSettings, Watchdog};
@@ -20,7 +20,7 @@ unsafe impl Send for Handle {}
 
 /// How long a collective may take before the job is declared hung (`VSFT_NCCL_TIMEOUT`
 /// seconds; torch's default is the same 10 minutes).
-pub fn collective_timeout() -> Duration {
+fn collective_timeout() -> Duration {
     let secs = std::env::var("VSFT_NCCL_TIMEOUT")
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
@@ -130,36 +130,22 @@ impl<B: Backend> NcclRanks<B> {
         &self.watchdog
     }
 
-    /// Runs one collective on `host` (staged on the GPU) and returns the result.
-    fn collective(
-        &self,
-        what: &str,
-        host: Vec<f32>,
-        launch: impl FnOnce(&Api, *mut c_void, usize, NcclComm, RawStream) -> NcclResult,
-    ) -> Result<Vec<f32>, TrainError> {
+    /// Runs `op` in place on `tensor` (staged through the GPU) and returns the result; `arg`
+    /// is the all-reduce's operation or the broadcast's root.
+    fn collective(&self, what: &str, tensor: Tensor<B, 1>, op: Collective, arg: i32) -> Result<Tensor<B, 1>, TrainError> {
         self.watchdog.check()?;
         let rank = self.rank;
+        let host = tensor.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| err(format!("rank {rank}: {what}: reading the tensor: {e:?}")))?;
         let cuda = |e: cudarc::driver::DriverError| err(format!("rank {rank}: {what}: {e:?}"));
         let guard = self.comm.lock().unwrap_or_else(|p| p.into_inner());
-        let comm = guard
-            .as_ref()
-            .ok_or_else(|| {
-                err(format!(
-                    "rank {rank}: {what} after the communicator was aborted"
-                ))
-            })?
-            .0;
+        let comm = guard.as_ref().ok_or_else(|| err(format!("rank {rank}: {what} after the communicator was aborted")))?.0;
         let n = host.len();
         let mut buf = self.stream.clone_htod(&host).map_err(cuda)?;
         {
             let (ptr, _written) = buf.device_ptr_mut(&self.stream);
-            let code = launch(
-                self.api,
-                ptr as *mut c_void,
-                n,
-                comm,
-                self.stream.cu_stream() as RawStream,
-            );
+            let ptr = ptr as *mut c_void;
+            // SAFETY: in place on a live device buffer of `n` f32 on this rank's stream.
+            let code = unsafe { op(ptr, ptr, n, NCCL_FLOAT32, arg, comm, self.stream.cu_stream() as RawStream) };
             if let Err(e) = self.api.check(code, &format!("rank {rank}: {what}")) {
                 drop(guard);
                 self.abort();
@@ -168,7 +154,8 @@ impl<B: Backend> NcclRanks<B> {
         }
         drop(guard);
         self.wait(what)?;
-        self.stream.clone_dtoh(&buf).map_err(cuda)
+        let out = self.stream.clone_dtoh(&buf).map_err(cuda)?;
+        Ok(Tensor::from_data(TensorData::new(out, [n]), &self.device))
     }
 
     /// Waits for the stream, watching NCCL's asynchronous error, the watchdog and the timeout;
@@ -235,14 +222,6 @@ impl<B: Backend> Drop for NcclRanks<B> {
     }
 }
 
-fn host_vector<B: Backend>(tensor: Tensor<B, 1>) -> Result<Vec<f32>, TrainError> {
-    tensor
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| err(format!("reading a tensor for a collective: {e:?}")))
-}
-
 impl<B: Backend> Communicator<B> for NcclRanks<B> {
     fn rank(&self) -> usize {
         self.rank
@@ -251,27 +230,9 @@ impl<B: Backend> Communicator<B> for NcclRanks<B> {
         self.world_size
     }
     fn all_reduce_sum(&self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>, TrainError> {
-        let out = self.collective(
-            "all-reduce",
-            host_vector(tensor)?,
-            |api, ptr, n, comm, stream| {
-                // SAFETY: in place on a live device buffer of `n` f32 on this rank's stream.
-                unsafe { (api.all_reduce)(ptr, ptr, n, NCCL_FLOAT32, NCCL_SUM, comm, stream) }
-            },
-        )?;
-        let n = out.len();
-        Ok(Tensor::from_data(TensorData::new(out, [n]), &self.device))
+        self.collective("all-reduce", tensor, self.api.all_reduce, NCCL_SUM)
     }
     fn broadcast_from_first(&self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>, TrainError> {
-        let out = self.collective(
-            "broadcast",
-            host_vector(tensor)?,
-            |api, ptr, n, comm, stream| {
-                // SAFETY: in place on a live device buffer of `n` f32 on this rank's stream.
-                unsafe { (api.broadcast)(ptr, ptr, n, NCCL_FLOAT32, 0, comm, stream) }
-            },
-        )?;
-        let n = out.len();
-        Ok(Tensor::from_data(TensorData::new(out, [n]), &self.device))
+        self.collective("broadcast", tensor, self.api.broadcast, 0)
     }
 }
